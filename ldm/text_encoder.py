@@ -1,0 +1,195 @@
+"""CLIP ViT-L/14 text encoder of Stable Diffusion v1 (CompVis ``FrozenCLIPEmbedder``), built offline.
+
+CompVis' ``ldm/modules/encoders/modules.py::FrozenCLIPEmbedder`` downloads
+``openai/clip-vit-large-patch14`` in ``__init__`` only for the SD checkpoint to overwrite the weights.
+Here the same ``transformers.CLIPTextModel`` is built from a :class:`~ldm.config.TextEncoderConfig`
+with no network, and the BPE tokenizer reads the ``vocab.json`` / ``merges.txt`` in
+``models/tokenizer/`` (derived from OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` by
+``scripts/make_clip_tokenizer_files.py``).
+
+The conditioning is ``last_hidden_state`` (after ``final_layer_norm``) for prompts tokenized to 77 ids:
+``<|startoftext|>`` (49406), at most 75 BPE tokens, ``<|endoftext|>`` (49407), then padding with 49407
+as SD v1 was trained (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision"; Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
+
+Checkpoint keys: SD v1 files store the text model under ``cond_stage_model.transformer.text_model.*``
+(some merged files leave out ``text_model.``, many carry ``embeddings.position_ids``). The loader strips
+``cond_stage_model.transformer.`` and passes the rest through :func:`normalize_text_encoder_keys`.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import ftfy
+import regex
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm.config import ConfigError, TextEncoderConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "models" / "tokenizer"
+START_TOKEN_ID = 49406  # <|startoftext|>
+END_TOKEN_ID = 49407  # <|endoftext|>; also SD v1's padding id
+TEXT_MODEL_PREFIX = "text_model."
+
+_WHITESPACE = regex.compile(r"\s+")
+
+
+def clean_prompt(text: str) -> str:
+    """Normalise a prompt as OpenAI's ``simple_tokenizer.py`` does before BPE.
+
+    ``ftfy.fix_text`` (mojibake, curly quotes and dashes kept as the model saw them in training, NFC),
+    HTML entities unescaped twice (``&amp;amp;`` -> ``&``), whitespace runs collapsed, lowercased.
+    transformers' fast ``CLIPTokenizer`` only lowercases and collapses whitespace, so without this step
+    prompts with ``&amp;`` or mojibake tokenize differently from the original.
+    """
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(tokenizer_dir: str, max_length: int) -> CLIPTokenizer:
+    """Build the fast ``CLIPTokenizer`` from ``vocab.json`` + ``merges.txt`` (cached: ~1 s to build)."""
+    directory = Path(tokenizer_dir)
+    vocab_path = directory / "vocab.json"
+    merges_path = directory / "merges.txt"
+    for path in (vocab_path, merges_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"CLIP tokenizer file not found: {path} (make it with scripts/make_clip_tokenizer_files.py)"
+            )
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:
+        # transformers 4.x: the (slow) tokenizer reads the files itself.
+        tokenizer = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=max_length)
+    else:
+        # transformers 5.x: only the fast tokenizer, built from the vocabulary and merge pairs.
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        lines = merges_path.read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    if tokenizer.bos_token_id != START_TOKEN_ID or tokenizer.eos_token_id != END_TOKEN_ID:
+        raise ValueError(
+            f"{directory} is not CLIP's BPE vocabulary: special token ids "
+            f"{tokenizer.bos_token_id}/{tokenizer.eos_token_id}, expected {START_TOKEN_ID}/{END_TOKEN_ID}"
+        )
+    return tokenizer
+
+
+def _text_config(config: TextEncoderConfig) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        hidden_act=config.hidden_act,
+        projection_dim=config.projection_dim,
+        layer_norm_eps=config.layer_norm_eps,
+        bos_token_id=START_TOKEN_ID,
+        eos_token_id=END_TOKEN_ID,
+        pad_token_id=END_TOKEN_ID,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_clip_keys() -> frozenset[str]:
+    """State-dict keys of a 1-layer ``CLIPTextModel`` in the installed transformers (the key layout)."""
+    tiny = CLIPTextConfig(vocab_size=8, hidden_size=4, intermediate_size=4, num_hidden_layers=1,
+                          num_attention_heads=1, max_position_embeddings=4, projection_dim=4,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return frozenset(CLIPTextModel(tiny).state_dict())
+
+
+def normalize_text_encoder_keys(
+    state_dict: Mapping[str, torch.Tensor], expected_keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Map an SD v1 text-encoder state dict onto ``CLIPTextModel.state_dict()`` keys.
+
+    ``state_dict``: the checkpoint entries with ``cond_stage_model.transformer.`` already stripped,
+    i.e. ``text_model.embeddings.token_embedding.weight`` or, from merged files that dropped it,
+    ``embeddings.token_embedding.weight``. ``expected_keys``: the keys of the module to load into
+    (``CLIPTextEncoder.transformer.state_dict()``); by default the layout of the installed transformers,
+    which has no ``text_model.`` prefix from 5.6 on and has it before. The layout is read from the keys,
+    never assumed from a version number.
+
+    ``position_ids`` is dropped: it is the constant ``arange(77)``, absent from (or a non-persistent
+    buffer of) recent ``CLIPTextModel`` state dicts, and some merged files store it as rounded floats.
+    Where the installed transformers does expect it, a correct ``arange`` is supplied instead.
+    Other keys pass through unchanged, so that a strict load reports them by name.
+    """
+    expected = frozenset(expected_keys) if expected_keys is not None else _installed_clip_keys()
+    prefixed = any(key.startswith(TEXT_MODEL_PREFIX) for key in expected)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        bare = key[len(TEXT_MODEL_PREFIX):] if key.startswith(TEXT_MODEL_PREFIX) else key
+        if bare == "embeddings.position_ids":
+            continue
+        out[TEXT_MODEL_PREFIX + bare if prefixed else bare] = value
+    position_key = (TEXT_MODEL_PREFIX if prefixed else "") + "embeddings.position_ids"
+    position_weight = out.get((TEXT_MODEL_PREFIX if prefixed else "") + "embeddings.position_embedding.weight")
+    if position_key in expected and position_weight is not None:
+        out[position_key] = torch.arange(position_weight.shape[0]).unsqueeze(0)
+    return out
+
+
+class CLIPTextEncoder(nn.Module):
+    """Prompts -> ``[B, 77, hidden]`` cross-attention context, as CompVis' ``FrozenCLIPEmbedder``.
+
+    ``self.transformer`` is a ``transformers.CLIPTextModel`` built from ``config`` (random weights until a
+    checkpoint is loaded into it); the module is in eval mode with gradients off.
+    """
+
+    def __init__(self, config: TextEncoderConfig, tokenizer_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.max_length = config.max_position_embeddings
+        directory = Path(tokenizer_dir) if tokenizer_dir is not None else DEFAULT_TOKENIZER_DIR
+        self.tokenizer = _load_tokenizer(str(directory.resolve()), self.max_length)
+        if config.vocab_size < len(self.tokenizer):
+            raise ConfigError(
+                f"text encoder vocab_size {config.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)}"
+            )
+        self.transformer = CLIPTextModel(_text_config(config))
+        self.eval()
+        self.requires_grad_(False)
+
+    def normalize_text_encoder_keys(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:func:`normalize_text_encoder_keys` onto the keys of ``self.transformer``."""
+        return normalize_text_encoder_keys(state_dict, self.transformer.state_dict().keys())
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``LongTensor[B, 77]``: start, BPE tokens (truncated), end, then end-token padding."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("tokenize() takes a list of prompt strings")
+        batch = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return batch["input_ids"].long()
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``last_hidden_state`` (after the final layer norm) for ``token_ids`` ``[B, L]``, L <= 77."""
+        if token_ids.dim() != 2 or token_ids.shape[1] > self.max_length:
+            raise ValueError(f"token_ids must be [batch, <= {self.max_length}], got {tuple(token_ids.shape)}")
+        return self.transformer(input_ids=token_ids).last_hidden_state
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Tokenize ``prompts`` and encode them on the module's device: ``[B, 77, hidden]``."""
+        device = self.transformer.get_input_embeddings().weight.device
+        return self(self.tokenize(prompts).to(device))

@@ -1,0 +1,189 @@
+"""Command-line flags of ``optimized_txt2img.py`` / ``optimized_img2img.py`` and their checks.
+
+Names and defaults follow the optimizedSD fork (basujindal/stable-diffusion ``optimizedSD/optimized_*.py``)
+where it has them: ``--n_samples 5``, ``--ddim_steps 50``, ``--scale 7.5``, ``--precision autocast``,
+txt2img samples with PLMS and img2img with DDIM by default. Everything the user can get wrong is checked
+here, before any model is loaded, and reported as a :class:`UsageError` (one line, exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ldm.config import DEFAULT_CONFIG
+
+TXT2IMG = "txt2img"
+IMG2IMG = "img2img"
+
+SAMPLERS = ("ddim", "plms", "dpm_solver", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms")
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_CONFIG_ARG = "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+VRAM_MODES = ("auto", "full", "medium", "low")
+SEED_MAX = 1_000_000  # the fork draws random seeds from [0, 1e6]
+LATENT_FACTOR = 64  # H and W must be multiples of this (the UNet halves 8x8-downsampled latents 3 times)
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the scripts print it as one line and exit with code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _positive_multiple(name: str, value: int) -> None:
+    if value <= 0 or value % LATENT_FACTOR:
+        raise UsageError(f"--{name} must be a positive multiple of {LATENT_FACTOR}, got {value}")
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
+    """The flags of one script (``mode`` is ``"txt2img"`` or ``"img2img"``)."""
+    img2img = mode == IMG2IMG
+    parser = _Parser(
+        prog=f"optimized_{mode}.py",
+        description=(
+            "Generate images from a text prompt" + (" and an initial image" if img2img else "")
+            + " with Stable Diffusion v1.x in little GPU memory. See docs/cli.md."
+        ),
+    )
+    add = parser.add_argument
+    add("--prompt", type=str, nargs="?", default=DEFAULT_PROMPT,
+        help="the prompt to render; 'a:0.3 b:0.7' weights sub-prompts (docs/cli.md)")
+    add("--negative_prompt", type=str, default="", help="what to steer away from (same weighting syntax)")
+    add("--from-file", dest="from_file", type=str, default=None,
+        help="read prompts from this file, one a line (blank lines and # comments skipped)")
+    add("--outdir", type=str, nargs="?", default=f"outputs/{mode}-samples", help="dir to write results to")
+    if img2img:
+        add("--init-img", dest="init_img", type=str, default=None, help="path to the input image (required)")
+        add("--strength", type=float, default=0.75,
+            help="how much of the init image to destroy: 0 keeps it (VAE round trip), 1 starts from pure noise")
+    add("--H", type=int, default=None if img2img else 512,
+        help="image height in pixels, a multiple of 64" + (" (default: the init image's, floored to 64)" if img2img else ""))
+    add("--W", type=int, default=None if img2img else 512,
+        help="image width in pixels, a multiple of 64" + (" (default: the init image's, floored to 64)" if img2img else ""))
+    add("--seed", type=int, default=None, help="seed of the first image; image k uses seed + k (random when absent)")
+    add("--n_samples", type=int, default=5, help="images per prompt per iteration (the batch size)")
+    add("--n_iter", type=int, default=1, help="how many times to sample each prompt")
+    add("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 is deterministic DDIM)")
+    add("--scale", type=float, default=7.5,
+        help="classifier-free guidance scale: eps = eps(x, neg) + scale * (eps(x, cond) - eps(x, neg))")
+    add("--sampler", type=str, default="ddim" if img2img else "plms",
+        help="one of: " + ", ".join(SAMPLERS) + (" (default ddim)" if img2img else " (default plms)"))
+    add("--precision", type=str, choices=["full", "autocast"], default="autocast",
+        help="autocast: fp16 weights on CUDA (fp32 elsewhere); full: fp32 everywhere")
+    add("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: cuda, else mps, else cpu)")
+    add("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors)")
+    add("--config", type=str, default=None, help=f"model config (default {DEFAULT_CONFIG_ARG})")
+    add("--format", type=str, choices=["png", "jpg"], default="png", help="output image format")
+    add("--turbo", action="store_true", help="faster, about 1 GB more VRAM (the same as --vram medium)")
+    add("--unet_bs", type=int, default=1,
+        help="images per UNet call (the fork's flag; 1 is the smallest footprint)")
+    add("--fixed_code", action="store_true", help="every image of the run starts from the first seed's noise")
+    add("--skip_grid", action="store_true", help="do not save a grid of the run")
+    add("--skip_save", action="store_true", help="do not save individual images (for timing)")
+    add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    add("--no-watermark", dest="no_watermark", action="store_true",
+        help="do not add the invisible 'StableDiffusionV1' watermark")
+    add("--vram", type=str, choices=VRAM_MODES, default="auto",
+        help="memory mode: full (everything resident), medium (one model at a time), low (UNet streamed)")
+    add("--vram_budget", type=float, default=None, metavar="GB", help="VRAM the low mode may use")
+    add("--attention", type=str, choices=["sdpa", "sliced"], default="sdpa", help="attention implementation")
+    add("--vae_tiling", action="store_true", help="decode the VAE in tiles (large images in little memory)")
+    add("--embedding_cache", type=str, default=None, metavar="DIR",
+        help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
+    return parser
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: cuda, cuda:N, mps or cpu; refused when that device is not there."""
+    name = name or default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r} (use cuda, cuda:N, mps or cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UsageError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported --device {name!r} (use cuda, cuda:N, mps or cpu)")
+    return device
+
+
+def resolve_config(value: str | None) -> Path:
+    """``--config``; without it the repo's v1-inference.yaml (found from any working directory)."""
+    if value is not None:
+        return Path(value)
+    relative = Path(DEFAULT_CONFIG_ARG)
+    return relative if relative.is_file() else DEFAULT_CONFIG
+
+
+def parse_args(argv: Sequence[str] | None, mode: str) -> argparse.Namespace:
+    """Parse and check the flags; fills in ``seed``, ``device``, ``vram`` (turbo) and ``config``."""
+    opt = build_parser(mode).parse_args(argv)
+    opt.mode = mode
+    check_args(opt)
+    if opt.seed is None:
+        opt.seed = random.randint(0, SEED_MAX)
+    opt.device = resolve_device(opt.device)
+    opt.config = resolve_config(opt.config)
+    if opt.turbo and opt.vram == "auto":
+        opt.vram = "medium"  # the fork's --turbo keeps the UNet resident for all steps
+    if opt.n_rows <= 0:
+        opt.n_rows = opt.n_samples
+    return opt
+
+
+def check_args(opt: argparse.Namespace) -> None:
+    """The checks that need no file: numbers in range, a known sampler."""
+    if opt.sampler not in SAMPLERS:
+        raise UsageError(f"unknown --sampler {opt.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if opt.H is not None:
+        _positive_multiple("H", opt.H)
+    if opt.W is not None:
+        _positive_multiple("W", opt.W)
+    if opt.ddim_steps < 1:
+        raise UsageError(f"--ddim_steps must be at least 1, got {opt.ddim_steps}")
+    if opt.n_samples < 1:
+        raise UsageError(f"--n_samples must be at least 1, got {opt.n_samples}")
+    if opt.n_iter < 1:
+        raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
+    if opt.unet_bs < 1:
+        raise UsageError(f"--unet_bs must be at least 1, got {opt.unet_bs}")
+    if not opt.ddim_eta >= 0:
+        raise UsageError(f"--ddim_eta must be 0 or more, got {opt.ddim_eta}")
+    if opt.vram_budget is not None and not opt.vram_budget > 0:
+        raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
+    if opt.seed is not None and opt.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {opt.seed}")
+    if opt.mode == IMG2IMG:
+        if not 0.0 <= opt.strength <= 1.0:
+            raise UsageError(f"--strength must be between 0 and 1, got {opt.strength}")
+        if not opt.init_img:
+            raise UsageError("--init-img is required")
+    if opt.from_file is None and opt.prompt is None:
+        raise UsageError("give a --prompt or a --from-file")
