@@ -44,6 +44,10 @@ class GuidedDenoiser:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if x.shape[0] != self.cond.shape[0]:
             raise ValueError(f"latent batch {x.shape[0]} does not match conditioning batch {self.cond.shape[0]}")
+        # The UNet runs in the conditioning's dtype (fp16 models); the sampler's latent keeps its own (fp32).
+        return self._eps(x.to(self.cond.dtype), t).to(x.dtype)
+
+    def _eps(self, x: Tensor, t: Tensor) -> Tensor:
         if self.scale == 1.0:
             return self.unet(x, t, self.cond)
         if self.batched:

@@ -103,7 +103,13 @@ def _rebuild_position_ids(text_encoder: nn.Module) -> None:
 
 def split_checkpoint(state: dict[str, torch.Tensor], path: Path, use_ema: bool = True):
     """Split a flat CompVis state dict into (unet, vae, text, alphas_cumprod or None, used_ema)."""
-    state = dict(state)
+    state = {
+        k: v
+        for k, v in state.items()
+        if k not in SCHEDULE_KEYS or k == "alphas_cumprod"
+        if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)
+    }
+    alphas_cumprod = state.pop("alphas_cumprod", None)
     unet = _take_prefixed(state, UNET_PREFIX)
     ema = _take_prefixed(state, EMA_PREFIX)
     used_ema = False
@@ -116,10 +122,6 @@ def split_checkpoint(state: dict[str, torch.Tensor], path: Path, use_ema: bool =
         log.info("using the checkpoint's EMA weights for the UNet")
     vae = _take_prefixed(state, VAE_PREFIX)
     text = _take_prefixed(state, TEXT_PREFIX)
-    alphas_cumprod = state.get("alphas_cumprod")
-    for key in list(state):
-        if key in SCHEDULE_KEYS or key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
-            del state[key]
     if not unet:
         raise CheckpointError(f"{path}: no UNet weights (model.diffusion_model.*): not an SD v1 checkpoint")
     if state:

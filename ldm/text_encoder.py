@@ -48,10 +48,10 @@ _WHITESPACE = regex.compile(r"\s+")
 def clean_prompt(text: str) -> str:
     """Normalise a prompt as OpenAI's ``simple_tokenizer.py`` does before BPE.
 
-    ``ftfy.fix_text`` (mojibake, curly quotes and dashes kept as the model saw them in training, NFC),
-    HTML entities unescaped twice (``&amp;amp;`` -> ``&``), whitespace runs collapsed, lowercased.
-    transformers' fast ``CLIPTokenizer`` only lowercases and collapses whitespace, so without this step
-    prompts with ``&amp;`` or mojibake tokenize differently from the original.
+    ``ftfy.fix_text`` (repairs mojibake, straightens curly quotes, NFC), HTML entities unescaped twice
+    (``&amp;amp;`` -> ``&``), whitespace runs collapsed, lowercased. transformers' fast ``CLIPTokenizer``
+    only lowercases and collapses whitespace, so without this step prompts with curly quotes, ``&amp;``
+    or mojibake get other ids than CLIP (and SD v1) were trained with.
     """
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()

@@ -86,8 +86,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--config", type=str, default=None, help=f"model config (default {DEFAULT_CONFIG_ARG})")
     add("--format", type=str, choices=["png", "jpg"], default="png", help="output image format")
     add("--turbo", action="store_true", help="faster, about 1 GB more VRAM (the same as --vram medium)")
-    add("--unet_bs", type=int, default=1,
-        help="images per UNet call (the fork's flag; 1 is the smallest footprint)")
+    add("--unet_bs", type=int, default=None,
+        help="at most this many latents per UNet call (guided and unguided count separately); "
+             "default: the whole batch in one call; 1 (the fork's default) needs the least memory")
     add("--fixed_code", action="store_true", help="every image of the run starts from the first seed's noise")
     add("--skip_grid", action="store_true", help="do not save a grid of the run")
     add("--skip_save", action="store_true", help="do not save individual images (for timing)")
@@ -172,10 +173,12 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--n_samples must be at least 1, got {opt.n_samples}")
     if opt.n_iter < 1:
         raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
-    if opt.unet_bs < 1:
+    if opt.unet_bs is not None and opt.unet_bs < 1:
         raise UsageError(f"--unet_bs must be at least 1, got {opt.unet_bs}")
     if not opt.ddim_eta >= 0:
         raise UsageError(f"--ddim_eta must be 0 or more, got {opt.ddim_eta}")
+    if opt.ddim_eta != 0 and opt.sampler != "ddim":
+        raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     if opt.vram_budget is not None and not opt.vram_budget > 0:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     if opt.seed is not None and opt.seed < 0:

@@ -40,7 +40,7 @@ FOLDER_NAME_MAX = 100
 SAMPLER_LABELS = {
     "ddim": "DDIM",
     "plms": "PLMS",
-    "dpm_solver": "DPM-Solver",
+    "dpm_solver": "DPM++ 2M",  # ldm.samplers: DPM-Solver++(2M) over k-diffusion sigmas
     "euler": "Euler",
     "euler_a": "Euler a",
     "heun": "Heun",

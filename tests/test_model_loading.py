@@ -62,7 +62,7 @@ def test_ema_weights_used_when_present(tiny_state_dict, tiny_config_path, tmp_pa
 
 def test_incomplete_ema_is_an_error(tiny_state_dict, tiny_config_path, tmp_path):
     state = dict(tiny_state_dict)
-    state[_ema_key("input_blocks.0.0.weight")] = tiny_state_dict[UNET_PREFIX + "input_blocks.0.0.weight"]
+    state[_ema_key("input_blocks.0.0.weight")] = tiny_state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].clone()
     with pytest.raises(CheckpointError, match="EMA weights incomplete"):
         load_stable_diffusion(_save(state, tmp_path), tiny_config_path)
 

@@ -1,0 +1,525 @@
+"""Which model is on the compute device when: the memory modes of the generator (``--vram``).
+
+The three models (CLIP text encoder, UNet, VAE) live on the CPU, in page-locked ("pinned") memory when
+the compute device is CUDA, and are put on the device only while they run. What moves is the tensor
+storage, never the modules: each :class:`ModuleGroup` keeps the one CPU copy of its parameters and
+buffers and swaps ``tensor.data`` between it and a device copy (the idea of diffusers'
+``hooks/group_offloading.py`` ``ModuleGroup``, without its forward hooks: nothing is patched or stored
+on a module, and every transfer is a call you can see in a traceback).
+
+Modes, fastest first:
+
+- ``full``: all three models stay on the device from their first use until :meth:`Residency.release`.
+  Needs about 2.2 GB of weights in fp16 for SD v1 plus the working memory; no transfer after warm-up.
+- ``medium``: one model on the device at a time (the optimizedSD fork's ``--turbo``). A model stays
+  until another is asked for, so the UNet is copied once per batch and kept for all its steps.
+  Peak = the largest model (the UNet, 1.7 GB in fp16) + working memory; costs a UNet copy per batch.
+- ``low``: the text encoder and the VAE as in ``medium``; the UNet runs through :class:`StreamedUNet`,
+  which walks the UNet's parts in execution order (time embedding, input blocks, middle block, output
+  blocks, ``out``) at every step and copies each group of blocks in just before it runs. On CUDA the
+  next group is copied on a side stream from pinned memory while the current one computes. With a
+  budget (``budget_bytes``, the CLI's ``--vram_budget``), as many groups as fit stay on the device
+  for good and only the rest are streamed. Peak = budget (or the two largest groups, ~0.4 GB in fp16
+  for SD v1) + working memory; costs a copy of the streamed part of the UNet at every step.
+- ``auto`` (:func:`resolve_mode`): picks one of the above from the free device memory, the image size
+  and the batch; on a CPU it is ``full`` (nothing to save).
+
+Every mode computes the same numbers: the same modules run the same kernels on the same device.
+
+Out of memory: a caller that hits ``torch.cuda.OutOfMemoryError`` during a batch calls
+:meth:`Residency.step_down` (or :func:`next_lower_mode` and :meth:`Residency.set_mode`), which empties
+the device, and runs the batch again; ``step_down`` returns False when there is no lower mode left.
+
+Transfers are reported to an optional ``on_transfer(TransferEvent)`` callback (event, group, bytes),
+which the tests use to check the protocol without a GPU: with ``track_cpu_copies=True`` and a CPU
+"device", every onload makes a real copy of the weights, so what is "on the device" can be observed.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("full", "medium", "low")
+VRAM_CHOICES = ("auto",) + MODES
+MODEL_NAMES = ("text_encoder", "unet", "vae")
+GRANULARITIES = ("blocks", "stages")
+
+# SD v1 parameter counts (FACTS.md), for estimates made before a model is loaded.
+SD_V1_PARAMETERS = {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863}
+
+
+class TransferEvent(NamedTuple):
+    """One transfer: ``event`` is "onload" or "offload", ``group`` e.g. "unet" or "unet.middle_block"."""
+
+    event: str
+    group: str
+    nbytes: int
+
+
+def next_lower_mode(mode: str) -> str | None:
+    """The mode to retry a batch in after running out of device memory: full -> medium -> low -> None."""
+    if mode not in MODES:
+        raise ValueError(f"unknown vram mode {mode!r}; choose one of {', '.join(MODES)}")
+    index = MODES.index(mode)
+    return MODES[index + 1] if index + 1 < len(MODES) else None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a device out-of-memory error (``torch.cuda.OutOfMemoryError`` or an allocator message)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers of ``modules``, each once (a shared tensor is moved once)."""
+    seen: set[int] = set()
+    tensors = []
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensors.append(tensor)
+    return tensors
+
+
+class ModuleGroup:
+    """Some modules whose parameters and buffers move together between their CPU home and a device.
+
+    The CPU copy ("home") is the only one kept on the host; :meth:`onload` points every ``tensor.data``
+    at a fresh device copy, :meth:`offload` points it back at the home copy and drops the device one.
+    """
+
+    def __init__(self, name: str, modules: list[nn.Module], pin: bool):
+        self.name = name
+        self.tensors = _tensors_of(modules)
+        if pin:
+            for tensor in self.tensors:
+                if not tensor.data.is_pinned():
+                    tensor.data = tensor.data.pin_memory()  # the unpinned storage is freed here
+        self.home = [tensor.data for tensor in self.tensors]
+        for home in self.home:
+            if home.device.type != "cpu":
+                raise ValueError(f"{name}: models must be on the CPU when handed to Residency (found {home.device})")
+        self.nbytes = sum(home.numel() * home.element_size() for home in self.home)
+        self.on_device = False
+        self.ready: torch.cuda.Event | None = None  # set when the copy was issued on a side stream
+
+    def onload(self, device: torch.device, copy: bool, stream: torch.cuda.Stream | None = None) -> None:
+        """Point the tensors at device copies; on CUDA with ``stream``, copy there and record ``ready``."""
+        if device.type == "cuda" and stream is not None:
+            with torch.cuda.stream(stream):
+                for tensor, home in zip(self.tensors, self.home):
+                    tensor.data = home.to(device, non_blocking=True)
+                self.ready = torch.cuda.Event()
+                self.ready.record(stream)
+        elif device.type == "cpu":
+            if copy:  # a stand-in device for tests: a real, separate copy
+                for tensor, home in zip(self.tensors, self.home):
+                    tensor.data = home.clone()
+        else:
+            for tensor, home in zip(self.tensors, self.home):
+                tensor.data = home.to(device, non_blocking=home.is_pinned())
+        self.on_device = True
+
+    def wait(self) -> None:
+        """Make the current CUDA stream wait for a side-stream copy, and tell the allocator it uses it."""
+        if self.ready is None:
+            return
+        current = torch.cuda.current_stream()
+        current.wait_event(self.ready)
+        for tensor in self.tensors:
+            # The copy was allocated on the side stream: without this, freeing it at offload could let the
+            # next prefetch reuse the memory while the compute stream still reads it.
+            tensor.data.record_stream(current)
+        self.ready = None
+
+    def offload(self) -> None:
+        for tensor, home in zip(self.tensors, self.home):
+            tensor.data = home
+        self.on_device = False
+        self.ready = None
+
+
+def unet_parts(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The UNet's parts in the order ``UNetModel.forward`` runs them (CompVis attribute paths)."""
+    parts: list[tuple[str, nn.Module]] = [("time_embed", unet.time_embed)]
+    parts += [(f"input_blocks.{i}", block) for i, block in enumerate(unet.input_blocks)]
+    parts.append(("middle_block", unet.middle_block))
+    parts += [(f"output_blocks.{i}", block) for i, block in enumerate(unet.output_blocks)]
+    parts.append(("out", unet.out))
+    return parts
+
+
+def unet_group_layout(unet: nn.Module, granularity: str = "blocks") -> list[list[str]]:
+    """Part names per streamed group, in execution order.
+
+    ``stages``: three groups (time embedding + input blocks, middle block, output blocks + ``out``).
+    ``blocks``: one group per block; the small time embedding rides with ``input_blocks.0`` and ``out``
+    with the last output block (25 groups for SD v1).
+    """
+    names = [name for name, _ in unet_parts(unet)]
+    if granularity == "stages":
+        return [
+            [n for n in names if n == "time_embed" or n.startswith("input_blocks.")],
+            ["middle_block"],
+            [n for n in names if n.startswith("output_blocks.") or n == "out"],
+        ]
+    if granularity == "blocks":
+        groups = [[n] for n in names[1:-1]]
+        groups[0].insert(0, "time_embed")
+        groups[-1].append("out")
+        return groups
+    raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which UNet groups stay on the device (``resident``), whether the next group is prefetched, and the
+    most UNet weight bytes on the device at once (resident groups + the streaming window)."""
+
+    resident: frozenset[int]
+    prefetch: bool
+    limit_bytes: int
+
+
+def plan_streaming(sizes: list[int], budget_bytes: int | None) -> StreamPlan:
+    """Fit the groups (byte ``sizes`` in execution order) into ``budget_bytes`` of device memory.
+
+    Streaming needs the running group and the next one at once (the two largest groups bound that);
+    what the budget leaves beyond this window goes to groups kept resident for good, largest first,
+    since each of those saves its copy at every step. ``None`` means the least memory: stream all.
+    """
+    if not sizes:
+        raise ValueError("nothing to stream")
+    total = sum(sizes)
+    largest = sorted(sizes, reverse=True)
+    window = largest[0] + (largest[1] if len(largest) > 1 else 0)
+    if budget_bytes is None:
+        return StreamPlan(frozenset(), True, window)
+    if budget_bytes >= total:
+        return StreamPlan(frozenset(range(len(sizes))), False, total)
+    if budget_bytes < largest[0]:
+        raise ValueError(
+            f"vram budget {budget_bytes / 2**30:.2f} GB is smaller than the largest UNet group "
+            f"({largest[0] / 2**30:.2f} GB); raise it or leave it unset"
+        )
+    prefetch = budget_bytes >= window
+    room = budget_bytes - (window if prefetch else largest[0])
+    resident = set()
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if sizes[index] <= room:
+            resident.add(index)
+            room -= sizes[index]
+    return StreamPlan(frozenset(resident), prefetch, budget_bytes - room)
+
+
+class StreamedUNet:
+    """``unet(x, t, context) -> eps`` with the UNet's weights streamed to the device group by group.
+
+    Replicates ``UNetModel.forward``'s dataflow over its parts (time embedding, input blocks with their
+    skips, middle block, output blocks concatenating the skips, ``out``). Entering a group: onload it
+    unless a prefetch already did (then wait for that copy), and start copying the next streamed group
+    (wrapping to the next step) if it fits the plan's memory limit. Leaving a group's last part:
+    offload it unless the plan keeps it resident.
+    """
+
+    def __init__(self, residency: Residency, unet: nn.Module, groups: list[ModuleGroup], layout: list[list[str]], plan: StreamPlan):
+        self.residency = residency
+        self.unet = unet
+        self.groups = groups
+        self.plan = plan
+        self.modules = dict(unet_parts(unet))
+        self.first_part = {names[0]: index for index, names in enumerate(layout)}
+        self.last_part = {names[-1]: index for index, names in enumerate(layout)}
+        self.streamed = [i for i in range(len(groups)) if i not in plan.resident]
+        # The streamed group to prefetch when group i starts: the next streamed one in execution order.
+        self.next_streamed = {
+            i: next((j for j in self.streamed if j > i), self.streamed[0] if self.streamed else None)
+            for i in range(len(groups))
+        }
+
+    def _on_device_bytes(self) -> int:
+        return sum(group.nbytes for group in self.groups if group.on_device)
+
+    def _enter(self, part: str) -> nn.Module:
+        index = self.first_part.get(part)
+        if index is not None:
+            group = self.groups[index]
+            if not group.on_device:
+                self.residency._onload(group)
+            group.wait()
+            following = self.next_streamed[index]
+            if self.plan.prefetch and following is not None and following != index:
+                nxt = self.groups[following]
+                if not nxt.on_device and self._on_device_bytes() + nxt.nbytes <= self.plan.limit_bytes:
+                    self.residency._onload(nxt, side_stream=True)
+        return self.modules[part]
+
+    def _leave(self, part: str) -> None:
+        index = self.last_part.get(part)
+        if index is not None and index not in self.plan.resident:
+            self.residency._offload(self.groups[index])
+
+    def _run(self, part: str, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        module = self._enter(part)
+        result = fn(module)
+        self._leave(part)
+        return result
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        from ldm.unet import timestep_embedding
+
+        unet = self.unet
+        dtype = unet.out[2].weight.dtype
+        t_emb = timestep_embedding(timesteps, unet.model_channels).to(dtype)
+        emb = self._run("time_embed", lambda m: m(t_emb))
+        h, context = x.to(dtype), context.to(dtype)
+        skips = []
+        for i in range(len(unet.input_blocks)):
+            h = self._run(f"input_blocks.{i}", lambda m: m(h, emb, context))
+            skips.append(h)
+        h = self._run("middle_block", lambda m: m(h, emb, context))
+        for i in range(len(unet.output_blocks)):
+            h = self._run(f"output_blocks.{i}", lambda m: m(torch.cat([h, skips.pop()], dim=1), emb, context))
+        return self._run("out", lambda m: m(h)).to(x.dtype)
+
+    def release(self) -> None:
+        """Offload the streamed groups (a prefetched one included); resident groups stay."""
+        for index in self.streamed:
+            if self.groups[index].on_device:
+                self.residency._offload(self.groups[index])
+
+
+class Residency:
+    """Keeps ``sd``'s three models on the CPU and puts each on ``device`` only while it runs.
+
+    ``with residency.use(name) as model:`` yields the module on the device (for "unet" in low mode, a
+    :class:`StreamedUNet`); :meth:`release` leaves nothing on the device. ``budget_bytes`` (low mode)
+    is the UNet weight memory allowed on the device at once. ``track_cpu_copies`` makes onloads to a
+    CPU device real copies (a stand-in device for tests); otherwise a CPU device moves nothing.
+    """
+
+    def __init__(
+        self,
+        sd,
+        device: torch.device | str,
+        mode: str = "full",
+        budget_bytes: int | None = None,
+        *,
+        granularity: str = "blocks",
+        on_transfer: Callable[[TransferEvent], None] | None = None,
+        track_cpu_copies: bool = False,
+    ):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.models: dict[str, nn.Module] = {"text_encoder": sd.text_encoder, "unet": sd.unet, "vae": sd.vae}
+        self.on_transfer = on_transfer
+        self.track_cpu_copies = track_cpu_copies
+        pin = self.device.type == "cuda"
+        self.whole = {name: ModuleGroup(name, [model], pin) for name, model in self.models.items()}
+        self.layout = unet_group_layout(sd.unet, granularity)
+        parts = dict(unet_parts(sd.unet))
+        self.unet_groups = [
+            ModuleGroup("unet." + "+".join(names), [parts[n] for n in names], pin) for names in self.layout
+        ]
+        covered = {id(t) for group in self.unet_groups for t in group.tensors}
+        stray = [n for n, t in list(sd.unet.named_parameters()) + list(sd.unet.named_buffers()) if id(t) not in covered]
+        if stray:
+            raise ValueError(f"UNet tensors outside the streamed parts: {', '.join(stray[:5])}")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._streamed: StreamedUNet | None = None
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        self.mode = ""
+        self.budget_bytes: int | None = None
+        self.set_mode(mode, budget_bytes)
+
+    # -- modes ------------------------------------------------------------------------------------------
+    def set_mode(self, mode: str, budget_bytes: int | None = None) -> None:
+        """Switch mode (after emptying the device); ``budget_bytes`` applies to low mode."""
+        if mode not in MODES:
+            raise ValueError(f"unknown vram mode {mode!r}; choose one of {', '.join(MODES)} (resolve 'auto' first)")
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError("vram budget must be positive")
+        self.release()
+        self.plan = plan_streaming([g.nbytes for g in self.unet_groups], budget_bytes) if mode == "low" else None
+        self.mode, self.budget_bytes = mode, budget_bytes
+        if self.plan is not None:
+            log.info(
+                "low vram: %d of %d UNet groups resident, prefetch %s, at most %.2f GB of UNet weights on the device",
+                len(self.plan.resident), len(self.unet_groups), "on" if self.plan.prefetch else "off",
+                self.plan.limit_bytes / 2**30,
+            )
+
+    def step_down(self) -> bool:
+        """After an out-of-memory error: empty the device and go one mode lower. False if none is left.
+
+        Low mode with a budget first drops the budget (streams everything) before giving up.
+        """
+        lower = next_lower_mode(self.mode)
+        if lower is None and self.budget_bytes is None:
+            return False
+        self.set_mode(lower or "low", None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of device memory: retrying in %s mode", self.mode)
+        return True
+
+    # -- transfers --------------------------------------------------------------------------------------
+    def _report(self, event: str, group: ModuleGroup) -> None:
+        if self.on_transfer is not None:
+            self.on_transfer(TransferEvent(event, group.name, group.nbytes))
+
+    def _onload(self, group: ModuleGroup, side_stream: bool = False) -> None:
+        group.onload(self.device, self.track_cpu_copies, self._copy_stream if side_stream else None)
+        self.resident_bytes += group.nbytes
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        self._report("onload", group)
+
+    def _offload(self, group: ModuleGroup) -> None:
+        group.offload()
+        self.resident_bytes -= group.nbytes
+        self._report("offload", group)
+
+    def _evict_except(self, keep: str) -> None:
+        for name, group in self.whole.items():
+            if name != keep and group.on_device:
+                self._offload(group)
+        if keep != "unet":
+            self._release_unet_groups()
+
+    def _release_unet_groups(self) -> None:
+        self._streamed = None
+        for group in self.unet_groups:
+            if group.on_device:
+                self._offload(group)
+
+    # -- public -----------------------------------------------------------------------------------------
+    @contextmanager
+    def use(self, name: str) -> Iterator[nn.Module | StreamedUNet]:
+        """The model ``name`` ready to run on the device for the ``with`` block."""
+        if name not in self.models:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.mode != "full":
+            self._evict_except(name)
+        if name == "unet" and self.mode == "low":
+            if self._streamed is None:
+                self._streamed = StreamedUNet(self, self.models["unet"], self.unet_groups, self.layout, self.plan)
+            try:
+                yield self._streamed
+            finally:
+                self._streamed.release()
+            return
+        group = self.whole[name]
+        if not group.on_device:
+            self._onload(group)
+        yield self.models[name]
+
+    def release(self) -> None:
+        """Offload everything: no weight of any model is left on the device."""
+        for group in self.whole.values():
+            if group.on_device:
+                self._offload(group)
+        self._release_unet_groups()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def on_device(self) -> list[str]:
+        """Names of the groups whose weights are on the device now."""
+        groups = list(self.whole.values()) + self.unet_groups
+        return [group.name for group in groups if group.on_device]
+
+
+# -- choosing a mode ----------------------------------------------------------------------------------------
+def model_bytes(sd=None, dtype: torch.dtype = torch.float16) -> dict[str, int]:
+    """Weight bytes per model: measured from ``sd`` when given, else SD v1's parameter counts in ``dtype``."""
+    if sd is not None:
+        models = {"text_encoder": sd.text_encoder, "unet": sd.unet, "vae": sd.vae}
+        return {name: sum(t.numel() * t.element_size() for t in _tensors_of([m])) for name, m in models.items()}
+    size = torch.empty((), dtype=dtype).element_size()
+    return {name: count * size for name, count in SD_V1_PARAMETERS.items()}
+
+
+def working_bytes(height: int, width: int, batch: int, dtype: torch.dtype = torch.float16) -> dict[str, int]:
+    """Rough activation memory of one UNet call (classifier-free guidance doubles the batch) and one VAE
+    decode, for SD v1's widths. Rules of thumb, not measurements: the OOM fallback covers misses.
+
+    UNet: about 48 live tensors of 320 channels at the latent size (skips, GroupNorm's fp32 copies,
+    the feed-forward's 8x width), plus one 64 MiB attention slice. VAE decode: about 8 tensors of
+    256 channels at the image size, the largest level of the decoder.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    latent = (height // 8) * (width // 8)
+    unet = 2 * batch * latent * 320 * size * 48 + (64 << 20)
+    vae = batch * height * width * 256 * size * 8
+    return {"unet": unet, "vae": vae, "text_encoder": 2 * batch * 77 * 768 * size * 16}
+
+
+RESERVE_BYTES = 512 << 20  # CUDA context's share, kernels' workspaces, allocator fragmentation
+SAFETY = 1.2
+
+
+def resolve_mode(
+    mode: str,
+    device: torch.device | str,
+    height: int,
+    width: int,
+    batch: int,
+    *,
+    sd=None,
+    dtype: torch.dtype = torch.float16,
+    free_bytes: int | None = None,
+) -> str:
+    """``mode`` itself, or for "auto" the fastest mode whose estimated peak fits the free device memory.
+
+    full needs all weights + the largest working memory; medium the largest (model + its working
+    memory); anything less streams the UNet (low). Non-CUDA devices get "full".
+    """
+    if mode != "auto":
+        if mode not in MODES:
+            raise ValueError(f"unknown vram mode {mode!r}; choose one of {', '.join(VRAM_CHOICES)}")
+        return mode
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "full"
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    weights = model_bytes(sd, dtype)
+    work = working_bytes(height, width, batch, dtype)
+    full = sum(weights.values()) + max(work.values())
+    medium = max(weights[name] + work[name] for name in MODEL_NAMES)
+    for name, need in (("full", full), ("medium", medium)):
+        if need * SAFETY + RESERVE_BYTES <= free_bytes:
+            chosen = name
+            break
+    else:
+        chosen = "low"
+    log.info("vram auto: %.2f GB free -> %s mode", free_bytes / 2**30, chosen)
+    return chosen
+
+
+def auto_budget_bytes(
+    device: torch.device | str, height: int, width: int, batch: int, *, sd=None, dtype: torch.dtype = torch.float16,
+    free_bytes: int | None = None,
+) -> int | None:
+    """For low mode: the UNet weight bytes that may stay on the device besides the working memory, or None
+    (stream everything) where that leaves nothing."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    work = working_bytes(height, width, batch, dtype)
+    spare = int((free_bytes - RESERVE_BYTES) / SAFETY) - max(work["unet"], work["vae"] + model_bytes(sd, dtype)["vae"])
+    return spare if spare > 0 else None
