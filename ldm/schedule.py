@@ -58,7 +58,7 @@ class DiffusionSchedule:
     def __init__(self, alphas_cumprod: Tensor) -> None:
         ac = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=torch.float64)
         if ac.ndim != 1 or ac.numel() < 2:
-            raise ValueError(f"alphas_cumprod must be a 1-D tensor with at least 2 entries, got shape {tuple(ac.shape)}")
+            raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ac.shape)}")
         if not bool(((ac > 0) & (ac < 1)).all()):
             raise ValueError("alphas_cumprod must lie strictly between 0 and 1")
         if not bool((ac[1:] < ac[:-1]).all()):

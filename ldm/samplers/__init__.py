@@ -93,6 +93,8 @@ def sample(
     grid, function, options = _SAMPLERS[name]
     if eta != 0 and name != "ddim":
         raise ValueError(f"eta={eta} applies only to the ddim sampler, not {name!r}")
+    if init_latent is None and strength != 1:
+        raise ValueError(f"strength={strength} needs an init_latent (img2img)")
     if init_latent is not None:
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength}")

@@ -25,7 +25,9 @@ def ddim_sigma(a_t: float, a_prev: float, eta: float) -> float:
     return eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
 
 
-def ddim_update(x: Tensor, eps: Tensor, a_t: float, a_prev: float, sigma: float = 0.0, noise: Optional[Tensor] = None) -> Tensor:
+def ddim_update(
+    x: Tensor, eps: Tensor, a_t: float, a_prev: float, sigma: float = 0.0, noise: Optional[Tensor] = None
+) -> Tensor:
     """Eq. 12: from ``x`` at ``a_t`` to ``a_prev`` given the predicted noise ``eps``."""
     # 1. the predicted x0 ("predicted x_0" term)
     pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)

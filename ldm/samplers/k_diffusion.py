@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from numpy.polynomial import Polynomial
 from torch import Tensor
@@ -150,8 +149,10 @@ def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]
     nodes = [sigmas[i - k] for k in range(order)]
     weights = []
     for j, node in enumerate(nodes):
-        others = [n for k, n in enumerate(nodes) if k != j]
-        basis = Polynomial.fromroots(others) / float(np.prod([node - n for n in others])) if others else Polynomial([1.0])
+        basis = Polynomial([1.0])
+        for k, other in enumerate(nodes):
+            if k != j:
+                basis = basis * Polynomial([-other, 1.0]) / (node - other)
         antiderivative = basis.integ()
         weights.append(float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i])))
     return weights
