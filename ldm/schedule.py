@@ -91,10 +91,15 @@ class DiffusionSchedule:
     # ---- DDIM grid (ddim, plms) -------------------------------------------------------------------------
 
     def ddim_timesteps(self, steps: int) -> list[int]:
-        """CompVis' uniform DDIM timesteps, ascending: ``range(0, T, T // steps) + 1`` (see module docstring)."""
+        """CompVis' uniform DDIM timesteps, ascending: ``range(0, T, T // steps) + 1`` (see module docstring).
+
+        Where that reaches timestep T (steps = 3, 9, 27, 101..., where CompVis fails with an IndexError) the
+        out-of-range last one is dropped: 3 steps walk 667, 334, 1, as diffusers' "leading" spacing does.
+        """
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be between 1 and {self.num_timesteps}, got {steps}")
-        return [t + 1 for t in range(0, self.num_timesteps, self.num_timesteps // steps)]
+        stride = self.num_timesteps // steps
+        return [t + 1 for t in range(0, self.num_timesteps, stride) if t + 1 < self.num_timesteps]
 
     def ddim_levels(self, steps: int) -> list[int]:
         """The DDIM walk, descending, ending with the final level 0 (``alphas_prev[0] = alphas_cumprod[0]``).

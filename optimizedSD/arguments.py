@@ -99,7 +99,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="memory mode: full (everything resident), medium (one model at a time), low (UNet streamed)")
     add("--vram_budget", type=float, default=None, metavar="GB", help="VRAM the low mode may use")
     add("--attention", type=str, choices=["sdpa", "sliced"], default="sdpa", help="attention implementation")
-    add("--vae_tiling", action="store_true", help="decode the VAE in tiles (large images in little memory)")
+    add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles (large images in little memory; automatic above 1024 px)")
     add("--embedding_cache", type=str, default=None, metavar="DIR",
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
     return parser
@@ -181,8 +181,8 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     if opt.vram_budget is not None and not opt.vram_budget > 0:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
-    if opt.seed is not None and opt.seed < 0:
-        raise UsageError(f"--seed must be 0 or more, got {opt.seed}")
+    if opt.seed is not None and not 0 <= opt.seed < 2**63:
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
     if opt.mode == IMG2IMG:
         if not 0.0 <= opt.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {opt.strength}")

@@ -138,6 +138,7 @@ def generate(opt: argparse.Namespace) -> RunSummary:
     from ldm.model_loading import load_stable_diffusion
     from ldm.noise import SeededNoise
     from ldm.schedule import DiffusionSchedule
+    from ldm.vae_tiling import should_tile
 
     started = time.perf_counter()
     img2img = opt.mode == IMG2IMG
@@ -192,7 +193,7 @@ def generate(opt: argparse.Namespace) -> RunSummary:
             except OSError as error:
                 raise UsageError(f"cannot use --embedding_cache {opt.embedding_cache}: {error}") from None
         encoder = PromptEncoder(cache)
-        needed = [*distinct(prompts), opt.negative_prompt]
+        needed = distinct(prompts) + ([opt.negative_prompt] if opt.scale != 1.0 else [])
         if encoder.missing(needed):
             with residency.use("text_encoder") as text_encoder:
                 encoder.encode_missing(needed, text_encoder.encode)
@@ -206,48 +207,41 @@ def generate(opt: argparse.Namespace) -> RunSummary:
 
         # ---- 5. sample, decode, write ------------------------------------------------------------------------
         batch = opt.n_samples
+        tiled = should_tile(height, width, opt.vae_tiling)
         latent_shape = (cfg.latent_channels, height // cfg.downsampling_factor, width // cfg.downsampling_factor)
         image_index = 0
-        for iteration in tqdm(range(opt.n_iter), desc="Iterations", disable=opt.n_iter == 1):
+        for iteration in tqdm(range(opt.n_iter), desc="Iterations"):
             for prompt in tqdm(prompts, desc="Prompts", leave=False, disable=len(prompts) == 1):
                 seeds = [opt.seed + image_index + k for k in range(batch)]
-                noise = SeededNoise([opt.seed] * batch if opt.fixed_code else seeds)
-                x_T = noise.initial(latent_shape, device=device)
-                init_latent = None
-                if posterior is not None:
-                    init_latent = sd.scale_factor * posterior.sample(noise(x_T)).float()
+                noise_seeds = [opt.seed] * batch if opt.fixed_code else seeds
                 cond = encoder.batch(prompt, batch, device, dtype)
                 uncond = encoder.batch(opt.negative_prompt, batch, device, dtype) if opt.scale != 1.0 else None
-                progress = Progress(f"Sampling ({opt.sampler})")
-                try:
-                    with residency.use("unet") as unet, torch.no_grad():
-                        eps_model = GuidedDenoiser(_chunked_unet(unet, opt.unet_bs), cond, uncond, opt.scale)
-                        latents = samplers.sample(
-                            opt.sampler, eps_model, schedule, x_T, opt.ddim_steps,
-                            eta=opt.ddim_eta,
-                            init_latent=init_latent,
-                            strength=opt.strength if img2img else 1.0,
-                            noise_sampler=noise,
-                            callback=progress,
+
+                def run_batch() -> torch.Tensor:
+                    # Fresh generators on every try, so a retry after out-of-memory draws the same noise.
+                    noise = SeededNoise(noise_seeds)
+                    x_T = noise.initial(latent_shape, device=device)
+                    init_latent = None
+                    if posterior is not None:  # the image's generator draws its posterior sample next
+                        init_latent = sd.scale_factor * posterior.sample(noise(x_T)).float()
+                    return _sample(samplers, GuidedDenoiser, residency, opt, cond, uncond, schedule, x_T,
+                                   init_latent, noise, img2img)
+
+                latents = _with_oom_retry(residency, run_batch)
+                for k in range(batch):
+                    decoded = _with_oom_retry(residency, lambda: _decode(residency, latents[k : k + 1], sd.scale_factor, tiled))
+                    image = to_uint8(decoded)[0]
+                    seed = noise_seeds[k]
+                    summary.images += 1
+                    if not opt.skip_grid:
+                        grid_images.append(image)
+                    if not opt.skip_save:
+                        text = infotext(
+                            prompt, opt.negative_prompt, steps=opt.ddim_steps, sampler=opt.sampler,
+                            scale=opt.scale, seed=seed, width=width, height=height, model_hash=hash_,
+                            model_name=ckpt.stem, strength=opt.strength if img2img else None, eta=opt.ddim_eta,
                         )
-                finally:
-                    progress.close()
-                with residency.use("vae") as vae, torch.no_grad():
-                    for k in range(batch):
-                        decoded = vae.decode(latents[k : k + 1] / sd.scale_factor)
-                        image = to_uint8(decoded)[0]
-                        seed = noise.seeds[k]
-                        summary.images += 1
-                        if not opt.skip_grid:
-                            grid_images.append(image)
-                        if not opt.skip_save:
-                            text = infotext(
-                                prompt, opt.negative_prompt, steps=opt.ddim_steps, sampler=opt.sampler,
-                                scale=opt.scale, seed=seed, width=width, height=height, model_hash=hash_,
-                                model_name=ckpt.stem, strength=opt.strength if img2img else None, eta=opt.ddim_eta,
-                            )
-                            path = writer.write_sample(prompt_folder_name(prompt), seed, image, text)
-                            summary.written.append(path)
+                        summary.written.append(writer.write_sample(prompt_folder_name(prompt), seed, image, text))
                 image_index += batch
         if grid_images:
             summary.grid = writer.write_grid(grid_images, opt.n_rows, None)
@@ -259,15 +253,58 @@ def generate(opt: argparse.Namespace) -> RunSummary:
     return summary
 
 
+def _sample(samplers, GuidedDenoiser, residency, opt, cond, uncond, schedule, x_T, init_latent, noise, img2img):
+    """One batch of latents: the guided UNet under the chosen sampler, with a tqdm bar over the steps."""
+    progress = Progress(f"Sampling ({opt.sampler})")
+    try:
+        with residency.use("unet") as unet, torch.no_grad():
+            eps_model = GuidedDenoiser(_chunked_unet(unet, opt.unet_bs), cond, uncond, opt.scale)
+            return samplers.sample(
+                opt.sampler, eps_model, schedule, x_T, opt.ddim_steps,
+                eta=opt.ddim_eta,
+                init_latent=init_latent,
+                strength=opt.strength if img2img else 1.0,
+                noise_sampler=noise,
+                callback=progress,
+            )
+    finally:
+        progress.close()
+
+
+def _decode(residency, latent: torch.Tensor, scale_factor: float, tiled: bool) -> torch.Tensor:
+    """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images."""
+    from ldm.vae_tiling import decode_tiled
+
+    with residency.use("vae") as vae, torch.no_grad():
+        return decode_tiled(vae, latent / scale_factor) if tiled else vae.decode(latent / scale_factor)
+
+
+def _with_oom_retry(residency, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``step``; on CUDA out-of-memory drop to a lower memory mode and run it again (the residency
+    contract). Each step is one batch's sampling or one image's decoding, so nothing is written twice."""
+    from ldm.residency import is_out_of_memory
+
+    while True:
+        try:
+            return step()
+        except RuntimeError as error:
+            if not is_out_of_memory(error) or not residency.step_down():
+                raise
+
+
 def _make_residency(opt: argparse.Namespace, sd, device: torch.device, height: int, width: int):
     """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``) and attention backend (``--attention``)."""
     from ldm.attention import set_attention_backend
-    from ldm.residency import Residency, resolve_mode
+    from ldm.residency import Residency, auto_budget_bytes, resolve_mode
 
     set_attention_backend(opt.attention)
-    mode = opt.vram
-    if mode == "auto":
-        mode = resolve_mode("auto", device, height, width, opt.n_samples)
-    budget = None if opt.vram_budget is None else int(opt.vram_budget * 2**30)
+    dtype = next(sd.unet.parameters()).dtype
+    mode = resolve_mode(opt.vram, device, height, width, opt.n_samples, sd=sd, dtype=dtype)
+    if opt.vram_budget is not None:
+        budget = int(opt.vram_budget * 2**30)
+    elif opt.vram == "auto" and mode == "low":
+        budget = auto_budget_bytes(device, height, width, opt.n_samples, sd=sd, dtype=dtype)
+    else:
+        budget = None
     log.info("memory mode %s on %s", mode, device)
     return Residency(sd, device, mode=mode, budget_bytes=budget)

@@ -64,14 +64,14 @@ def prompt_folder_name(prompt: str) -> str:
 
     Spaces and colons become ``_`` (the fork's ``"_".join(re.split(":| ", prompt))``), as do path separators
     and every character Windows refuses; trailing dots and spaces go (Windows drops them), reserved device
-    names get a ``_`` suffix, an empty result becomes ``_``, and the name is cut to 100 characters.
+    names get a ``_`` prefix, an empty result becomes ``_``, and the name is cut to 100 characters.
     """
     name = _WINDOWS_FORBIDDEN.sub("_", prompt.replace(" ", "_"))
     name = name[:FOLDER_NAME_MAX].rstrip(". ")
     if not name:
         return "_"
     if name.split(".")[0].upper() in _WINDOWS_RESERVED:
-        name = name[: FOLDER_NAME_MAX - 1] + "_"
+        name = "_" + name[: FOLDER_NAME_MAX - 1]  # "NUL.txt" is reserved too: change the part before the dot
     return name
 
 

@@ -81,6 +81,16 @@ def test_ddim_timesteps_follow_compvis_when_steps_do_not_divide_1000(schedule):
     assert len(schedule.ddim_timesteps(30)) == 31  # 1000 // 30 = 33: 1, 34, ..., 991
 
 
+def test_ddim_timesteps_never_reach_past_the_schedule(schedule):
+    # CompVis' range(0, 1000, 333) + 1 ends at 1000, an index past alphas_cumprod: dropped.
+    assert schedule.ddim_timesteps(3) == [1, 334, 667]
+    assert schedule.ddim_timesteps(9)[-1] == 889
+    for steps in range(1, 1001):
+        timesteps = schedule.ddim_timesteps(steps)
+        # Only timestep 1000 can be dropped, so at most one step is lost (1000 steps walk 999).
+        assert len(timesteps) >= steps - 1 and max(timesteps) < 1000
+
+
 def test_ddim_levels_end_at_alphas_cumprod_0(schedule):
     # CompVis alphas_prev[0] = alphas_cumprod[0]: after timestep 1 DDIM steps to timestep 0.
     assert schedule.ddim_levels(10) == DDIM_10[::-1] + [0]

@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Time and memory of this project's generator next to diffusers' StableDiffusionPipeline, same file, same run.
+
+    python scripts/benchmark.py                      # CPU: SD v1 shapes, 256x256, 10 DDIM steps, batch 1
+    python scripts/benchmark.py --device cuda        # GPU: 512x512 fp16, 20 DPM-Solver++ steps, batch 1 and 4
+
+Both sides read the same checkpoint (``--ckpt``; by default random weights in the SD v1 layout are written
+to a temporary .safetensors first). Our side runs through ``optimizedSD.generation.generate``, the code the
+command-line scripts run, with ``--vram MODE``; diffusers' side builds its UNet, VAE and CLIP from the same
+file with ``diffusers.loaders.single_file_utils``' converters, offline, and runs its pipeline with the
+scheduler that matches (DDIMScheduler with CompVis' settings, or DPMSolverMultistepScheduler "dpmsolver++").
+
+Every measurement runs in its own subprocess, which reports its own peak RSS (``getrusage(RUSAGE_SELF)``)
+and, on CUDA, ``max_memory_allocated`` / ``max_memory_reserved`` over the generation (weights on the device
+included). Reported: load time (read + build + place), generation time (prompt encoding, sampling, VAE
+decode), their sum, seconds per image, and our/diffusers ratios. On CUDA each side first makes a 2-step
+warm-up image (kernel selection, lazy initialisation), not timed.
+
+Modes compared on CUDA: ours ``full``, ``medium``, ``low``; diffusers resident (``pipe.to``),
+``enable_model_cpu_offload``, ``enable_sequential_cpu_offload`` and ``enable_group_offload`` (block level,
+one block per group, side stream) where the installed diffusers has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULT_TAG = "BENCHMARK_RESULT "
+PROMPT = "a photograph of an astronaut riding a horse"
+OUR_MODES = ("full", "medium", "low")
+DIFFUSERS_MODES = ("resident", "model_offload", "sequential_offload", "group_offload")
+# Which diffusers setup each of our modes is compared with.
+COUNTERPART = {"full": "resident", "medium": "model_offload", "low": "group_offload", "auto": "resident"}
+GB = 2**30
+
+
+# ---- workers (each in its own process) ---------------------------------------------------------------------
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _cuda_peaks(torch, device) -> dict:
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    return {
+        "peak_vram_allocated": torch.cuda.max_memory_allocated(device),
+        "peak_vram_reserved": torch.cuda.max_memory_reserved(device),
+    }
+
+
+class _Stamps(logging.Handler):
+    """Wall-clock times of the generation loop's log records: when loading starts and when it is done."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.loading: float | None = None
+        self.loaded: float | None = None
+        self.mode: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = str(record.msg)
+        if message.startswith("loading") and self.loading is None:
+            self.loading = record.created
+        elif message.startswith("memory mode"):  # logged by generation._make_residency right after the load
+            self.loaded = record.created
+            self.mode = str(record.args[0]) if record.args else None
+
+
+def run_ours(spec: dict) -> dict:
+    import torch
+
+    from optimizedSD.arguments import TXT2IMG, parse_args
+    from optimizedSD.generation import generate
+
+    torch.set_num_threads(spec["threads"])
+    logger = logging.getLogger("optimizedSD.generation")
+    logger.setLevel(logging.INFO)
+    device = torch.device(spec["device"])
+
+    def argv(steps: int, outdir: str) -> list[str]:
+        flags = [
+            "--prompt", spec["prompt"], "--ckpt", spec["ckpt"], "--config", spec["config"],
+            "--H", str(spec["height"]), "--W", str(spec["width"]), "--ddim_steps", str(steps),
+            "--n_samples", str(spec["batch"]), "--n_iter", "1", "--sampler", spec["sampler"],
+            "--scale", "7.5", "--seed", str(spec["seed"]), "--skip_save", "--skip_grid", "--no-watermark",
+            "--vram", spec["mode"], "--device", spec["device"], "--outdir", outdir,
+            "--precision", "autocast" if spec["fp16"] else "full",
+        ]
+        if spec.get("vram_budget") is not None:
+            flags += ["--vram_budget", str(spec["vram_budget"])]
+        return flags
+
+    with tempfile.TemporaryDirectory() as outdir:
+        if spec["warmup"]:
+            generate(parse_args(argv(2, outdir), TXT2IMG))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        stamps = _Stamps()
+        logger.addHandler(stamps)
+        started = time.time()
+        summary = generate(parse_args(argv(spec["steps"], outdir), TXT2IMG))
+        finished = time.time()
+        logger.removeHandler(stamps)
+    result = {"images": summary.images, "total_s": finished - started, "mode_used": stamps.mode or spec["mode"]}
+    if stamps.loaded is not None:
+        result["load_s"] = stamps.loaded - started
+        result["generate_s"] = finished - stamps.loaded
+    result.update(_cuda_peaks(torch, device))
+    return result
+
+
+def _build_diffusers_pipeline(spec: dict, torch, dtype):
+    """UNet, VAE and CLIP converted from the CompVis-layout file with diffusers' own converters, offline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ldm.config import load_model_config
+
+    original_config = OmegaConf.to_container(OmegaConf.load(spec["config"]), resolve=True)
+    checkpoint = load_file(spec["ckpt"])  # memory-mapped, as diffusers' from_single_file reads it
+
+    def build(cls, config, weights):
+        with torch.device("meta"):
+            model = cls(**config) if isinstance(config, dict) else cls(config)
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        expected = set(model.state_dict())
+        weights = {k: v for k, v in weights.items() if k in expected or not k.endswith("position_ids")}
+        model.load_state_dict(weights, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+
+    unet_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
+    unet = build(UNet2DConditionModel, unet_config, convert_ldm_unet_checkpoint(checkpoint, unet_config))
+    vae_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
+    vae = build(AutoencoderKL, vae_config, convert_ldm_vae_checkpoint(checkpoint, vae_config))
+
+    text_cfg = load_model_config(spec["config"]).text
+    clip_config = CLIPTextConfig(
+        vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.hidden_size, intermediate_size=text_cfg.intermediate_size,
+        num_hidden_layers=text_cfg.num_hidden_layers, num_attention_heads=text_cfg.num_attention_heads,
+        max_position_embeddings=text_cfg.max_position_embeddings, hidden_act=text_cfg.hidden_act,
+        projection_dim=text_cfg.projection_dim, layer_norm_eps=text_cfg.layer_norm_eps,
+    )
+    with torch.device("meta"):
+        probe_keys = set(CLIPTextModel(clip_config).state_dict())
+    clip_weights = convert_ldm_clip_checkpoint(checkpoint)
+    if not any(k.startswith("text_model.") for k in probe_keys):  # transformers >= 5.6 has no text_model.
+        clip_weights = {k.removeprefix("text_model."): v for k, v in clip_weights.items()}
+    text_encoder = build(CLIPTextModel, clip_config, clip_weights)
+    for module in text_encoder.modules():  # a non-persistent buffer no file sets
+        ids = module._buffers.get("position_ids")
+        if ids is not None and ids.is_meta:
+            module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand(ids.shape).clone()
+    del checkpoint
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(REPO / "models" / "tokenizer"), model_max_length=77)
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+    if spec["sampler"] == "ddim":
+        scheduler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False)
+    elif spec["sampler"] == "dpm_solver":
+        scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
+    else:
+        raise ValueError(f"no diffusers scheduler set up for sampler {spec['sampler']!r}")
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def run_diffusers(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = torch.float16 if spec["fp16"] else torch.float32
+    started = time.time()
+    pipe = _build_diffusers_pipeline(spec, torch, dtype)
+    mode = spec["mode"]
+    if mode == "resident":
+        pipe.to(device)
+    elif mode == "model_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential_offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif mode == "group_offload":
+        if not hasattr(pipe, "enable_group_offload"):
+            return {"skipped": "this diffusers has no enable_group_offload"}
+        pipe.enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+            num_blocks_per_group=1, use_stream=device.type == "cuda",
+        )
+    else:
+        raise ValueError(f"unknown diffusers mode {mode!r}")
+    pipe.set_progress_bar_config(disable=True)
+    loaded = time.time()
+
+    def call(steps: int):
+        generator = torch.Generator("cpu").manual_seed(spec["seed"])
+        return pipe([spec["prompt"]] * spec["batch"], height=spec["height"], width=spec["width"],
+                    num_inference_steps=steps, guidance_scale=7.5, generator=generator, output_type="np").images
+
+    if spec["warmup"]:
+        call(2)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    begin = time.time()
+    images = call(spec["steps"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    end = time.time()
+    result = {"images": len(images), "load_s": loaded - started, "generate_s": end - begin, "mode_used": mode}
+    result["total_s"] = result["load_s"] + result["generate_s"]
+    result.update(_cuda_peaks(torch, device))
+    return result
+
+
+def run_worker(spec: dict) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    result = run_ours(spec) if spec["side"] == "ours" else run_diffusers(spec)
+    result["peak_rss"] = _peak_rss_bytes()
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+# ---- the parent: plan, spawn, report -----------------------------------------------------------------------
+def measure(spec: dict, timeout: float) -> dict:
+    """Run one measurement in a fresh Python process; its JSON result, or {"error": ...}."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return {"error": f"exit {done.returncode}: {lines[-1] if lines else 'no output'}"}
+
+
+def make_checkpoint(config: str, directory: Path, seed: int) -> Path:
+    """Random SD v1-layout weights for ``config``, written by scripts/make_random_checkpoint.py (own process)."""
+    path = directory / "random-weights.safetensors"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), "--config", config, "--out", str(path), "--seed", str(seed)],
+        check=True, cwd=REPO,
+    )
+    return path
+
+
+def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def format_row(spec: dict, result: dict) -> str:
+    name = f"{spec['side']:<10}{spec['mode']:<19}{spec['batch']:>5}"
+    if "error" in result or "skipped" in result:
+        return f"{name}   {result.get('error') or 'skipped: ' + result['skipped']}"
+    images = max(result.get("images") or 1, 1)
+    generate = result.get("generate_s")
+    per_image = (generate if generate is not None else result["total_s"]) / images
+    return (
+        f"{name}{_fmt(result.get('load_s'), digits=1):>8}{_fmt(generate, digits=1):>12}{_fmt(result['total_s'], digits=1):>9}"
+        f"{per_image:>9.2f}{_fmt(result['peak_rss'], GB):>8}"
+        f"{_fmt(result.get('peak_vram_allocated'), GB):>14}{_fmt(result.get('peak_vram_reserved'), GB):>13}"
+    )
+
+
+HEADER = (
+    f"{'side':<10}{'mode':<19}{'batch':>5}{'load s':>8}{'generate s':>12}{'total s':>9}{'s/image':>9}"
+    f"{'RSS GB':>8}{'VRAM alloc GB':>14}{'reserved GB':>13}"
+)
+
+
+def best_results(rows: list[tuple[dict, dict]]) -> dict[tuple, dict]:
+    """Per (side, mode, batch): the fastest successful repeat (times), with the largest peaks seen (memory)."""
+    best: dict[tuple, dict] = {}
+    for spec, result in rows:
+        key = (spec["side"], spec["mode"], spec["batch"])
+        if "error" in result or "skipped" in result:
+            best.setdefault(key, result)
+            continue
+        kept = best.get(key)
+        if kept is None or "error" in kept or "skipped" in kept:
+            best[key] = dict(result)
+            continue
+        for name in ("load_s", "generate_s", "total_s"):
+            if result.get(name) is not None and kept.get(name) is not None:
+                kept[name] = min(kept[name], result[name])
+        for name in ("peak_rss", "peak_vram_allocated", "peak_vram_reserved"):
+            if result.get(name) is not None and kept.get(name) is not None:
+                kept[name] = max(kept[name], result[name])
+    return best
+
+
+def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+    """ours / diffusers for each of our setups whose counterpart ran (below 1.0 means ours is better)."""
+    best = best_results(rows)
+    lines = []
+    for (side, mode, batch), ours in best.items():
+        if side != "ours" or "error" in ours:
+            continue
+        other_mode = COUNTERPART[mode]
+        theirs = best.get(("diffusers", other_mode, batch))
+        if not theirs or "error" in theirs or "skipped" in theirs:
+            continue
+        parts = []
+        for label, key in (("generate", "generate_s"), ("total wall", "total_s"), ("peak RSS", "peak_rss"),
+                           ("peak VRAM", "peak_vram_allocated")):
+            if ours.get(key) and theirs.get(key):
+                parts.append(f"{label} {ours[key] / theirs[key]:.2f}x")
+        lines.append(f"ours {mode} / diffusers {other_mode}, batch {batch}: " + ", ".join(parts))
+    return lines
+
+
+def machine_line() -> str:
+    import torch
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = "not installed"
+    text = (f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"diffusers {diffusers_version}")
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def build_plan(args: argparse.Namespace) -> list[dict]:
+    cuda = args.device.startswith("cuda")
+    batches = args.batch or ([1, 4] if cuda else [1])
+    modes = args.modes or (list(OUR_MODES) if cuda else ["full"])
+    theirs = args.diffusers_modes or (list(DIFFUSERS_MODES) if cuda else ["resident"])
+    common = dict(
+        config=str(args.config), device=args.device, height=args.H or (512 if cuda else 256),
+        width=args.W or (512 if cuda else 256), steps=args.steps or (20 if cuda else 10),
+        sampler=args.sampler or ("dpm_solver" if cuda else "ddim"), fp16=cuda and not args.fp32,
+        threads=args.threads, warmup=cuda, prompt=PROMPT, seed=args.seed, vram_budget=args.vram_budget,
+    )
+    plan = []
+    for batch in batches:
+        plan += [dict(common, side="ours", mode=m, batch=batch) for m in modes]
+        if not args.skip_diffusers:
+            plan += [dict(common, side="diffusers", mode=m, batch=batch) for m in theirs]
+    return plan
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint to use (default: random SD v1 weights in a temp file)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"))
+    parser.add_argument("--H", type=int, default=None, help="image height (default 256 on CPU, 512 on CUDA)")
+    parser.add_argument("--W", type=int, default=None, help="image width (default 256 on CPU, 512 on CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 10 on CPU, 20 on CUDA)")
+    parser.add_argument("--sampler", choices=["ddim", "dpm_solver"], default=None,
+                        help="ddim (CPU default) or dpm_solver (DPM-Solver++(2M), CUDA default)")
+    parser.add_argument("--batch", type=int, action="append", help="batch size; repeat for several (default 1; 1 and 4 on CUDA)")
+    parser.add_argument("--modes", nargs="+", choices=OUR_MODES + ("auto",), help="our --vram modes (default full on CPU, all on CUDA)")
+    parser.add_argument("--diffusers_modes", nargs="+", choices=DIFFUSERS_MODES, help="diffusers setups (default resident on CPU, all on CUDA)")
+    parser.add_argument("--skip_diffusers", action="store_true", help="measure only this project")
+    parser.add_argument("--vram_budget", type=float, default=None, metavar="GB", help="--vram_budget for our low mode")
+    parser.add_argument("--fp32", action="store_true", help="fp32 weights on CUDA too (default fp16 there)")
+    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="torch CPU threads per side")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measurement")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole plan this many times, interleaved; ratios use each setup's best time")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.worker:
+        return run_worker(json.loads(args.worker))
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  python scripts/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"# {machine_line()}")
+    with tempfile.TemporaryDirectory(prefix="sd-benchmark-") as tmp:
+        if args.ckpt is None:
+            started = time.time()
+            args.ckpt = str(make_checkpoint(args.config, Path(tmp), args.seed))
+            print(f"# random weights for {args.config} written in {time.time() - started:.0f} s")
+        plan = build_plan(args)
+        for spec in plan:
+            spec["ckpt"] = str(Path(args.ckpt).resolve())
+        first = plan[0]
+        print(f"# {first['height']}x{first['width']}, {first['steps']} {first['sampler']} steps, "
+              f"{'fp16' if first['fp16'] else 'fp32'}, {first['threads']} threads, device {first['device']}")
+        print(HEADER)
+        rows = []
+        for _ in range(max(1, args.repeat)):  # interleaved, so load from other processes hits both sides alike
+            for spec in plan:
+                result = measure(spec, args.timeout)
+                rows.append((spec, result))
+                print(format_row(spec, result), flush=True)
+    print("\nours / diffusers" + (f" (best of {args.repeat})" if args.repeat > 1 else "") + ":")
+    for line in ratio_lines(rows):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"spec": s, "result": r} for s, r in rows], indent=2))
+    return 1 if any("error" in r for _, r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
