@@ -225,8 +225,8 @@ def _tensors_only(obj: Any, shown: str) -> dict[str, torch.Tensor]:
     dropped = 0
     for key, value in state.items():
         if isinstance(key, str) and isinstance(value, torch.Tensor):
-            # Parameters (and tensors with requires_grad) become plain tensors sharing the same storage.
-            weights[key] = value if type(value) is torch.Tensor and not value.requires_grad else value.detach()
+            # detach(): a plain tensor sharing the storage, without the hooks or Python state a file may set.
+            weights[key] = value.detach()
         else:
             dropped += 1
     if dropped:

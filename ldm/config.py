@@ -102,6 +102,8 @@ class ScheduleConfig:
     parameterization: str = "eps"
 
     def __post_init__(self) -> None:
+        if self.beta_schedule not in ("linear", "sqrt_linear", "sqrt", "cosine"):
+            raise ConfigError(f"unknown beta_schedule {self.beta_schedule!r} (linear, sqrt_linear, sqrt or cosine)")
         if self.parameterization != "eps":
             raise ConfigError(f"parameterization {self.parameterization!r} is not supported (SD v1 predicts eps)")
 

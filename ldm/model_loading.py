@@ -19,6 +19,7 @@ from torch import nn
 from ldm.autoencoder import AutoencoderKL
 from ldm.checkpoint_file import CheckpointError, read_checkpoint
 from ldm.config import DEFAULT_CONFIG, ModelConfig, load_model_config
+from ldm.schedule import DiffusionSchedule
 from ldm.random_checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ddpm_schedule_buffers
 from ldm.text_encoder import CLIPTextEncoder, normalize_text_encoder_keys
 from ldm.unet import UNetModel
@@ -101,7 +102,7 @@ def _rebuild_position_ids(text_encoder: nn.Module) -> None:
             module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand(ids.shape).clone()
 
 
-def split_checkpoint(state: dict[str, torch.Tensor], path: Path, use_ema: bool = True):
+def split_checkpoint(state: dict[str, torch.Tensor], path: Path, use_ema: bool = False):
     """Split a flat CompVis state dict into (unet, vae, text, alphas_cumprod or None, used_ema)."""
     state = {
         k: v
@@ -133,9 +134,14 @@ def load_stable_diffusion(
     checkpoint: str | Path,
     config: str | Path | ModelConfig = DEFAULT_CONFIG,
     dtype: torch.dtype = torch.float32,
-    use_ema: bool = True,
+    use_ema: bool = False,
 ) -> StableDiffusion:
-    """Load an SD v1.x ``.ckpt`` / ``.safetensors`` into CPU modules of ``dtype``, in eval mode."""
+    """Load an SD v1.x ``.ckpt`` / ``.safetensors`` into CPU modules of ``dtype``, in eval mode.
+
+    ``use_ema``: take the UNet from the file's ``model_ema.*`` copy when it has one. Off by default:
+    CompVis' scripts (``use_ema: False`` in v1-inference.yaml), diffusers' ``from_single_file`` and
+    AUTOMATIC1111 all sample with the plain weights, so the same seed gives the same picture.
+    """
     path = Path(checkpoint)
     cfg = config if isinstance(config, ModelConfig) else load_model_config(config)
     unet_w, vae_w, text_w, alphas_cumprod, used_ema = split_checkpoint(read_checkpoint(path), path, use_ema)
@@ -151,7 +157,7 @@ def load_stable_diffusion(
     _load_strict(text_encoder.transformer, normalize_text_encoder_keys(text_w, expected), "text encoder", path, dtype)
 
     if alphas_cumprod is None:
-        alphas_cumprod = ddpm_schedule_buffers(cfg.schedule)["alphas_cumprod"]
+        alphas_cumprod = DiffusionSchedule.from_config(cfg.schedule).alphas_cumprod
     elif alphas_cumprod.shape != (cfg.schedule.timesteps,):
         raise CheckpointError(f"{path}: alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, config says {cfg.schedule.timesteps} steps")
     for module in (unet, vae, text_encoder):

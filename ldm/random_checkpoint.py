@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ModelConfig, ScheduleConfig
+from ldm.schedule import make_betas
 from ldm.text_encoder import CLIPTextEncoder
 from ldm.unet import UNetModel
 
@@ -24,27 +24,25 @@ TEXT_PREFIX = "cond_stage_model.transformer."
 
 def ddpm_schedule_buffers(cfg: ScheduleConfig) -> dict[str, torch.Tensor]:
     """The buffers CompVis' ``DDPM.register_schedule`` saves, computed the same way (float64, stored float32)."""
-    if cfg.beta_schedule != "linear":
-        raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported")
-    betas = np.linspace(cfg.linear_start**0.5, cfg.linear_end**0.5, cfg.timesteps, dtype=np.float64) ** 2
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    betas = make_betas(cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
     buffers = {
         "betas": betas,
         "alphas_cumprod": alphas_cumprod,
         "alphas_cumprod_prev": alphas_cumprod_prev,
-        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
         "posterior_variance": posterior_variance,
-        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
     }
-    return {name: torch.tensor(values, dtype=torch.float32) for name, values in buffers.items()}
+    return {name: values.float() for name, values in buffers.items()}
 
 
 def compvis_state_dict(

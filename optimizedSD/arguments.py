@@ -9,6 +9,7 @@ here, before any model is loaded, and reported as a :class:`UsageError` (one lin
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from pathlib import Path
 from typing import Sequence
@@ -16,17 +17,18 @@ from typing import Sequence
 import torch
 
 from ldm.config import DEFAULT_CONFIG
+from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
 
-SAMPLERS = ("ddim", "plms", "dpm_solver", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms")
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_CONFIG_ARG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 VRAM_MODES = ("auto", "full", "medium", "low")
 SEED_MAX = 1_000_000  # the fork draws random seeds from [0, 1e6]
 LATENT_FACTOR = 64  # H and W must be multiples of this (the UNet halves 8x8-downsampled latents 3 times)
+MAX_SIDE = 8192  # px; beyond this a single latent no longer fits any GPU or this loop's tensors
 
 
 class UsageError(ValueError):
@@ -43,6 +45,8 @@ class _Parser(argparse.ArgumentParser):
 def _positive_multiple(name: str, value: int) -> None:
     if value <= 0 or value % LATENT_FACTOR:
         raise UsageError(f"--{name} must be a positive multiple of {LATENT_FACTOR}, got {value}")
+    if value > MAX_SIDE:
+        raise UsageError(f"--{name} must be at most {MAX_SIDE}, got {value}")
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -83,13 +87,16 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="autocast: fp16 weights on CUDA (fp32 elsewhere); full: fp32 everywhere")
     add("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: cuda, else mps, else cpu)")
     add("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors)")
+    add("--use_ema", action="store_true",
+        help="sample with the file's EMA weights (model_ema.*) when it has them; by default the plain weights, "
+             "as CompVis, diffusers and AUTOMATIC1111 do")
     add("--config", type=str, default=None, help=f"model config (default {DEFAULT_CONFIG_ARG})")
     add("--format", type=str, choices=["png", "jpg"], default="png", help="output image format")
     add("--turbo", action="store_true", help="faster, about 1 GB more VRAM (the same as --vram medium)")
     add("--unet_bs", type=int, default=None,
         help="at most this many latents per UNet call (guided and unguided count separately); "
              "default: the whole batch in one call; 1 (the fork's default) needs the least memory")
-    add("--fixed_code", action="store_true", help="every image of the run starts from the first seed's noise")
+    add("--fixed_code", action="store_true", help="every batch of the run starts from the first batch's noise (image k of a batch from seed + k)")
     add("--skip_grid", action="store_true", help="do not save a grid of the run")
     add("--skip_save", action="store_true", help="do not save individual images (for timing)")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
@@ -175,11 +182,13 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
     if opt.unet_bs is not None and opt.unet_bs < 1:
         raise UsageError(f"--unet_bs must be at least 1, got {opt.unet_bs}")
-    if not opt.ddim_eta >= 0:
-        raise UsageError(f"--ddim_eta must be 0 or more, got {opt.ddim_eta}")
+    if not 0 <= opt.ddim_eta <= 1:
+        raise UsageError(f"--ddim_eta must be between 0 and 1, got {opt.ddim_eta}")
+    if not math.isfinite(opt.scale):
+        raise UsageError(f"--scale must be a finite number, got {opt.scale}")
     if opt.ddim_eta != 0 and opt.sampler != "ddim":
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
-    if opt.vram_budget is not None and not opt.vram_budget > 0:
+    if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     if opt.seed is not None and not 0 <= opt.seed < 2**63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")

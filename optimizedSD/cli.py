@@ -16,7 +16,17 @@ from optimizedSD.outputs import OutputError
 from optimizedSD.prompts import PromptError
 
 EXIT_USAGE = 2
+EXIT_OUT_OF_MEMORY = 1
 EXIT_INTERRUPTED = 130
+OUT_OF_MEMORY_HELP = "try a smaller --H/--W or --n_samples, or --vram low --unet_bs 1"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """Out of device or host memory: CUDA's error, Python's, or the CPU allocator's RuntimeError."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -44,6 +54,13 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     except _user_errors() as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as error:
+        if not _is_out_of_memory(error):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{prog}: error: out of memory ({first_line}); {OUT_OF_MEMORY_HELP} "
+              "(images already written are kept)", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (images already written are kept)", file=sys.stderr)
         return EXIT_INTERRUPTED

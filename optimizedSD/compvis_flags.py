@@ -1,7 +1,7 @@
 """CompVis' flag spellings (``scripts/txt2img.py``, ``scripts/img2img.py``) on the optimizedSD engine.
 
 CompVis chooses the sampler with switches (``--plms``, ``--dpm_solver``; DDIM otherwise) and has its own
-defaults (seed 42; 3 samples for txt2img; 2 samples and guidance 5.0 for img2img). This module turns such a
+defaults (seed 42; 3 samples and 2 iterations for txt2img; 2 samples and guidance 5.0 for img2img). This module turns such a
 command line into the engine's: the switches become ``--sampler``, CompVis' defaults go first so anything
 the user gives wins (argparse keeps the last value; ``--plms`` also works for img2img here, where CompVis
 raised NotImplementedError), ``--C``/``--f`` are checked against SD v1's 4 and 8
@@ -18,7 +18,7 @@ from optimizedSD.arguments import IMG2IMG, TXT2IMG, UsageError
 from optimizedSD.cli import EXIT_USAGE, main as engine_main
 
 COMPVIS_DEFAULTS = {
-    TXT2IMG: ["--seed", "42", "--n_samples", "3", "--sampler", "ddim"],
+    TXT2IMG: ["--seed", "42", "--n_samples", "3", "--n_iter", "2", "--sampler", "ddim"],
     IMG2IMG: ["--seed", "42", "--n_samples", "2", "--scale", "5.0", "--sampler", "ddim"],
 }
 

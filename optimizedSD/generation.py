@@ -9,7 +9,8 @@ Seeds: image ``k`` of a run (counting across the batch, the prompts and the iter
 files are written) has seed ``seed + k``; its start noise is ``torch.randn((1, 4, H/8, W/8))`` from a CPU
 generator seeded with that number (:class:`ldm.noise.SeededNoise`), so ``--seed seed+k --n_samples 1``
 reproduces it alone. For img2img the same generator then draws the VAE posterior sample of the init image,
-then the ancestral samplers' fresh noise. ``--fixed_code``: every image uses the run's first seed.
+then the ancestral samplers' fresh noise. ``--fixed_code`` (as CompVis and the fork: one start code reused):
+every batch uses the first batch's seeds, so image k of each batch has seed ``seed + k``.
 
 Memory: which model sits on the device when is :class:`ldm.residency.Residency`'s business
 (``--vram``/``--turbo``/``--vram_budget``); this loop only says which model it needs next.
@@ -161,21 +162,19 @@ def generate(opt: argparse.Namespace) -> RunSummary:
         raise UsageError(str(error)) from None
     if opt.ddim_steps > cfg.schedule.timesteps:
         raise UsageError(f"--ddim_steps must be at most {cfg.schedule.timesteps}, got {opt.ddim_steps}")
-    if opt.sampler not in samplers.SAMPLER_NAMES:
-        raise UsageError(f"unknown --sampler {opt.sampler!r}; choose one of: {', '.join(samplers.SAMPLER_NAMES)}")
     ckpt = Path(opt.ckpt)
     _check_checkpoint_path(ckpt)
 
     device: torch.device = opt.device
     dtype = model_dtype(device, opt.precision)
-    print(f"Seed: {opt.seed}" + (" (fixed code: every image starts from this seed's noise)" if opt.fixed_code else ""))
+    print(f"Seed: {opt.seed}" + (" (fixed code: every batch starts from the first batch's noise)" if opt.fixed_code else ""))
 
     # ---- 2. the model, once ------------------------------------------------------------------------------
     log.info("loading %s", ckpt)
     try:
-        sd = load_stable_diffusion(ckpt, cfg, dtype=dtype)
-    except CheckpointError as error:
-        raise UsageError(f"cannot load checkpoint {ckpt}: {error} ({WEIGHTS_HELP})") from None
+        sd = load_stable_diffusion(ckpt, cfg, dtype=dtype, use_ema=opt.use_ema)
+    except CheckpointError as error:  # its message names the file
+        raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     residency = _make_residency(opt, sd, device, height, width)
     hash_ = model_hash(ckpt)
     schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
@@ -213,7 +212,7 @@ def generate(opt: argparse.Namespace) -> RunSummary:
         for iteration in tqdm(range(opt.n_iter), desc="Iterations"):
             for prompt in tqdm(prompts, desc="Prompts", leave=False, disable=len(prompts) == 1):
                 seeds = [opt.seed + image_index + k for k in range(batch)]
-                noise_seeds = [opt.seed] * batch if opt.fixed_code else seeds
+                noise_seeds = [opt.seed + k for k in range(batch)] if opt.fixed_code else seeds
                 cond = encoder.batch(prompt, batch, device, dtype)
                 uncond = encoder.batch(opt.negative_prompt, batch, device, dtype) if opt.scale != 1.0 else None
 
@@ -307,4 +306,7 @@ def _make_residency(opt: argparse.Namespace, sd, device: torch.device, height: i
     else:
         budget = None
     log.info("memory mode %s on %s", mode, device)
-    return Residency(sd, device, mode=mode, budget_bytes=budget)
+    try:
+        return Residency(sd, device, mode=mode, budget_bytes=budget)
+    except ValueError as error:  # e.g. a --vram_budget too small for the largest block
+        raise UsageError(str(error)) from None

@@ -125,7 +125,7 @@ def infotext(
         "Model hash": model_hash,
         "Model": model_name,
         "Denoising strength": None if strength is None else _number(strength),
-        "Eta": None if not eta else _number(eta),  # A1111 writes "Eta" only when it is not the default
+        "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
     }
     params_text = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
@@ -228,11 +228,15 @@ def _write_exclusive(folder: Path, make_name, start: int, image: Image.Image, kw
         except FileExistsError:
             index += 1
             continue
+        except OSError as error:
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
         try:
             with handle:
                 image.save(handle, **kwargs)
-        except BaseException:
+        except BaseException as error:
             path.unlink(missing_ok=True)  # no half-written file left behind
+            if isinstance(error, OSError):
+                raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
             raise
         return path, index
 

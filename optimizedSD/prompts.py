@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 log = logging.getLogger(__name__)
+ENCODE_CHUNK = 32  # sub-prompts per text-encoder call
 
 # A weight: an optionally signed decimal number with an optional exponent ("inf"/"nan" are not weights).
 _WEIGHT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -160,8 +161,12 @@ class EmbeddingCache:
 
         path = self._path(text)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"encoding": encoding.detach().to("cpu").contiguous()}, str(tmp))
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        try:
+            save_file({"encoding": encoding.detach().to("cpu").contiguous()}, str(tmp))
+            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        except OSError as error:  # the cache is an optimisation: a full disk must not stop the run
+            tmp.unlink(missing_ok=True)
+            log.warning("embedding cache: cannot write %s (%s)", path, error)
 
 
 class PromptEncoder:
@@ -195,8 +200,8 @@ class PromptEncoder:
         needed = self.missing(prompts)
         if not needed:
             return
-        with torch.no_grad():
-            encodings = encode_texts(needed)
+        with torch.no_grad():  # in chunks: a long prompts file must not become one huge CLIP batch
+            encodings = torch.cat([encode_texts(needed[i : i + ENCODE_CHUNK]) for i in range(0, len(needed), ENCODE_CHUNK)])
         self.encoder_calls += len(needed)
         for text, encoding in zip(needed, encodings):
             encoding = encoding.detach().to("cpu")

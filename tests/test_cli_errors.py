@@ -128,6 +128,12 @@ def test_unknown_sampler(base, capsys):
         (["--unet_bs", "0"], "--unet_bs must be at least 1"),
         (["--vram", "tiny"], "invalid choice"),
         (["--vram_budget", "0"], "--vram_budget must be a positive"),
+        (["--vram_budget", "inf"], "--vram_budget must be a positive"),
+        (["--vram", "low", "--vram_budget", "0.000001"], "budget"),
+        (["--ddim_eta", "1.5"], "--ddim_eta must be between 0 and 1"),
+        (["--scale", "nan"], "--scale must be a finite number"),
+        (["--scale", "inf"], "--scale must be a finite number"),
+        (["--H", "640000"], "--H must be at most 8192"),
     ],
 )
 def test_other_bad_values(base, capsys, flags, fragment):
@@ -149,3 +155,31 @@ def test_images_written_before_a_failure_stay(base, tmp_path, monkeypatch):
         optimized_txt2img.main([*base, "--n_samples", "3"])
     written = sorted(p.name for p in (tmp_path / "out").rglob("seed_*"))
     assert written == ["seed_1_00000.png"]
+
+
+def test_a_failed_write_is_one_line(base, tmp_path, capsys, monkeypatch):
+    from optimizedSD import outputs
+
+    class FullDisk:
+        def save(self, handle, **kwargs):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs.Image, "fromarray", lambda array: FullDisk())
+    assert optimized_txt2img.main([*base, "--skip_grid"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]  # the rest is tqdm's progress
+    assert "cannot write" in line and "No space left on device" in line
+    assert not list((tmp_path / "out").rglob("seed_*"))  # no half-written file left behind
+
+
+def test_out_of_memory_is_one_line(base, tmp_path, capsys, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(generation, "_decode", exhausted)
+    assert optimized_txt2img.main(base) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert "out of memory" in line and "--vram low" in line

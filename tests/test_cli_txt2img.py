@@ -100,12 +100,14 @@ def test_image_k_of_a_batch_is_a_single_run_with_seed_plus_k(tiny_checkpoint, tm
         assert np.abs(pixels(alone) - pixels(in_batch)).max() <= 1
 
 
-def test_fixed_code_starts_every_image_from_the_first_seed(tiny_checkpoint, tmp_path):
-    assert run(tiny_checkpoint, tmp_path, "--fixed_code", "--n_samples", "3", "--seed", "9") == 0
-    files = samples(tmp_path)
-    assert [p.name for p in files] == ["seed_9_00000.png", "seed_9_00001.png", "seed_9_00002.png"]
-    first = pixels(files[0])
-    assert all(np.abs(pixels(p) - first).max() <= 1 for p in files[1:])
+def test_fixed_code_reuses_the_first_batch_noise(tiny_checkpoint, tmp_path):
+    # CompVis / the fork: one start code of n_samples latents, reused by every iteration.
+    assert run(tiny_checkpoint, tmp_path, "--fixed_code", "--n_samples", "2", "--n_iter", "2", "--seed", "9") == 0
+    files = sorted(samples(tmp_path), key=lambda p: p.name[-9:])  # in the order written
+    assert [p.name for p in files] == ["seed_9_00000.png", "seed_10_00001.png", "seed_9_00002.png", "seed_10_00003.png"]
+    first, second, third, fourth = (pixels(p) for p in files)
+    assert np.abs(first - third).max() <= 1 and np.abs(second - fourth).max() <= 1
+    assert np.abs(first - second).mean() > 5  # images within a batch differ
 
 
 def test_prompts_file_gives_one_folder_per_prompt(tiny_checkpoint, tmp_path):
@@ -196,13 +198,17 @@ def test_compvis_wrapper_translates_flags(tiny_checkpoint, tmp_path):
     finally:
         sys.path.remove(str(REPO / "scripts"))
     argv = ["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu",
-            "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1", "--prompt", "a tiny test"]
+            "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--prompt", "a tiny test"]
     assert compvis_txt2img.main([*argv, "--outdir", str(tmp_path / "plms"), "--plms"]) == 0
     assert compvis_txt2img.main([*argv, "--outdir", str(tmp_path / "ddim")]) == 0
     (plms,), (ddim,) = samples(tmp_path / "plms"), samples(tmp_path / "ddim")
     assert plms.name == "seed_42_00000.png"  # CompVis' default seed
     assert "Sampler: PLMS" in read_parameters(plms) and "Sampler: DDIM" in read_parameters(ddim)
     assert compvis_txt2img.main([*argv, "--outdir", str(tmp_path / "x"), "--laion400m"]) == 2
+    without_n_iter = argv[:-4] + argv[-2:]
+    assert "--n_iter" not in without_n_iter
+    assert compvis_txt2img.main([*without_n_iter, "--outdir", str(tmp_path / "default_iter")]) == 0
+    assert len(samples(tmp_path / "default_iter")) == 2  # CompVis' txt2img runs 2 iterations by default
 
 
 def test_script_runs_as_a_subprocess(tiny_checkpoint, tmp_path):

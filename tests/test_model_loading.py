@@ -50,12 +50,12 @@ def test_ema_weights_used_when_present(tiny_state_dict, tiny_config_path, tmp_pa
     state["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
     path = _save(state, tmp_path)
 
-    with_ema = load_stable_diffusion(path, tiny_config_path)
+    with_ema = load_stable_diffusion(path, tiny_config_path, use_ema=True)
     assert with_ema.used_ema
     weight = with_ema.unet.input_blocks[0][0].weight
     assert torch.equal(weight, tiny_state_dict[UNET_PREFIX + "input_blocks.0.0.weight"] + 1.0)
 
-    without = load_stable_diffusion(path, tiny_config_path, use_ema=False)
+    without = load_stable_diffusion(path, tiny_config_path)  # the plain weights by default, as CompVis
     assert not without.used_ema
     assert torch.equal(without.unet.input_blocks[0][0].weight, tiny_state_dict[UNET_PREFIX + "input_blocks.0.0.weight"])
 
@@ -64,7 +64,7 @@ def test_incomplete_ema_is_an_error(tiny_state_dict, tiny_config_path, tmp_path)
     state = dict(tiny_state_dict)
     state[_ema_key("input_blocks.0.0.weight")] = tiny_state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].clone()
     with pytest.raises(CheckpointError, match="EMA weights incomplete"):
-        load_stable_diffusion(_save(state, tmp_path), tiny_config_path)
+        load_stable_diffusion(_save(state, tmp_path), tiny_config_path, use_ema=True)
 
 
 def test_training_leftovers_are_ignored(tiny_state_dict, tiny_config_path, tmp_path):

@@ -96,7 +96,7 @@ def test_infotext_parses_with_a1111_rules():
     assert prompt == "tabby cat:0.25 white duck:0.75" and negative == "Negative prompt: dark"
     parsed = {k: v for k, v in re_param.findall(params)}
     assert parsed == {"Steps": "3", "Sampler": "DPM2 a", "CFG scale": "7.5", "Seed": "99", "Size": "64x128",
-                      "Model hash": "abcdef1234", "Eta": "0.5"}
+                      "Model hash": "abcdef1234", "Eta DDIM": "0.5"}
 
 
 def test_model_hash_is_a1111_shorthash(tmp_path):

@@ -51,8 +51,8 @@ def sample_ddim(
     callback: Optional[Callback] = None,
 ) -> Tensor:
     """DDIM from ``x`` at timestep ``levels[0]`` down the descending ``levels``; eta > 0 draws ``noise_sampler``."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # above 1 the step's noise exceeds what the schedule leaves room for
+        raise ValueError(f"eta must be between 0 and 1, got {eta}")
     noise_sampler = noise_sampler or torch.randn_like
     total = len(levels) - 1
     for i in range(total):
