@@ -143,5 +143,6 @@ class SpatialTransformer(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.transpose(1, 2).reshape(batch, -1, height, width)
+        # contiguous(): the transposed view is channels-last, and every conv after it would run slower.
+        h = h.transpose(1, 2).reshape(batch, -1, height, width).contiguous()
         return self.proj_out(h) + x

@@ -19,8 +19,9 @@ Modes, fastest first:
   blocks, ``out``) at every step and copies each group of blocks in just before it runs. On CUDA the
   next group is copied on a side stream from pinned memory while the current one computes. With a
   budget (``budget_bytes``, the CLI's ``--vram_budget``), as many groups as fit stay on the device
-  for good and only the rest are streamed. Peak = budget (or the two largest groups, ~0.4 GB in fp16
-  for SD v1) + working memory; costs a copy of the streamed part of the UNet at every step.
+  for good and only the rest are streamed. Peak = budget (or, without one, the two largest of the 25
+  block groups: 0.35 GB of SD v1's 1.6 GB of fp16 UNet weights) + working memory; costs a copy of the
+  streamed part of the UNet at every step.
 - ``auto`` (:func:`resolve_mode`): picks one of the above from the free device memory, the image size
   and the batch; on a CPU it is ``full`` (nothing to save).
 
@@ -101,14 +102,14 @@ class ModuleGroup:
     def __init__(self, name: str, modules: list[nn.Module], pin: bool):
         self.name = name
         self.tensors = _tensors_of(modules)
+        for tensor in self.tensors:
+            if tensor.device.type != "cpu":
+                raise ValueError(f"{name}: models must be on the CPU when handed to Residency (found {tensor.device})")
         if pin:
             for tensor in self.tensors:
                 if not tensor.data.is_pinned():
                     tensor.data = tensor.data.pin_memory()  # the unpinned storage is freed here
         self.home = [tensor.data for tensor in self.tensors]
-        for home in self.home:
-            if home.device.type != "cpu":
-                raise ValueError(f"{name}: models must be on the CPU when handed to Residency (found {home.device})")
         self.nbytes = sum(home.numel() * home.element_size() for home in self.home)
         self.on_device = False
         self.ready: torch.cuda.Event | None = None  # set when the copy was issued on a side stream
@@ -132,9 +133,9 @@ class ModuleGroup:
 
     def wait(self) -> None:
         """Make the current CUDA stream wait for a side-stream copy, and tell the allocator it uses it."""
-        if self.ready is None:
+        if self.ready is None or not self.tensors:
             return
-        current = torch.cuda.current_stream()
+        current = torch.cuda.current_stream(self.tensors[0].device)  # the group's device, not the current one
         current.wait_event(self.ready)
         for tensor in self.tensors:
             # The copy was allocated on the side stream: without this, freeing it at offload could let the

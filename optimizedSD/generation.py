@@ -176,7 +176,7 @@ def generate(opt: argparse.Namespace) -> RunSummary:
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     residency = _make_residency(opt, sd, device, height, width)
-    hash_ = model_hash(ckpt)
+    hash_ = None if opt.skip_save else model_hash(ckpt)  # sha256 of the whole file: only for the metadata
     schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

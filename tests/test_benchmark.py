@@ -1,0 +1,84 @@
+"""scripts/benchmark.py: both sides run the same model, and the report is computed from what was measured."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(spec)
+sys.modules["benchmark"] = benchmark
+spec.loader.exec_module(benchmark)
+
+
+def worker_spec(tiny_checkpoint, tiny_config_path, **overrides):
+    spec = dict(
+        side="diffusers", mode="resident", config=str(tiny_config_path), ckpt=str(tiny_checkpoint), device="cpu",
+        height=64, width=64, steps=2, sampler="ddim", fp16=False, threads=1, warmup=False,
+        prompt=benchmark.PROMPT, seed=1, batch=1, vram_budget=None,
+    )
+    spec.update(overrides)
+    return spec
+
+
+def test_diffusers_side_builds_the_same_model_from_the_same_file(tiny_checkpoint, tiny_config_path):
+    """The converted diffusers UNet, VAE and CLIP compute what ours compute from the same checkpoint."""
+    from ldm.model_loading import load_stable_diffusion
+
+    ours = load_stable_diffusion(tiny_checkpoint, tiny_config_path)
+    pipe = benchmark._build_diffusers_pipeline(worker_spec(tiny_checkpoint, tiny_config_path), torch, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([901.0, 1.0])
+    context = torch.randn(2, 77, ours.config.unet.context_dim, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, ours.unet(x, t, context), rtol=1e-4, atol=1e-5)
+        z = torch.randn(1, 4, 8, 8, generator=g)
+        torch.testing.assert_close(pipe.vae.decode(z).sample, ours.vae.decode(z), rtol=1e-4, atol=1e-5)
+        ids = ours.text_encoder.tokenize(["a red cube"])
+        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, ours.text_encoder(ids), rtol=1e-4, atol=1e-5)
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_plan_and_ratios():
+    args = benchmark.parse(["--device", "cuda"])
+    plan = benchmark.build_plan(args)
+    assert {(s["side"], s["mode"], s["batch"]) for s in plan} == {
+        *(("ours", m, b) for m in benchmark.OUR_MODES for b in (1, 4)),
+        *(("diffusers", m, b) for m in benchmark.DIFFUSERS_MODES for b in (1, 4)),
+    }
+    assert all(s["height"] == 512 and s["steps"] == 20 and s["sampler"] == "dpm_solver" and s["fp16"] for s in plan)
+    cpu = benchmark.build_plan(benchmark.parse([]))
+    assert [(s["side"], s["mode"], s["height"], s["steps"], s["sampler"], s["fp16"]) for s in cpu] == [
+        ("ours", "full", 256, 10, "ddim", False), ("diffusers", "resident", 256, 10, "ddim", False)
+    ]
+    ours = {"generate_s": 30.0, "total_s": 40.0, "peak_rss": 4 * 2**30, "images": 1, "load_s": 10.0}
+    theirs = {"generate_s": 40.0, "total_s": 50.0, "peak_rss": 5 * 2**30, "images": 1, "load_s": 10.0}
+    rows = [(cpu[0], ours), (cpu[1], theirs)]
+    assert benchmark.ratio_lines(rows) == [
+        "ours full / diffusers resident, batch 1: generate 0.75x, total wall 0.80x, peak RSS 0.80x"
+    ]
+    faster_repeat = dict(ours, generate_s=20.0, peak_rss=3 * 2**30)
+    assert benchmark.ratio_lines(rows + [(cpu[0], faster_repeat), (cpu[1], {"error": "killed"})]) == [
+        "ours full / diffusers resident, batch 1: generate 0.50x, total wall 0.80x, peak RSS 0.80x"
+    ]  # best time of the repeats, largest peak; a failed repeat does not erase a good one
+    assert "30.0" in benchmark.format_row(cpu[0], ours) and "4.00" in benchmark.format_row(cpu[0], ours)
+    assert "boom" in benchmark.format_row(cpu[1], {"error": "boom"})
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny(tiny_checkpoint, tiny_config_path, capsys):
+    code = benchmark.main([
+        "--config", str(tiny_config_path), "--ckpt", str(tiny_checkpoint), "--H", "64", "--W", "64",
+        "--steps", "2", "--threads", "1", "--modes", "full", "low",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ours full / diffusers resident, batch 1: generate" in out
+    assert "peak RSS" in out

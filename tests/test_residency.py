@@ -1,0 +1,377 @@
+"""The memory modes (ldm/residency.py): same numbers in every mode, and the residency protocol observed.
+
+The protocol tests run on the CPU with ``track_cpu_copies=True``: every onload makes a real, separate copy
+of the weights, so a tensor is "on the device" exactly when its storage is not its home (CPU) storage. The
+tests look at that from outside the manager, through forward pre-hooks registered by the test itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm import samplers
+from ldm.guidance import GuidedDenoiser
+from ldm.model_loading import load_stable_diffusion
+from ldm.noise import SeededNoise
+from ldm.residency import (
+    MODES,
+    Residency,
+    auto_budget_bytes,
+    is_out_of_memory,
+    model_bytes,
+    next_lower_mode,
+    plan_streaming,
+    resolve_mode,
+    unet_group_layout,
+    unet_parts,
+)
+from ldm.schedule import DiffusionSchedule
+
+
+@pytest.fixture()
+def sd(tiny_checkpoint, tiny_config):
+    return load_stable_diffusion(tiny_checkpoint, tiny_config)
+
+
+def unet_inputs(sd, batch=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g)
+    t = torch.tensor([981.0, 3.5])[:batch]
+    context = torch.randn(batch, 77, sd.config.unet.context_dim, generator=g)
+    return x, t, context
+
+
+def group_sizes(residency):
+    return [g.nbytes for g in residency.unet_groups]
+
+
+# (mode, budget as a function of the group sizes, granularity)
+LOW_VARIANTS = [
+    ("low", lambda s: None, "blocks"),
+    ("low", lambda s: sorted(s)[-1], "blocks"),  # largest group only: no prefetch
+    ("low", lambda s: sum(sorted(s)[-2:]) + s[0] + s[-1], "blocks"),  # window + a few resident groups
+    ("low", lambda s: sum(s), "blocks"),  # everything fits: all resident
+    ("low", lambda s: None, "stages"),
+]
+VARIANTS = [("full", lambda s: None, "blocks"), ("medium", lambda s: None, "blocks")] + LOW_VARIANTS
+
+
+def make_residency(sd, mode, budget_fn, granularity, **kwargs):
+    probe = Residency(sd, "cpu", "full", granularity=granularity)
+    budget = budget_fn(group_sizes(probe))
+    return Residency(sd, "cpu", mode, budget, granularity=granularity, **kwargs)
+
+
+# ---- same numbers -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("mode,budget_fn,granularity", VARIANTS)
+def test_unet_output_identical_in_every_mode(sd, mode, budget_fn, granularity, track):
+    x, t, context = unet_inputs(sd)
+    with torch.no_grad():
+        expected = sd.unet(x, t, context)
+    residency = make_residency(sd, mode, budget_fn, granularity, track_cpu_copies=track)
+    with residency.use("unet") as unet:
+        for _ in range(2):  # the second call runs on the state the first left (resident groups, prefetch)
+            assert torch.equal(unet(x, t, context), expected)
+    residency.release()
+    assert residency.on_device() == []
+
+
+def run_pipeline(sd, residency, steps=4, sampler="ddim"):
+    """Text encoder -> guided sampler -> VAE decode, as the generation loop calls them."""
+    with residency.use("text_encoder") as text_encoder:
+        cond = text_encoder.encode(["a red cube", "a blue ball"])
+        uncond = text_encoder.encode(["", ""])
+    noise = SeededNoise([7, 8])
+    x_T = noise.initial((4, 8, 8))
+    schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
+    with residency.use("unet") as unet, torch.no_grad():
+        latents = samplers.sample(sampler, GuidedDenoiser(unet, cond, uncond, 7.5), schedule, x_T, steps)
+    with residency.use("vae") as vae, torch.no_grad():
+        images = vae.decode(latents / sd.scale_factor)
+    residency.release()
+    return latents, images
+
+
+@pytest.mark.parametrize("mode,budget_fn,granularity", VARIANTS[1:])
+def test_final_latents_and_images_identical_to_full(sd, mode, budget_fn, granularity):
+    ref_latents, ref_images = run_pipeline(sd, Residency(sd, "cpu", "full", track_cpu_copies=True))
+    latents, images = run_pipeline(sd, make_residency(sd, mode, budget_fn, granularity, track_cpu_copies=True))
+    assert torch.equal(latents, ref_latents)
+    assert torch.equal(images, ref_images)
+
+
+# ---- the protocol, observed -------------------------------------------------------------------------------
+class DeviceWatch:
+    """What is on the stand-in device: tensors whose storage is not the home storage seen at the start."""
+
+    def __init__(self, sd):
+        self.models = {"text_encoder": sd.text_encoder, "unet": sd.unet, "vae": sd.vae}
+        self.home = {
+            id(t): t.data_ptr() for m in self.models.values() for t in list(m.parameters()) + list(m.buffers())
+        }
+
+    @staticmethod
+    def tensors(module):
+        return list(module.parameters()) + list(module.buffers())
+
+    def on_device(self, module) -> list[bool]:
+        return [t.data_ptr() != self.home[id(t)] for t in self.tensors(module)]
+
+    def device_bytes(self, module) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(module) if t.data_ptr() != self.home[id(t)])
+
+    def nothing_on_device(self) -> bool:
+        return not any(any(self.on_device(m)) for m in self.models.values())
+
+
+def test_low_mode_protocol_budget_order_and_cleanup(sd):
+    probe = Residency(sd, "cpu", "full")
+    sizes = group_sizes(probe)
+    budget = sum(sorted(sizes)[-2:]) + sizes[-1]  # the streaming window + room for one more group
+    events = []
+    residency = Residency(sd, "cpu", "low", budget, track_cpu_copies=True, on_transfer=events.append)
+    watch = DeviceWatch(sd)
+    assert watch.nothing_on_device()
+    layout = unet_group_layout(sd.unet)
+    group_names = ["unet." + "+".join(names) for names in layout]
+    resident = {group_names[i] for i in residency.plan.resident}
+    assert resident, "the budget should leave room for a resident group"
+
+    peaks, ran = [], []
+
+    def check(name):
+        def hook(module, args):
+            ran.append(name)
+            # The part about to run is entirely on the device, and so is nothing outside the UNet.
+            assert all(watch.on_device(module)), name
+            assert not any(watch.on_device(sd.text_encoder)) and not any(watch.on_device(sd.vae))
+            peaks.append(watch.device_bytes(sd.unet))
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(check(name)) for name, module in unet_parts(sd.unet)]
+    x, t, context = unet_inputs(sd)
+    steps = 3
+    try:
+        with residency.use("unet") as unet:
+            for _ in range(steps):
+                unet(x, t, context)
+    finally:
+        for handle in handles:
+            handle.remove()
+    residency.release()
+
+    assert len(ran) == steps * len(unet_parts(sd.unet))
+    assert max(peaks) <= budget
+    # The log agrees with what was observed: bytes on the device never exceeded the budget either.
+    on, worst = 0, 0
+    for event, _, nbytes in events:
+        on += nbytes if event == "onload" else -nbytes
+        worst = max(worst, on)
+    assert worst <= budget and on == 0
+    # Streamed groups arrive in execution order at every step; resident ones arrive once.
+    onloads = [group for event, group, _ in events if event == "onload"]
+    streamed = [g for g in group_names if g not in resident]
+    assert [g for g in onloads if g in resident] == sorted(resident, key=group_names.index)
+    streamed_onloads = [g for g in onloads if g not in resident]
+    # Prefetch wraps: the first streamed group of step k+1 is copied during step k's last group.
+    assert streamed_onloads == streamed * steps + streamed[:1]
+    # Nothing is left on the device, and every tensor is back on its home storage.
+    assert watch.nothing_on_device()
+    assert residency.on_device() == [] and residency.resident_bytes == 0
+
+
+def test_low_mode_without_budget_keeps_two_groups_at_most(sd):
+    events = []
+    residency = Residency(sd, "cpu", "low", track_cpu_copies=True, on_transfer=events.append)
+    sizes = group_sizes(residency)
+    with residency.use("unet") as unet:
+        unet(*unet_inputs(sd))
+    residency.release()
+    on, worst, live, most_live = 0, 0, set(), 0
+    for event, group, nbytes in events:
+        on += nbytes if event == "onload" else -nbytes
+        live = live | {group} if event == "onload" else live - {group}
+        worst, most_live = max(worst, on), max(most_live, len(live))
+    assert most_live == 2 and worst <= sum(sorted(sizes)[-2:])
+    assert not live
+
+
+def test_medium_mode_one_model_at_a_time_unet_kept_for_all_steps(sd):
+    events = []
+    residency = Residency(sd, "cpu", "medium", track_cpu_copies=True, on_transfer=events.append)
+    watch = DeviceWatch(sd)
+    calls = []
+
+    def check(module, args):
+        calls.append(1)
+        assert all(watch.on_device(sd.unet))
+        assert not any(watch.on_device(sd.text_encoder)) and not any(watch.on_device(sd.vae))
+
+    handle = sd.unet.register_forward_pre_hook(check)
+    try:
+        run_pipeline(sd, residency, steps=4)
+        run_pipeline(sd, residency, steps=4)  # a second batch
+    finally:
+        handle.remove()
+    assert len(calls) == 8  # 4 steps x 2 batches
+    onloads = [group for event, group, _ in events if event == "onload"]
+    assert onloads == ["text_encoder", "unet", "vae"] * 2  # the UNet once per batch, not per step
+    on = set()
+    for event, group, _ in events:
+        on = on | {group} if event == "onload" else on - {group}
+        assert len(on) <= 1
+    assert watch.nothing_on_device()
+
+
+def test_full_mode_loads_each_model_once(sd):
+    events = []
+    residency = Residency(sd, "cpu", "full", track_cpu_copies=True, on_transfer=events.append)
+    watch = DeviceWatch(sd)
+    with residency.use("text_encoder"):
+        pass
+    with residency.use("unet"), residency.use("vae"):
+        assert all(watch.on_device(sd.text_encoder)) and all(watch.on_device(sd.unet)) and all(watch.on_device(sd.vae))
+    with residency.use("unet"):
+        pass
+    assert [e.event for e in events] == ["onload"] * 3
+    residency.release()
+    assert [e.group for e in events if e.event == "offload"] == ["text_encoder", "unet", "vae"]
+    assert watch.nothing_on_device()
+
+
+def test_release_after_an_error_mid_step_leaves_nothing(sd):
+    residency = Residency(sd, "cpu", "low", track_cpu_copies=True)
+    watch = DeviceWatch(sd)
+    x, t, context = unet_inputs(sd)
+    with pytest.raises(RuntimeError):
+        with residency.use("unet") as unet:
+            unet(x, t, context[:, :, :-1])  # wrong context width: fails inside the first transformer
+    residency.release()
+    assert watch.nothing_on_device()
+
+
+def test_cpu_device_without_tracking_moves_nothing(sd):
+    watch = DeviceWatch(sd)
+    residency = Residency(sd, "cpu", "medium")
+    with residency.use("unet"):
+        assert watch.nothing_on_device()
+
+
+# ---- out of memory: going down ----------------------------------------------------------------------------
+def test_next_lower_mode():
+    assert [next_lower_mode(m) for m in MODES] == ["medium", "low", None]
+    with pytest.raises(ValueError, match="unknown vram mode"):
+        next_lower_mode("auto")
+
+
+def test_is_out_of_memory():
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_step_down_walks_to_low_then_drops_the_budget(sd):
+    residency = Residency(sd, "cpu", "full", track_cpu_copies=True)
+    with residency.use("unet"):
+        pass
+    assert residency.step_down() and residency.mode == "medium" and residency.on_device() == []
+    assert residency.step_down() and residency.mode == "low"
+    residency.set_mode("low", sum(group_sizes(residency)))
+    assert residency.step_down() and residency.mode == "low" and residency.budget_bytes is None
+    assert not residency.step_down()
+
+
+def test_bad_arguments(sd):
+    with pytest.raises(ValueError, match="unknown vram mode"):
+        Residency(sd, "cpu", "auto")
+    with pytest.raises(ValueError, match="smaller than the largest UNet group"):
+        Residency(sd, "cpu", "low", budget_bytes=16)
+    with pytest.raises(ValueError, match="unknown model"):
+        with Residency(sd, "cpu").use("clip"):
+            pass
+    sd.vae.to("meta")  # a model already somewhere else: the manager cannot own its home copy
+    with pytest.raises(ValueError, match="must be on the CPU"):
+        Residency(sd, "cpu")
+
+
+# ---- planning ---------------------------------------------------------------------------------------------
+def test_plan_streaming():
+    sizes = [10, 40, 30, 20, 50]
+    assert plan_streaming(sizes, None).resident == frozenset() and plan_streaming(sizes, None).limit_bytes == 90
+    everything = plan_streaming(sizes, 150)
+    assert everything.resident == frozenset(range(5)) and not everything.prefetch
+    no_prefetch = plan_streaming(sizes, 60)  # fits the largest group but not the two largest
+    assert not no_prefetch.prefetch and no_prefetch.resident == frozenset({0})  # 60 - 50 = 10 left
+    plan = plan_streaming(sizes, 135)  # window 90, 45 left: the 40 group, then nothing else fits
+    assert plan.prefetch and plan.resident == frozenset({1}) and plan.limit_bytes == 130
+    with pytest.raises(ValueError):
+        plan_streaming(sizes, 49)
+
+
+def test_group_layout_covers_the_unet_in_order(sd):
+    names = [name for name, _ in unet_parts(sd.unet)]
+    for granularity, count in (("blocks", len(names) - 2), ("stages", 3)):
+        layout = unet_group_layout(sd.unet, granularity)
+        assert [n for group in layout for n in group] == names
+        assert len(layout) == count
+
+
+# ---- choosing a mode --------------------------------------------------------------------------------------
+def test_resolve_mode():
+    assert resolve_mode("low", "cuda", 512, 512, 1) == "low"
+    assert resolve_mode("auto", "cpu", 512, 512, 1) == "full"
+    gib = 2**30
+    assert resolve_mode("auto", "cuda", 512, 512, 1, free_bytes=24 * gib) == "full"
+    assert resolve_mode("auto", "cuda", 512, 512, 1, free_bytes=4 * gib) == "medium"
+    assert resolve_mode("auto", "cuda", 512, 512, 1, free_bytes=2 * gib) == "low"
+    # Bigger images and batches need more memory: the choice never gets faster.
+    order = {m: i for i, m in enumerate(MODES)}
+    last = "full"
+    for size, batch in ((512, 1), (512, 4), (768, 4), (1024, 8)):
+        mode = resolve_mode("auto", "cuda", size, size, batch, free_bytes=6 * gib)
+        assert order[mode] >= order[last]
+        last = mode
+    assert last == "low"
+    with pytest.raises(ValueError):
+        resolve_mode("turbo", "cpu", 512, 512, 1)
+
+
+def test_model_bytes_and_auto_budget(sd):
+    measured = model_bytes(sd)
+    assert measured["unet"] == sum(p.numel() * 4 for p in sd.unet.parameters())
+    assert model_bytes(None, torch.float16)["unet"] == 859_520_964 * 2
+    assert auto_budget_bytes("cpu", 512, 512, 1) is None
+    assert auto_budget_bytes("cuda", 512, 512, 1, free_bytes=2**30) is None
+    assert auto_budget_bytes("cuda", 512, 512, 1, free_bytes=3 * 2**30) > 0
+
+
+# ---- real device memory (CUDA only) -----------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_memory_low_below_medium_below_full(sd):
+    device = torch.device("cuda")
+    x, t, context = (v.to(device) for v in unet_inputs(sd))
+    with torch.no_grad():
+        expected = sd.unet(*(v.cpu() for v in (x, t, context)))
+    peaks = {}
+    for mode in MODES:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        residency = Residency(sd, device, mode)
+        with residency.use("text_encoder") as text_encoder:
+            text_encoder.encode(["a"])
+        with residency.use("unet") as unet:
+            for _ in range(2):
+                out = unet(x, t, context)
+        with residency.use("vae") as vae, torch.no_grad():
+            vae.decode(torch.zeros(1, 4, 8, 8, device=device))
+        residency.release()
+        torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated(device) - base
+        torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
+        assert torch.cuda.memory_allocated(device) - base <= out.numel() * out.element_size()
+        del out
+    assert peaks["low"] < peaks["medium"] < peaks["full"], peaks
