@@ -139,7 +139,7 @@ def generate(opt: argparse.Namespace) -> RunSummary:
     from ldm.model_loading import load_stable_diffusion
     from ldm.noise import SeededNoise
     from ldm.schedule import DiffusionSchedule
-    from ldm.vae_tiling import should_tile
+    from ldm.vae_decoding import should_tile
 
     started = time.perf_counter()
     img2img = opt.mode == IMG2IMG
@@ -271,11 +271,12 @@ def _sample(samplers, GuidedDenoiser, residency, opt, cond, uncond, schedule, x_
 
 
 def _decode(residency, latent: torch.Tensor, scale_factor: float, tiled: bool) -> torch.Tensor:
-    """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images."""
-    from ldm.vae_tiling import decode_tiled
+    """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
+    and again in fp32 if the fp16 VAE overflows."""
+    from ldm.vae_decoding import decode_latents
 
     with residency.use("vae") as vae, torch.no_grad():
-        return decode_tiled(vae, latent / scale_factor) if tiled else vae.decode(latent / scale_factor)
+        return decode_latents(vae, latent / scale_factor, tiled)
 
 
 def _with_oom_retry(residency, step: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""Tiled VAE decoding: large images decoded in overlapping latent tiles, seams blended linearly.
+"""Latents to pixels: tiled decoding for large images, and an fp32 retry when the fp16 VAE overflows.
+
+SD v1's VAE decoder in fp16 can overflow to inf/NaN on some latents (the reason diffusers ships
+``force_upcast`` and AUTOMATIC1111 ``--no-half-vae``); :func:`decode_latents` then decodes that image
+again with an fp32 copy of the VAE instead of writing a black or garbage picture.
+
+Tiling: large images are decoded in overlapping latent tiles, seams blended linearly.
 
 The decoder's peak memory grows with the image area (its 512-channel activations at full resolution
 dominate), so a 2048 px image needs ~16x the memory of a 512 px one. Decoding tiles of
@@ -11,9 +17,14 @@ latent it is identical.
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 
 from ldm.autoencoder import AutoencoderKL
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TILE = 64  # latents: 512 px, the size SD v1's VAE was trained at
 DEFAULT_OVERLAP = 16
@@ -71,3 +82,14 @@ def decode_tiled(
 def should_tile(height: int, width: int, requested: bool) -> bool:
     """Tile when asked, and always above ``AUTO_TILING_PIXELS`` on a side."""
     return requested or max(height, width) > AUTO_TILING_PIXELS
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """Unscaled ``latents`` -> images in [-1, 1] (tiled when asked); a half-precision VAE that overflows is
+    retried in fp32 (a temporary fp32 copy on the same device), so the result is always finite."""
+    decode = decode_tiled if tiled else AutoencoderKL.decode
+    images = decode(vae, latents)
+    if vae.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(images).all():
+        log.warning("the %s VAE overflowed; decoding this image again in fp32", vae.dtype)
+        images = decode(copy.deepcopy(vae).float(), latents.float())
+    return images

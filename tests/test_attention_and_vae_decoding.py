@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ldm.attention import get_attention_backend, set_attention_backend
 from ldm.model_loading import load_stable_diffusion
-from ldm.vae_tiling import decode_tiled, should_tile
+from ldm.vae_decoding import decode_latents, decode_tiled, should_tile
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,16 @@ def test_tiling_is_automatic_above_1024_px():
     assert not should_tile(1024, 768, requested=False)
     assert should_tile(1088, 512, requested=False)
     assert should_tile(256, 256, requested=True)
+
+
+def test_an_overflowing_half_vae_is_retried_in_fp32(tiny_checkpoint, tiny_config_path, sd):
+    half = load_stable_diffusion(tiny_checkpoint, tiny_config_path, dtype=torch.float16)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 3e4  # overflows fp16 activations
+    with torch.no_grad():
+        assert not torch.isfinite(half.vae.decode(z)).all()
+        images = decode_latents(half.vae, z)
+        reference = sd.vae.decode(z)
+    assert torch.isfinite(images).all()
+    assert images.dtype == torch.float32
+    assert torch.allclose(images, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item())
+    assert half.vae.dtype == torch.float16  # the model itself is left in half precision
