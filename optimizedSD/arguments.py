@@ -99,7 +99,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--fixed_code", action="store_true", help="every batch of the run starts from the first batch's noise (image k of a batch from seed + k)")
     add("--skip_grid", action="store_true", help="do not save a grid of the run")
     add("--skip_save", action="store_true", help="do not save individual images (for timing)")
-    add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    add("--n_rows", type=int, default=0, help="images per grid row (default, or 0: n_samples)")
     add("--no-watermark", dest="no_watermark", action="store_true",
         help="do not add the invisible 'StableDiffusionV1' watermark")
     add("--vram", type=str, choices=VRAM_MODES, default="auto",
@@ -161,7 +161,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> argparse.Namespace:
     opt.config = resolve_config(opt.config)
     if opt.turbo and opt.vram == "auto":
         opt.vram = "medium"  # the fork's --turbo keeps the UNet resident for all steps
-    if opt.n_rows <= 0:
+    if opt.n_rows == 0:
         opt.n_rows = opt.n_samples
     return opt
 
@@ -180,6 +180,8 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--n_samples must be at least 1, got {opt.n_samples}")
     if opt.n_iter < 1:
         raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
+    if opt.n_rows < 0:
+        raise UsageError(f"--n_rows must be 0 (one row per batch) or more, got {opt.n_rows}")
     if opt.unet_bs is not None and opt.unet_bs < 1:
         raise UsageError(f"--unet_bs must be at least 1, got {opt.unet_bs}")
     if not 0 <= opt.ddim_eta <= 1:

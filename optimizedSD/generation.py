@@ -236,7 +236,7 @@ def generate(opt: argparse.Namespace) -> RunSummary:
                         grid_images.append(image)
                     if not opt.skip_save:
                         text = infotext(
-                            prompt, opt.negative_prompt, steps=opt.ddim_steps, sampler=opt.sampler,
+                            prompt, opt.negative_prompt if uncond is not None else "", steps=opt.ddim_steps, sampler=opt.sampler,
                             scale=opt.scale, seed=seed, width=width, height=height, model_hash=hash_,
                             model_name=ckpt.stem, strength=opt.strength if img2img else None, eta=opt.ddim_eta,
                         )

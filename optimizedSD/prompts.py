@@ -90,7 +90,7 @@ def parse_prompt(text: str) -> WeightedPrompt:
     prompt = WeightedPrompt(tuple(split_weighted_subprompts(text)))
     total = prompt.total_weight
     if not math.isfinite(total) or abs(total) < 1e-12:
-        raise PromptError(f"the weights of prompt {text!r} sum to {total:g}; they must not sum to 0")
+        raise PromptError(f"the weights of prompt {text!r} sum to {total:g}; they must sum to a finite, non-zero number")
     return prompt
 
 

@@ -134,6 +134,7 @@ def test_unknown_sampler(base, capsys):
         (["--scale", "nan"], "--scale must be a finite number"),
         (["--scale", "inf"], "--scale must be a finite number"),
         (["--H", "640000"], "--H must be at most 8192"),
+        (["--n_rows", "-2"], "--n_rows must be 0"),
     ],
 )
 def test_other_bad_values(base, capsys, flags, fragment):
