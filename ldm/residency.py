@@ -115,7 +115,19 @@ class ModuleGroup:
         self.ready: torch.cuda.Event | None = None  # set when the copy was issued on a side stream
 
     def onload(self, device: torch.device, copy: bool, stream: torch.cuda.Stream | None = None) -> None:
-        """Point the tensors at device copies; on CUDA with ``stream``, copy there and record ``ready``."""
+        """Point the tensors at device copies; on CUDA with ``stream``, copy there and record ``ready``.
+
+        All or nothing: if a copy fails (out of memory halfway through), every tensor points back at its
+        home copy before the error goes on, so no device copy is left behind unaccounted for.
+        """
+        try:
+            self._copy_to(device, copy, stream)
+        except BaseException:
+            self.offload()
+            raise
+        self.on_device = True
+
+    def _copy_to(self, device: torch.device, copy: bool, stream: torch.cuda.Stream | None) -> None:
         if device.type == "cuda" and stream is not None:
             with torch.cuda.stream(stream):
                 for tensor, home in zip(self.tensors, self.home):
@@ -129,7 +141,6 @@ class ModuleGroup:
         else:
             for tensor, home in zip(self.tensors, self.home):
                 tensor.data = home.to(device, non_blocking=home.is_pinned())
-        self.on_device = True
 
     def wait(self) -> None:
         """Make the current CUDA stream wait for a side-stream copy, and tell the allocator it uses it."""
@@ -228,8 +239,9 @@ class StreamedUNet:
 
     Replicates ``UNetModel.forward``'s dataflow over its parts (time embedding, input blocks with their
     skips, middle block, output blocks concatenating the skips, ``out``). Entering a group: onload it
-    unless a prefetch already did (then wait for that copy), and start copying the next streamed group
-    (wrapping to the next step) if it fits the plan's memory limit. Leaving a group's last part:
+    unless a prefetch already did (then wait for that copy). Once its first part's kernels are queued:
+    start copying the next streamed group (wrapping to the next step) if it fits the plan's memory limit,
+    after waiting for the GPU to finish the previously offloaded group. Leaving a group's last part:
     offload it unless the plan keeps it resident.
     """
 
@@ -242,6 +254,7 @@ class StreamedUNet:
         self.first_part = {names[0]: index for index, names in enumerate(layout)}
         self.last_part = {names[-1]: index for index, names in enumerate(layout)}
         self.streamed = [i for i in range(len(groups)) if i not in plan.resident]
+        self._last_offload_done: torch.cuda.Event | None = None  # compute-stream point after the last offload
         # The streamed group to prefetch when group i starts: the next streamed one in execution order.
         self.next_streamed = {
             i: next((j for j in self.streamed if j > i), self.streamed[0] if self.streamed else None)
@@ -258,21 +271,40 @@ class StreamedUNet:
             if not group.on_device:
                 self.residency._onload(group)
             group.wait()
-            following = self.next_streamed[index]
-            if self.plan.prefetch and following is not None and following != index:
-                nxt = self.groups[following]
-                if not nxt.on_device and self._on_device_bytes() + nxt.nbytes <= self.plan.limit_bytes:
-                    self.residency._onload(nxt, side_stream=True)
         return self.modules[part]
+
+    def _prefetch_after(self, part: str) -> None:
+        """Once the kernels of a group's first part are queued, start copying the next streamed group."""
+        index = self.first_part.get(part)
+        if index is None or not self.plan.prefetch:
+            return
+        following = self.next_streamed[index]
+        if following is None or following == index:
+            return
+        nxt = self.groups[following]
+        if nxt.on_device or self._on_device_bytes() + nxt.nbytes > self.plan.limit_bytes:
+            return
+        # The host queues kernels far ahead of the GPU, and a streamed group's device memory is reusable only
+        # once the kernels reading it have run: without this wait every step would leave copies pending and
+        # the allocator would grow past the plan's window. The GPU still has this group's kernels queued.
+        if self._last_offload_done is not None:
+            self._last_offload_done.synchronize()
+            self._last_offload_done = None
+        self.residency._onload(nxt, side_stream=True)
 
     def _leave(self, part: str) -> None:
         index = self.last_part.get(part)
         if index is not None and index not in self.plan.resident:
             self.residency._offload(self.groups[index])
+            device = self.residency.device
+            if device.type == "cuda":
+                self._last_offload_done = torch.cuda.Event()
+                self._last_offload_done.record(torch.cuda.current_stream(device))
 
     def _run(self, part: str, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
         module = self._enter(part)
         result = fn(module)
+        self._prefetch_after(part)
         self._leave(part)
         return result
 

@@ -104,7 +104,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="do not add the invisible 'StableDiffusionV1' watermark")
     add("--vram", type=str, choices=VRAM_MODES, default="auto",
         help="memory mode: full (everything resident), medium (one model at a time), low (UNet streamed)")
-    add("--vram_budget", type=float, default=None, metavar="GB", help="VRAM the low mode may use")
+    add("--vram_budget", type=float, default=None, metavar="GB", help="GB of UNet weights the low mode may keep on the GPU at once (implies --vram low)")
     add("--attention", type=str, choices=["sdpa", "sliced"], default="sdpa", help="attention implementation")
     add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles (large images in little memory; automatic above 1024 px)")
     add("--embedding_cache", type=str, default=None, metavar="DIR",
@@ -161,6 +161,11 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> argparse.Namespace:
     opt.config = resolve_config(opt.config)
     if opt.turbo and opt.vram == "auto":
         opt.vram = "medium"  # the fork's --turbo keeps the UNet resident for all steps
+    if opt.vram_budget is not None:
+        if opt.vram == "auto":
+            opt.vram = "low"  # the budget is what low mode fits its streamed UNet into
+        elif opt.vram != "low":
+            raise UsageError(f"--vram_budget applies to --vram low, not {opt.vram}" + (" (--turbo)" if opt.turbo else ""))
     if opt.n_rows == 0:
         opt.n_rows = opt.n_samples
     return opt

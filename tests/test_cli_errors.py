@@ -130,6 +130,8 @@ def test_unknown_sampler(base, capsys):
         (["--vram_budget", "0"], "--vram_budget must be a positive"),
         (["--vram_budget", "inf"], "--vram_budget must be a positive"),
         (["--vram", "low", "--vram_budget", "0.000001"], "budget"),
+        (["--vram", "medium", "--vram_budget", "1"], "--vram_budget applies to --vram low, not medium"),
+        (["--turbo", "--vram_budget", "1"], "not medium (--turbo)"),
         (["--ddim_eta", "1.5"], "--ddim_eta must be between 0 and 1"),
         (["--scale", "nan"], "--scale must be a finite number"),
         (["--scale", "inf"], "--scale must be a finite number"),

@@ -253,6 +253,54 @@ def test_release_after_an_error_mid_step_leaves_nothing(sd):
     assert watch.nothing_on_device()
 
 
+def test_an_onload_that_fails_halfway_leaves_nothing_on_the_device(sd, monkeypatch):
+    residency = Residency(sd, "cpu", "medium", track_cpu_copies=True)
+    watch = DeviceWatch(sd)
+    real_clone, calls = torch.Tensor.clone, {"n": 0}
+
+    def clone_until_memory_runs_out(tensor, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_clone(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone_until_memory_runs_out)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        with residency.use("unet"):
+            pass
+    monkeypatch.setattr(torch.Tensor, "clone", real_clone)
+    assert calls["n"] == 5  # four tensors had been copied when the fifth failed
+    assert watch.nothing_on_device()
+    assert residency.on_device() == [] and residency.resident_bytes == 0
+    with residency.use("unet"):  # and the manager still works
+        assert all(watch.on_device(sd.unet))
+
+
+def test_prefetch_starts_after_the_running_group_is_queued(sd):
+    """The next group is copied while the current one computes: its copy is issued after the current
+    group's kernels (here: its forward) and before the current group is offloaded."""
+    log = []
+    residency = Residency(sd, "cpu", "low", track_cpu_copies=True,
+                          on_transfer=lambda e: log.append((e.event, e.group)))
+    names = ["unet." + "+".join(group) for group in unet_group_layout(sd.unet)]
+    first_part = {group[0]: i for i, group in enumerate(unet_group_layout(sd.unet))}
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: log.append(("ran", name)))
+               for name, module in unet_parts(sd.unet) if name in first_part]
+    try:
+        with residency.use("unet") as unet:
+            unet(*unet_inputs(sd))
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_part = {part: names[i] for part, i in first_part.items()}
+    ran = [(event, by_part[name]) if event == "ran" else (event, name) for event, name in log]
+    for i, group in enumerate(names[:-1]):
+        done = ran.index(("ran", group))
+        prefetched = ran.index(("onload", names[i + 1]))
+        offloaded = ran.index(("offload", group))
+        assert done < prefetched < offloaded, (group, ran[max(done - 2, 0): offloaded + 2])
+
+
 def test_cpu_device_without_tracking_moves_nothing(sd):
     watch = DeviceWatch(sd)
     residency = Residency(sd, "cpu", "medium")

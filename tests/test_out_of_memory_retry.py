@@ -1,0 +1,103 @@
+"""Out of device memory during a batch: the batch runs again one memory mode lower, with the same result.
+
+The out-of-memory error is injected (these machines have no GPU): the first sampling or decoding call
+raises ``torch.cuda.OutOfMemoryError`` as CUDA's allocator would, and the test checks what the user
+gets: the same image as a run that never failed, the mode that was used in the end, nothing left on the
+device, and, when even the lowest mode fails, one line, exit code 1 and the images already written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from ldm import residency as residency_module
+from optimizedSD import generation, optimized_txt2img
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CONFIG = REPO / "configs" / "tiny-random.yaml"
+
+
+def argv(ckpt: Path, outdir: Path, *extra: str) -> list[str]:
+    return ["--ckpt", str(ckpt), "--config", str(TINY_CONFIG), "--device", "cpu", "--outdir", str(outdir),
+            "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "2", "--seed", "5", "--sampler", "ddim",
+            "--prompt", "a tiny test", "--skip_grid", "--vram", "full", *extra]
+
+
+def images(outdir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(outdir.rglob("seed_*"))}
+
+
+@pytest.fixture
+def managers(monkeypatch):
+    """Every Residency the generator builds, to look at its mode and device afterwards."""
+    built = []
+    make = generation._make_residency
+
+    def recording(*args, **kwargs):
+        built.append(make(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(generation, "_make_residency", recording)
+    return built
+
+
+def failing(monkeypatch, name: str, failures: int):
+    """Make ``generation.<name>`` raise CUDA's out-of-memory error on its first ``failures`` calls."""
+    real = getattr(generation, name)
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, name, flaky)
+    return calls
+
+
+@pytest.mark.parametrize("stage, failures, final_mode", [("_sample", 1, "medium"), ("_sample", 2, "low"),
+                                                          ("_decode", 1, "medium")])
+def test_a_batch_that_runs_out_of_memory_is_retried_lower_with_the_same_images(
+    tiny_checkpoint, tmp_path, monkeypatch, caplog, managers, stage, failures, final_mode
+):
+    assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "clean")) == 0
+    expected = images(tmp_path / "clean")
+    assert len(expected) == 2
+
+    calls = failing(monkeypatch, stage, failures)
+    with caplog.at_level(logging.WARNING, logger="ldm.residency"):
+        assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "retried")) == 0
+    assert images(tmp_path / "retried") == expected  # the same bytes, no extra or missing file
+    assert calls["n"] > failures
+    retries = [r.getMessage() for r in caplog.records if "out of device memory" in r.getMessage()]
+    assert len(retries) == failures and retries[-1].endswith(f"retrying in {final_mode} mode")
+    residency = managers[-1]
+    assert residency.mode == final_mode and residency.on_device() == [] and residency.resident_bytes == 0
+
+
+def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_try(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys, managers
+):
+    real = generation._sample
+    calls = {"n": 0}
+
+    def second_batch_never_fits(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_sample", second_batch_never_fits)
+    outdir = tmp_path / "out"
+    assert optimized_txt2img.main(argv(tiny_checkpoint, outdir, "--n_iter", "2")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert "out of memory" in line and "Tried to allocate 9.00 GiB" in line and "--vram low" in line
+    assert sorted(images(outdir)) == ["seed_5_00000.png", "seed_6_00001.png"]  # the first batch stays
+    assert calls["n"] == 1 + 3  # full, then medium, then low
+    assert managers[-1].mode == "low" and managers[-1].on_device() == []
