@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TILE = 64  # latents: 512 px, the size SD v1's VAE was trained at
 DEFAULT_OVERLAP = 16
+SMALL_TILE = 32  # 256 px: the last resort when a whole image does not fit the device
 AUTO_TILING_PIXELS = 1024  # tile automatically when a side is larger than this
 
 
@@ -84,10 +85,17 @@ def should_tile(height: int, width: int, requested: bool) -> bool:
     return requested or max(height, width) > AUTO_TILING_PIXELS
 
 
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
-    """Unscaled ``latents`` -> images in [-1, 1] (tiled when asked); a half-precision VAE that overflows is
-    retried in fp32 (a temporary fp32 copy on the same device), so the result is always finite."""
-    decode = decode_tiled if tiled else AutoencoderKL.decode
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool = False, tile: int = DEFAULT_TILE) -> torch.Tensor:
+    """Unscaled ``latents`` -> images in [-1, 1] (tiled when asked, in tiles of ``tile`` latents); a
+    half-precision VAE that overflows is retried in fp32 (a temporary fp32 copy on the same device), so the
+    result is always finite."""
+    if tiled:
+        overlap = min(DEFAULT_OVERLAP, tile // 4)
+
+        def decode(model, z):
+            return decode_tiled(model, z, tile, overlap)
+    else:
+        decode = AutoencoderKL.decode
     images = decode(vae, latents)
     if vae.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(images).all():
         log.warning("the %s VAE overflowed; decoding this image again in fp32", vae.dtype)

@@ -228,7 +228,7 @@ def generate(opt: argparse.Namespace) -> RunSummary:
 
                 latents = _with_oom_retry(residency, run_batch)
                 for k in range(batch):
-                    decoded = _with_oom_retry(residency, lambda: _decode(residency, latents[k : k + 1], sd.scale_factor, tiled))
+                    decoded = _decode_with_retry(residency, latents[k : k + 1], sd.scale_factor, tiled)
                     image = to_uint8(decoded)[0]
                     seed = noise_seeds[k]
                     summary.images += 1
@@ -270,13 +270,29 @@ def _sample(samplers, GuidedDenoiser, residency, opt, cond, uncond, schedule, x_
         progress.close()
 
 
-def _decode(residency, latent: torch.Tensor, scale_factor: float, tiled: bool) -> torch.Tensor:
+def _decode(residency, latent: torch.Tensor, scale_factor: float, tiled: bool, tile: int | None = None) -> torch.Tensor:
     """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
     and again in fp32 if the fp16 VAE overflows."""
-    from ldm.vae_decoding import decode_latents
+    from ldm.vae_decoding import DEFAULT_TILE, decode_latents
 
     with residency.use("vae") as vae, torch.no_grad():
-        return decode_latents(vae, latent / scale_factor, tiled)
+        return decode_latents(vae, latent / scale_factor, tiled, tile or DEFAULT_TILE)
+
+
+def _decode_with_retry(residency, latent: torch.Tensor, scale_factor: float, tiled: bool) -> torch.Tensor:
+    """``_decode`` with the out-of-memory retries, then, when even the lowest mode fails, small tiles: their
+    seams blend, and a picture with slightly different GroupNorm statistics beats no picture."""
+    from ldm.residency import is_out_of_memory
+    from ldm.vae_decoding import SMALL_TILE
+
+    try:
+        return _with_oom_retry(residency, lambda: _decode(residency, latent, scale_factor, tiled))
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+    log.warning("out of device memory decoding in %s mode: decoding in %d px tiles instead",
+                residency.mode, SMALL_TILE * 8)
+    return _decode(residency, latent, scale_factor, True, SMALL_TILE)
 
 
 def _with_oom_retry(residency, step: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -101,3 +101,22 @@ def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_
     assert sorted(images(outdir)) == ["seed_5_00000.png", "seed_6_00001.png"]  # the first batch stays
     assert calls["n"] == 1 + 3  # full, then medium, then low
     assert managers[-1].mode == "low" and managers[-1].on_device() == []
+
+
+def test_a_decode_that_fails_in_every_mode_falls_back_to_small_tiles(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    real = generation._decode
+    tiles = []
+
+    def whole_image_never_fits(residency, latent, scale_factor, tiled, tile=None):
+        if tile is None:
+            raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        tiles.append(tile)
+        return real(residency, latent, scale_factor, tiled, tile)
+
+    monkeypatch.setattr(generation, "_decode", whole_image_never_fits)
+    outdir = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert optimized_txt2img.main(argv(tiny_checkpoint, outdir, "--H", "320", "--W", "320")) == 0
+    assert sorted(images(outdir)) == ["seed_5_00000.png", "seed_6_00001.png"]
+    assert tiles == [32, 32]  # one small-tile decode per image, after full, medium and low failed
+    assert sum("decoding in 256 px tiles" in r.getMessage() for r in caplog.records) == 2

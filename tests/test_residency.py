@@ -7,10 +7,13 @@ tests look at that from outside the manager, through forward pre-hooks registere
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from ldm import samplers
+from ldm.config import load_model_config
 from ldm.guidance import GuidedDenoiser
 from ldm.model_loading import load_stable_diffusion
 from ldm.noise import SeededNoise
@@ -23,10 +26,12 @@ from ldm.residency import (
     next_lower_mode,
     plan_streaming,
     resolve_mode,
+    streaming_window_bytes,
     unet_group_layout,
     unet_parts,
 )
 from ldm.schedule import DiffusionSchedule
+from ldm.unet import UNetModel
 
 
 @pytest.fixture()
@@ -301,6 +306,40 @@ def test_prefetch_starts_after_the_running_group_is_queued(sd):
         assert done < prefetched < offloaded, (group, ran[max(done - 2, 0): offloaded + 2])
 
 
+def test_pinning_moves_every_weight_into_one_buffer_in_medium_and_low_only(sd, monkeypatch):
+    import ldm.residency as residency_module
+
+    buffers = []
+
+    def plain_buffer(nbytes):  # page-locked memory needs CUDA; the layout logic is the same
+        buffers.append(torch.empty(nbytes, dtype=torch.uint8))
+        return buffers[-1]
+
+    monkeypatch.setattr(residency_module, "_pinned_buffer", plain_buffer)
+    x, t, context = unet_inputs(sd)
+    with torch.no_grad():
+        expected = sd.unet(x, t, context)
+    residency = Residency(sd, "cpu", "full", track_cpu_copies=True, pin=True)
+    assert buffers == []  # full mode copies each model once: no pinned copy
+    residency.set_mode("low")
+    (buffer,) = buffers
+    tensors = [t for m in (sd.text_encoder, sd.unet, sd.vae) for t in list(m.parameters()) + list(m.buffers())]
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    assert all(start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end for t in tensors)
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+    assert weights <= residency.pinned_bytes < weights + 64 * len(tensors)
+    watch = DeviceWatch(sd)  # homes are the buffer now: onloads copy out of it and offloads come back to it
+    with residency.use("unet") as unet:
+        out = unet(x, t, context)
+    residency.set_mode("medium")
+    with residency.use("unet") as unet:
+        assert all(watch.on_device(sd.unet))
+        torch.testing.assert_close(unet(x, t, context), expected, rtol=0, atol=0)
+    residency.release()
+    assert watch.nothing_on_device() and len(buffers) == 1  # pinned once
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_cpu_device_without_tracking_moves_nothing(sd):
     watch = DeviceWatch(sd)
     residency = Residency(sd, "cpu", "medium")
@@ -394,6 +433,17 @@ def test_model_bytes_and_auto_budget(sd):
     assert auto_budget_bytes("cpu", 512, 512, 1) is None
     assert auto_budget_bytes("cuda", 512, 512, 1, free_bytes=2**30) is None
     assert auto_budget_bytes("cuda", 512, 512, 1, free_bytes=3 * 2**30) > 0
+    # A budget too small for the streaming window would only switch prefetching off: none instead.
+    window = streaming_window_bytes(None)
+    with torch.device("meta"):  # the real SD v1 UNet's shapes, no memory
+        sd_v1_unet = UNetModel(load_model_config().unet).half()
+    measured = streaming_window_bytes(SimpleNamespace(unet=sd_v1_unet))
+    assert abs(window - measured) < 0.02 * measured  # the estimate without a model is SD v1's window
+    for free in (1.0, 1.2, 1.5, 2.0):
+        budget = auto_budget_bytes("cuda", 512, 512, 1, free_bytes=int(free * 2**30))
+        assert budget is None or budget > window
+    probe = Residency(sd, "cpu", "full")
+    assert streaming_window_bytes(sd) == sum(sorted(group_sizes(probe))[-2:])
 
 
 # ---- real device memory (CUDA only) -----------------------------------------------------------------------
