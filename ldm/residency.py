@@ -326,7 +326,7 @@ class StreamedUNet:
                 self._last_offload_done = torch.cuda.Event()
                 self._last_offload_done.record(torch.cuda.current_stream(device))
 
-    def _run(self, part: str, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    def _run(self, part: str, fn: Callable[[nn.Module], list[torch.Tensor]]) -> list[torch.Tensor]:
         module = self._enter(part)
         result = fn(module)
         self._prefetch_after(part)
@@ -334,22 +334,32 @@ class StreamedUNet:
         return result
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """One UNet evaluation; ``chunk`` (the fork's ``--unet_bs``) runs each part on at most that many
+        latents at a time, all chunks through a group before the next group comes: one pass of weights per
+        call whatever the chunk, where calling the UNet once per chunk would stream it once per chunk."""
         from ldm.unet import timestep_embedding
 
         unet = self.unet
         dtype = unet.out[2].weight.dtype
-        t_emb = timestep_embedding(timesteps, unet.model_channels).to(dtype)
-        emb = self._run("time_embed", lambda m: m(t_emb))
-        h, context = x.to(dtype), context.to(dtype)
+        size = chunk or x.shape[0]
+        pieces = [slice(i, i + size) for i in range(0, x.shape[0], size)]
+        t_emb = [timestep_embedding(timesteps[p], unet.model_channels).to(dtype) for p in pieces]
+        emb = self._run("time_embed", lambda m: [m(e) for e in t_emb])
+        h = [x[p].to(dtype) for p in pieces]
+        ctx = [context[p].to(dtype) for p in pieces]
         skips = []
         for i in range(len(unet.input_blocks)):
-            h = self._run(f"input_blocks.{i}", lambda m: m(h, emb, context))
+            h = self._run(f"input_blocks.{i}", lambda m: [m(*args) for args in zip(h, emb, ctx)])
             skips.append(h)
-        h = self._run("middle_block", lambda m: m(h, emb, context))
+        h = self._run("middle_block", lambda m: [m(*args) for args in zip(h, emb, ctx)])
         for i in range(len(unet.output_blocks)):
-            h = self._run(f"output_blocks.{i}", lambda m: m(torch.cat([h, skips.pop()], dim=1), emb, context))
-        return self._run("out", lambda m: m(h)).to(x.dtype)
+            skip = skips.pop()
+            h = self._run(
+                f"output_blocks.{i}",
+                lambda m: [m(torch.cat([hc, sc], dim=1), ec, cc) for hc, sc, ec, cc in zip(h, skip, emb, ctx)],
+            )
+        return torch.cat(self._run("out", lambda m: [m(hc) for hc in h])).to(x.dtype)
 
     def release(self) -> None:
         """Offload the streamed groups (a prefetched one included); resident groups stay."""

@@ -93,8 +93,12 @@ def model_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 def _chunked_unet(unet: Callable, chunk: int | None) -> Callable:
     """The fork's ``--unet_bs``: call the UNet on at most ``chunk`` latents at a time."""
+    from ldm.residency import StreamedUNet
+
     if not chunk:
         return unet
+    if isinstance(unet, StreamedUNet):  # chunks inside one streamed pass, not one pass per chunk
+        return lambda x, t, context: unet(x, t, context, chunk)
 
     def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= chunk:

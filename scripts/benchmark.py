@@ -338,6 +338,41 @@ def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
     return lines
 
 
+# The issue's targets, batch 1: (our mode, compared with, on what, at most). "peak VRAM" is absolute (GiB).
+TARGETS = (
+    ("low", None, "peak VRAM", 0.5),
+    ("low", ("ours", "full"), "generate", 1.5),
+    ("medium", None, "peak VRAM", 2.2),
+    ("medium", ("ours", "full"), "generate", 1.05),
+    ("full", ("diffusers", "resident"), "generate", 1.0),
+    ("full", ("diffusers", "resident"), "peak RSS", 1.0),
+)
+_KEYS = {"generate": "generate_s", "peak RSS": "peak_rss", "peak VRAM": "peak_vram_allocated"}
+
+
+def target_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+    """Each target whose measurements ran at batch 1: the figure, the limit, met or missed."""
+    best = best_results(rows)
+    lines = []
+    for mode, other, what, limit in TARGETS:
+        ours = best.get(("ours", mode, 1))
+        key = _KEYS[what]
+        if not ours or ours.get(key) is None:
+            continue
+        if other is None:
+            value, text = ours[key] / GB, f"{ours[key] / GB:.2f} GiB"
+            against = f"{limit} GiB"
+        else:
+            theirs = best.get((*other, 1))
+            if not theirs or theirs.get(key) is None:
+                continue
+            value = ours[key] / theirs[key]
+            text, against = f"{value:.2f}x {other[0] if other[0] == 'diffusers' else 'our'} {other[1]}", f"{limit}x"
+        verdict = "met" if value <= limit else "MISSED"
+        lines.append(f"ours {mode}, batch 1: {what} {text} (target at most {against}): {verdict}")
+    return lines
+
+
 def machine_line() -> str:
     import torch
 
@@ -426,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nours / diffusers" + (f" (best of {args.repeat})" if args.repeat > 1 else "") + ":")
     for line in ratio_lines(rows):
         print(line)
+    targets = target_lines(rows)
+    if targets:
+        print("\ntargets:")
+        print("\n".join(targets))
     if args.json:
         Path(args.json).write_text(json.dumps([{"spec": s, "result": r} for s, r in rows], indent=2))
     return 1 if any("error" in r for _, r in rows) else 0

@@ -68,8 +68,31 @@ def test_plan_and_ratios():
     assert benchmark.ratio_lines(rows + [(cpu[0], faster_repeat), (cpu[1], {"error": "killed"})]) == [
         "ours full / diffusers resident, batch 1: generate 0.50x, total wall 0.80x, peak RSS 0.80x"
     ]  # best time of the repeats, largest peak; a failed repeat does not erase a good one
+    assert benchmark.target_lines(rows) == [
+        "ours full, batch 1: generate 0.75x diffusers resident (target at most 1.0x): met",
+        "ours full, batch 1: peak RSS 0.80x diffusers resident (target at most 1.0x): met",
+    ]
     assert "30.0" in benchmark.format_row(cpu[0], ours) and "4.00" in benchmark.format_row(cpu[0], ours)
     assert "boom" in benchmark.format_row(cpu[1], {"error": "boom"})
+
+
+def test_gpu_targets():
+    specs = {(s["side"], s["mode"], s["batch"]): s for s in benchmark.build_plan(benchmark.parse(["--device", "cuda"]))}
+
+    def row(side, mode, seconds, vram_gib, batch=1):
+        return specs[(side, mode, batch)], {"generate_s": seconds, "total_s": seconds + 5, "images": batch,
+                                            "peak_rss": 2**30, "peak_vram_allocated": int(vram_gib * 2**30)}
+
+    rows = [row("ours", "full", 10.0, 2.9), row("ours", "medium", 10.4, 2.1), row("ours", "low", 16.0, 0.45),
+            row("diffusers", "resident", 9.0, 3.0), row("ours", "low", 1.0, 0.1, batch=4)]
+    assert benchmark.target_lines(rows) == [
+        "ours low, batch 1: peak VRAM 0.45 GiB (target at most 0.5 GiB): met",
+        "ours low, batch 1: generate 1.60x our full (target at most 1.5x): MISSED",
+        "ours medium, batch 1: peak VRAM 2.10 GiB (target at most 2.2 GiB): met",
+        "ours medium, batch 1: generate 1.04x our full (target at most 1.05x): met",
+        "ours full, batch 1: generate 1.11x diffusers resident (target at most 1.0x): MISSED",
+        "ours full, batch 1: peak RSS 1.00x diffusers resident (target at most 1.0x): met",
+    ]
 
 
 @pytest.mark.slow

@@ -204,6 +204,29 @@ def test_low_mode_without_budget_keeps_two_groups_at_most(sd):
     assert not live
 
 
+def test_unet_bs_chunks_inside_one_streamed_pass(sd):
+    """``--unet_bs 1`` in low mode: the same numbers as calling the streamed UNet once per chunk, with the
+    weights streamed once per call instead of once per chunk."""
+    x, t, context = unet_inputs(sd)
+    events = []
+    residency = Residency(sd, "cpu", "low", track_cpu_copies=True, on_transfer=events.append)
+    passes = {}
+    with residency.use("unet") as unet:
+        before = len(events)
+        per_chunk = torch.cat([unet(x[i : i + 1], t[i : i + 1], context[i : i + 1]) for i in range(2)])
+        passes["call per chunk"] = sum(e.event == "onload" for e in events[before:])
+        before = len(events)
+        chunked = unet(x, t, context, 1)
+        passes["chunk argument"] = sum(e.event == "onload" for e in events[before:])
+    residency.release()
+    torch.testing.assert_close(chunked, per_chunk, rtol=0, atol=0)
+    groups = len(unet_group_layout(sd.unet))
+    # A pass copies every group once (the first group of the next pass is prefetched at the end of the
+    # last one); the first pass of all also copies its own first group.
+    assert passes == {"call per chunk": 2 * groups + 1, "chunk argument": groups}, passes
+    assert residency.on_device() == []
+
+
 def test_medium_mode_one_model_at_a_time_unet_kept_for_all_steps(sd):
     events = []
     residency = Residency(sd, "cpu", "medium", track_cpu_copies=True, on_transfer=events.append)
