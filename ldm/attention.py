@@ -3,7 +3,8 @@
 Attribute paths mirror CompVis so checkpoint keys load as they are
 (``...transformer_blocks.0.attn2.to_k.weight``, ``ff.net.0.proj``, ``to_out.0``).
 
-Two attention backends compute the same softmax(QK^T / sqrt(d)) V (Vaswani et al. 2017):
+Two attention backends compute the same softmax(QK^T / sqrt(d)) V (Vaswani et al. 2017), here and in the
+VAE's attention block (:func:`attention`):
 - ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA).
 - ``sliced``: the score matrix is built ``slice_size`` query rows at a time, as the optimizedSD fork and
   diffusers' ``set_attention_slice`` do, so peak memory grows with the slice and not with (h*w)^2.
@@ -57,6 +58,13 @@ def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_s
     return out
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B, heads, N, d] tensors, with the backend chosen for the process."""
+    if _backend.name == "sliced":
+        return _sliced_attention(q, k, v, _backend.slice_size)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of queries from ``x`` over keys/values from ``context`` (self-attention without it)."""
 
@@ -76,10 +84,7 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # [B, N, heads * d] -> [B, heads, N, d]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        if _backend.name == "sliced":
-            out = _sliced_attention(q, k, v, _backend.slice_size)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.attention import attention
 from ldm.config import VAEConfig
 
 
@@ -53,7 +54,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # [B, C, H, W] -> [B, 1, H*W, C]: one head of width C.
         q, k, v = (proj(h).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        h = attention(q, k, v)[:, 0]
         h = h.transpose(1, 2).reshape(batch, channels, height, width).contiguous()  # NCHW for the conv
         return x + self.proj_out(h)
 

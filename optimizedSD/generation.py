@@ -274,6 +274,18 @@ def _sample(samplers, GuidedDenoiser, residency, opt, cond, uncond, schedule, x_
         progress.close()
 
 
+def _slice_attention() -> bool:
+    """The last resort when the lowest memory mode ran out: attention in query slices (only helps where the
+    fused kernel falls back to building the whole score matrix). False if it is sliced already."""
+    from ldm.attention import get_attention_backend, set_attention_backend
+
+    if get_attention_backend().name == "sliced":
+        return False
+    set_attention_backend("sliced")
+    log.warning("out of device memory in the lowest mode: retrying with sliced attention")
+    return True
+
+
 def _decode(residency, latent: torch.Tensor, scale_factor: float, tiled: bool, tile: int | None = None) -> torch.Tensor:
     """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
     and again in fp32 if the fp16 VAE overflows."""
@@ -300,8 +312,8 @@ def _decode_with_retry(residency, latent: torch.Tensor, scale_factor: float, til
 
 
 def _with_oom_retry(residency, step: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run ``step``; on CUDA out-of-memory drop to a lower memory mode and run it again (the residency
-    contract). Each step is one batch's sampling or one image's decoding, so nothing is written twice."""
+    """Run ``step``; on CUDA out-of-memory drop to a lower memory mode (then to sliced attention) and run it
+    again (the residency contract). Each step is one batch's sampling or one image's decoding, so nothing is written twice."""
     from ldm.residency import is_out_of_memory
 
     while True:
@@ -313,9 +325,17 @@ def _with_oom_retry(residency, step: Callable[[], torch.Tensor]) -> torch.Tensor
             # Drop the traceback: its frames hold the failed try's activations, which must be freed before
             # the device is emptied and the batch runs again.
             failure = error.with_traceback(None)
-        if not residency.step_down():
+        if not residency.step_down() and not _slice_attention():
             raise failure
         del failure
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """``--attention auto``: PyTorch's fused attention where it has memory-efficient kernels (CUDA, CPU);
+    slices on MPS, whose fused attention builds the whole score matrix (diffusers and A1111 slice there too)."""
+    if name != "auto":
+        return name
+    return "sliced" if device.type == "mps" else "sdpa"
 
 
 def _make_residency(opt: argparse.Namespace, sd, device: torch.device, height: int, width: int):
@@ -323,7 +343,7 @@ def _make_residency(opt: argparse.Namespace, sd, device: torch.device, height: i
     from ldm.attention import set_attention_backend
     from ldm.residency import Residency, auto_budget_bytes, resolve_mode
 
-    set_attention_backend(opt.attention)
+    set_attention_backend(resolve_attention(opt.attention, device))
     dtype = next(sd.unet.parameters()).dtype
     mode = resolve_mode(opt.vram, device, height, width, opt.n_samples, sd=sd, dtype=dtype)
     if opt.vram_budget is not None:

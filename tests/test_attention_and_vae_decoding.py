@@ -37,6 +37,32 @@ def test_sliced_attention_equals_sdpa(sd, restore_backend, slice_size):
     assert (fused - sliced).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("slice_size", [1, 100, None])
+def test_the_vae_attention_follows_the_backend(sd, restore_backend, monkeypatch, slice_size):
+    import ldm.attention as attention_module
+
+    calls = []
+    real = attention_module._sliced_attention
+    monkeypatch.setattr(attention_module, "_sliced_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    latents = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fused = sd.vae.decode(latents)
+        assert calls == []
+        set_attention_backend("sliced", slice_size)
+        sliced = sd.vae.decode(latents)
+    assert calls and calls[0][2] == 144  # the mid block's attention over 12x12 latent pixels, sliced
+    assert (fused - sliced).abs().max() < 1e-5
+
+
+def test_auto_attention_slices_on_mps_only():
+    from optimizedSD.generation import resolve_attention
+
+    assert resolve_attention("auto", torch.device("mps")) == "sliced"
+    assert resolve_attention("auto", torch.device("cuda", 0)) == "sdpa"
+    assert resolve_attention("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_attention("sliced", torch.device("cpu")) == "sliced"
+
+
 def test_unknown_backend_is_refused(restore_backend):
     with pytest.raises(ValueError, match="sdpa or sliced"):
         set_attention_backend("xformers")

@@ -8,12 +8,16 @@ device, and, when even the lowest mode fails, one line, exit code 1 and the imag
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from ldm import residency as residency_module
+from ldm.attention import get_attention_backend, set_attention_backend
 from optimizedSD import generation, optimized_txt2img
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +63,12 @@ def failing(monkeypatch, name: str, failures: int):
     return calls
 
 
+@pytest.fixture(autouse=True)
+def attention_backend_restored():
+    yield
+    set_attention_backend("sdpa")
+
+
 @pytest.mark.parametrize("stage, failures, final_mode", [("_sample", 1, "medium"), ("_sample", 2, "low"),
                                                           ("_decode", 1, "medium")])
 def test_a_batch_that_runs_out_of_memory_is_retried_lower_with_the_same_images(
@@ -99,7 +109,7 @@ def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_
     (line,) = [line for line in err.splitlines() if "error:" in line]
     assert "out of memory" in line and "Tried to allocate 9.00 GiB" in line and "--vram low" in line
     assert sorted(images(outdir)) == ["seed_5_00000.png", "seed_6_00001.png"]  # the first batch stays
-    assert calls["n"] == 1 + 3  # full, then medium, then low
+    assert calls["n"] == 1 + 4  # full, then medium, then low, then low with sliced attention
     assert managers[-1].mode == "low" and managers[-1].on_device() == []
 
 
@@ -120,3 +130,17 @@ def test_a_decode_that_fails_in_every_mode_falls_back_to_small_tiles(tiny_checkp
     assert sorted(images(outdir)) == ["seed_5_00000.png", "seed_6_00001.png"]
     assert tiles == [32, 32]  # one small-tile decode per image, after full, medium and low failed
     assert sum("decoding in 256 px tiles" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_after_the_lowest_mode_attention_is_sliced(tiny_checkpoint, tmp_path, monkeypatch, caplog, managers):
+    assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "clean")) == 0
+    failing(monkeypatch, "_sample", 3)  # full, medium and low fail
+    with caplog.at_level(logging.WARNING):
+        assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "sliced")) == 0
+    assert get_attention_backend().name == "sliced" and managers[-1].mode == "low"
+    assert any("retrying with sliced attention" in r.getMessage() for r in caplog.records)
+    clean, sliced = images(tmp_path / "clean"), images(tmp_path / "sliced")
+    assert sorted(clean) == sorted(sliced)  # the same files; pixels within rounding of the fused result
+    for name in clean:
+        a, b = (np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in (clean[name], sliced[name]))
+        assert np.abs(a - b).max() <= 1
