@@ -166,24 +166,37 @@ def _pinned_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
-def pin_together(tensors: list[torch.Tensor], allocate: Callable[[int], torch.Tensor] = _pinned_buffer) -> int:
-    """Move the tensors' CPU storage into one page-locked buffer; returns its size in bytes.
+PIN_SLAB_BYTES = 256 << 20
 
-    One buffer, not one ``pin_memory()`` per tensor: PyTorch's host allocator rounds every block up to a
-    power of two, which cost about a third more host memory over SD v1's ~1,100 weights. SD v1's 1.99 GiB
-    of fp16 weights round to 2 GiB in one block. Pinned memory is what lets a host-to-device copy run
-    asynchronously on a side stream; the old storage is freed as each tensor moves.
+
+def pin_together(
+    tensors: list[torch.Tensor], allocate: Callable[[int], torch.Tensor] = _pinned_buffer, slab_bytes: int = PIN_SLAB_BYTES
+) -> int:
+    """Move the tensors' CPU storage into page-locked slabs; returns the bytes allocated.
+
+    Pinned memory is what lets a host-to-device copy run on a side stream. PyTorch's pinned host allocator
+    rounds every allocation up to a power of two (pinning each of SD v1's ~1,100 weights alone cost about a
+    third more host memory), so the tensors are packed, largest first, into slabs of ``slab_bytes`` (a
+    power of two). Each tensor's old storage is freed as it moves, if nothing else holds it: the host
+    peak is the weights plus about one slab, not twice the weights. Tensors already pinned stay.
     """
-    sizes = [-(-tensor.numel() * tensor.element_size() // 64) * 64 for tensor in tensors]  # 64-byte aligned
-    buffer = allocate(sum(sizes))
-    offset = 0
-    for tensor, size in zip(tensors, sizes):
+    todo = sorted((t for t in tensors if not t.data.is_pinned()), key=lambda t: -t.numel() * t.element_size())
+    slabs: list[list] = []  # [buffer, bytes used]
+    allocated = 0
+    for tensor in todo:
         nbytes = tensor.numel() * tensor.element_size()
-        home = buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        size = -(-nbytes // 64) * 64  # 64-byte aligned starts, so any dtype can view the bytes
+        slab = next((slab for slab in slabs if slab[1] + size <= slab[0].numel()), None)
+        if slab is None:
+            capacity = max(slab_bytes, 1 << max(size - 1, 0).bit_length())
+            slab = [allocate(capacity), 0]
+            slabs.append(slab)
+            allocated += capacity
+        home = slab[0][slab[1] : slab[1] + nbytes].view(tensor.dtype).view(tensor.shape)
         home.copy_(tensor.data)
         tensor.data = home
-        offset += size
-    return buffer.numel()
+        slab[1] += size
+    return allocated
 
 
 def unet_parts(unet: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -337,11 +350,15 @@ class StreamedUNet:
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """One UNet evaluation; ``chunk`` (the fork's ``--unet_bs``) runs each part on at most that many
         latents at a time, all chunks through a group before the next group comes: one pass of weights per
-        call whatever the chunk, where calling the UNet once per chunk would stream it once per chunk."""
+        call whatever the chunk, where calling the UNet once per chunk would stream it once per chunk. The
+        chunks' skip connections are all alive at once (about 17 MB per 512 px latent in fp16); what a
+        chunk bounds is the attention and feed-forward memory of each block."""
         from ldm.unet import timestep_embedding
 
         unet = self.unet
         dtype = unet.out[2].weight.dtype
+        if not x.shape[0] == timesteps.shape[0] == context.shape[0]:
+            raise ValueError(f"batch sizes differ: x {x.shape[0]}, timesteps {timesteps.shape[0]}, context {context.shape[0]}")
         size = chunk or x.shape[0]
         pieces = [slice(i, i + size) for i in range(0, x.shape[0], size)]
         t_emb = [timestep_embedding(timesteps[p], unet.model_channels).to(dtype) for p in pieces]
@@ -366,6 +383,7 @@ class StreamedUNet:
         for index in self.streamed:
             if self.groups[index].on_device:
                 self.residency._offload(self.groups[index])
+        self._last_offload_done = None
 
 
 class Residency:
@@ -451,12 +469,21 @@ class Residency:
         return True
 
     def _pin_homes(self) -> None:
-        """All three models' CPU copies into one pinned buffer (everything is offloaded when this runs)."""
+        """All three models' CPU copies into pinned slabs (everything is offloaded when this runs). Where
+        the host cannot pin that much, the copies stay pageable: slower, synchronous copies, same results."""
         groups = list(self.whole.values()) + self.unet_groups
-        self.pinned_bytes = pin_together(_tensors_of(list(self.models.values())), _pinned_buffer)
         for group in groups:
-            group.refresh_home()
-        log.info("pinned %.2f GiB of host memory for the weights' CPU copies", self.pinned_bytes / 2**30)
+            group.home = []  # hold no reference to the old storage, so it is freed as each tensor moves
+        try:
+            self.pinned_bytes = pin_together(_tensors_of(list(self.models.values())), _pinned_buffer, PIN_SLAB_BYTES)
+            log.info("pinned %.2f GiB of host memory for the weights' CPU copies", self.pinned_bytes / 2**30)
+        except RuntimeError as error:
+            self.pin = False
+            log.warning("could not pin host memory for the weights (%s); copying from pageable memory",
+                        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        finally:
+            for group in groups:
+                group.refresh_home()
 
     # -- transfers --------------------------------------------------------------------------------------
     def _report(self, event: str, group: ModuleGroup) -> None:
@@ -514,8 +541,9 @@ class Residency:
             if group.on_device:
                 self._offload(group)
         self._release_unet_groups()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # no copy or kernel still reading or writing what was just dropped
             torch.cuda.current_stream(self.device).synchronize()
+            self._copy_stream.synchronize()
 
     def on_device(self) -> list[str]:
         """Names of the groups whose weights are on the device now."""
@@ -533,7 +561,7 @@ def model_bytes(sd=None, dtype: torch.dtype = torch.float16) -> dict[str, int]:
     return {name: count * size for name, count in SD_V1_PARAMETERS.items()}
 
 
-def working_bytes(height: int, width: int, batch: int, dtype: torch.dtype = torch.float16) -> dict[str, int]:
+def working_bytes(height: int, width: int, batch: int, dtype: torch.dtype = torch.float16, tiled: bool = False) -> dict[str, int]:
     """Rough activation memory of one UNet call (classifier-free guidance doubles the batch) and one VAE
     decode, for SD v1's widths. Rules of thumb, not measurements: the OOM fallback covers misses.
 
@@ -541,10 +569,15 @@ def working_bytes(height: int, width: int, batch: int, dtype: torch.dtype = torc
     the feed-forward's 8x width), plus one 64 MiB attention slice. VAE: one image at a time (the
     generator decodes and encodes images singly, whatever the batch), about 8 tensors of 256 channels at
     the image size: the decoder's last level has 128, but its convolutions hold input and output at once.
+    ``tiled``: the VAE decodes 512 px tiles, so a tile's size counts, not the image's.
     """
     size = torch.empty((), dtype=dtype).element_size()
     latent = (height // 8) * (width // 8)
     unet = 2 * batch * latent * 320 * size * 48 + (64 << 20)
+    if tiled:
+        from ldm.vae_decoding import DEFAULT_TILE
+
+        height, width = min(height, DEFAULT_TILE * 8), min(width, DEFAULT_TILE * 8)
     vae = height * width * 256 * size * 8
     return {"unet": unet, "vae": vae, "text_encoder": 2 * batch * 77 * 768 * size * 16}
 
@@ -563,11 +596,13 @@ def resolve_mode(
     sd=None,
     dtype: torch.dtype = torch.float16,
     free_bytes: int | None = None,
+    tiled: bool = False,
 ) -> str:
     """``mode`` itself, or for "auto" the fastest mode whose estimated peak fits the free device memory.
 
     full needs all weights + the largest working memory; medium the largest (model + its working
-    memory); anything less streams the UNet (low). Non-CUDA devices get "full".
+    memory); anything less streams the UNet (low). Non-CUDA devices get "full". ``tiled``: the VAE will
+    decode in tiles (``--vae_tiling``, or automatically for large images).
     """
     if mode != "auto":
         if mode not in MODES:
@@ -579,7 +614,7 @@ def resolve_mode(
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     weights = model_bytes(sd, dtype)
-    work = working_bytes(height, width, batch, dtype)
+    work = working_bytes(height, width, batch, dtype, tiled)
     full = sum(weights.values()) + max(work.values())
     medium = max(weights[name] + work[name] for name in MODEL_NAMES)
     for name, need in (("full", full), ("medium", medium)):

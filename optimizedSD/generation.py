@@ -296,24 +296,41 @@ def _decode(residency, latent: torch.Tensor, scale_factor: float, tiled: bool, t
 
 
 def _decode_with_retry(residency, latent: torch.Tensor, scale_factor: float, tiled: bool) -> torch.Tensor:
-    """``_decode`` with the out-of-memory retries, then, when even the lowest mode fails, small tiles: their
-    seams blend, and a picture with slightly different GroupNorm statistics beats no picture."""
+    """``_decode`` with its own out-of-memory ladder: in full mode the UNet and text encoder leave the
+    device first (medium mode); then 256 px tiles (their seams blend; a picture with slightly different
+    GroupNorm statistics beats no picture); then sliced attention for this decode only. Stepping the UNet
+    further down would not help: medium and low both hold the VAE alone while it decodes."""
+    from ldm.attention import get_attention_backend, set_attention_backend
     from ldm.residency import is_out_of_memory
     from ldm.vae_decoding import SMALL_TILE
 
+    tile, backend = None, get_attention_backend()
     try:
-        return _with_oom_retry(residency, lambda: _decode(residency, latent, scale_factor, tiled))
-    except RuntimeError as error:
-        if not is_out_of_memory(error):
-            raise
-    log.warning("out of device memory decoding in %s mode: decoding in %d px tiles instead",
-                residency.mode, SMALL_TILE * 8)
-    return _decode(residency, latent, scale_factor, True, SMALL_TILE)
+        while True:
+            try:
+                return _decode(residency, latent, scale_factor, tiled, tile)
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                failure = error.with_traceback(None)  # frees the failed try's activations (see _with_oom_retry)
+            if residency.mode == "full":
+                residency.step_down()
+            elif tile != SMALL_TILE:
+                tiled, tile = True, SMALL_TILE
+                log.warning("out of device memory decoding: decoding in %d px tiles instead", SMALL_TILE * 8)
+            elif get_attention_backend().name != "sliced":
+                set_attention_backend("sliced")
+                log.warning("out of device memory decoding in tiles: retrying with sliced attention")
+            else:
+                raise failure
+            del failure
+    finally:
+        set_attention_backend(backend.name, backend.slice_size)
 
 
 def _with_oom_retry(residency, step: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run ``step``; on CUDA out-of-memory drop to a lower memory mode (then to sliced attention) and run it
-    again (the residency contract). Each step is one batch's sampling or one image's decoding, so nothing is written twice."""
+    """Run ``step`` (one batch's sampling, which writes nothing); on CUDA out-of-memory drop to a lower memory
+    mode (after the lowest, to sliced attention) and run it again."""
     from ldm.residency import is_out_of_memory
 
     while True:
@@ -342,10 +359,12 @@ def _make_residency(opt: argparse.Namespace, sd, device: torch.device, height: i
     """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``) and attention backend (``--attention``)."""
     from ldm.attention import set_attention_backend
     from ldm.residency import Residency, auto_budget_bytes, resolve_mode
+    from ldm.vae_decoding import should_tile
 
     set_attention_backend(resolve_attention(opt.attention, device))
     dtype = next(sd.unet.parameters()).dtype
-    mode = resolve_mode(opt.vram, device, height, width, opt.n_samples, sd=sd, dtype=dtype)
+    tiled = should_tile(height, width, opt.vae_tiling)
+    mode = resolve_mode(opt.vram, device, height, width, opt.n_samples, sd=sd, dtype=dtype, tiled=tiled)
     if opt.vram_budget is not None:
         budget = int(opt.vram_budget * 2**30)
     elif opt.vram == "auto" and mode == "low":

@@ -34,6 +34,10 @@ def images(outdir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(outdir.rglob("seed_*"))}
 
 
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
 @pytest.fixture
 def managers(monkeypatch):
     """Every Residency the generator builds, to look at its mode and device afterwards."""
@@ -113,7 +117,9 @@ def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_
     assert managers[-1].mode == "low" and managers[-1].on_device() == []
 
 
-def test_a_decode_that_fails_in_every_mode_falls_back_to_small_tiles(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+def test_a_decode_that_does_not_fit_medium_mode_is_tiled_and_the_unet_keeps_its_mode(
+    tiny_checkpoint, tmp_path, monkeypatch, caplog, managers
+):
     real = generation._decode
     tiles = []
 
@@ -128,8 +134,28 @@ def test_a_decode_that_fails_in_every_mode_falls_back_to_small_tiles(tiny_checkp
     with caplog.at_level(logging.WARNING):
         assert optimized_txt2img.main(argv(tiny_checkpoint, outdir, "--H", "320", "--W", "320")) == 0
     assert sorted(images(outdir)) == ["seed_5_00000.png", "seed_6_00001.png"]
-    assert tiles == [32, 32]  # one small-tile decode per image, after full, medium and low failed
+    assert tiles == [32, 32]  # one small-tile decode per image
     assert sum("decoding in 256 px tiles" in r.getMessage() for r in caplog.records) == 2
+    # Only full mode stepped down (to free the UNet's memory for the VAE); low mode and sliced attention
+    # would not have helped the decode and would slow the sampling of every later batch.
+    assert managers[-1].mode == "medium" and get_attention_backend().name == "sdpa"
+
+
+def test_a_decode_that_fails_in_small_tiles_is_sliced_for_that_image_only(tiny_checkpoint, tmp_path, monkeypatch):
+    real = generation._decode
+    backends = []
+
+    def needs_sliced_attention(residency, latent, scale_factor, tiled, tile=None):
+        backends.append((tile, get_attention_backend().name))
+        if get_attention_backend().name != "sliced":
+            raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        return real(residency, latent, scale_factor, tiled, tile)
+
+    monkeypatch.setattr(generation, "_decode", needs_sliced_attention)
+    assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "out", "--n_samples", "1")) == 0
+    assert backends == [(None, "sdpa"), (None, "sdpa"), (32, "sdpa"), (32, "sliced")]  # full, medium, tiles, sliced
+    assert get_attention_backend().name == "sdpa"
+    assert len(images(tmp_path / "out")) == 1
 
 
 def test_after_the_lowest_mode_attention_is_sliced(tiny_checkpoint, tmp_path, monkeypatch, caplog, managers):
@@ -142,5 +168,54 @@ def test_after_the_lowest_mode_attention_is_sliced(tiny_checkpoint, tmp_path, mo
     clean, sliced = images(tmp_path / "clean"), images(tmp_path / "sliced")
     assert sorted(clean) == sorted(sliced)  # the same files; pixels within rounding of the fused result
     for name in clean:
-        a, b = (np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in (clean[name], sliced[name]))
-        assert np.abs(a - b).max() <= 1
+        assert np.abs(pixels(clean[name]) - pixels(sliced[name])).max() <= 1
+
+
+@pytest.mark.parametrize("vram, budget", [("full", None), ("low", "0.002"), ("low", None)])
+def test_out_of_memory_inside_a_unet_block(tiny_checkpoint, tmp_path, monkeypatch, managers, vram, budget):
+    """The error comes from deep inside a step (groups resident or prefetched in low mode, activations
+    alive in the UNet's frames): by the time the mode steps down, the failed try's activations are freed;
+    the retry gives the images of a run that never failed, and nothing is left on the device."""
+    import weakref
+
+    from ldm.residency import Residency
+    from ldm.unet import TimestepEmbedSequential
+
+    assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "clean")) == 0
+    real_forward, calls, alive = TimestepEmbedSequential.forward, {"n": 0}, []
+
+    def forward(self, x, emb, context):
+        calls["n"] += 1
+        if calls["n"] == 9:  # mid-way through the first UNet evaluation
+            alive.append(weakref.ref(x))
+            raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+        return real_forward(self, x, emb, context)
+
+    real_step_down, freed_at_step_down = Residency.step_down, []
+
+    def step_down(self):
+        import gc
+
+        gc.disable()  # freed by reference counting, not by a collection that happens to run
+        try:
+            freed_at_step_down.append(alive[-1]() is None)
+        finally:
+            gc.enable()
+        return real_step_down(self)
+
+    monkeypatch.setattr(TimestepEmbedSequential, "forward", forward)
+    monkeypatch.setattr(Residency, "step_down", step_down)
+    extra = ["--vram", vram] + (["--vram_budget", budget] if budget else [])
+    assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "retried", *extra)) == 0
+    assert freed_at_step_down == [True]
+    residency = managers[-1]
+    assert residency.mode == {"full": "medium", "low": "low"}[vram] and residency.budget_bytes is None
+    assert residency.on_device() == [] and residency.resident_bytes == 0
+    if vram == "low" and budget is None:  # nothing lower: sliced attention, equal within rounding
+        assert get_attention_backend().name == "sliced"
+        clean, retried = images(tmp_path / "clean"), images(tmp_path / "retried")
+        assert sorted(clean) == sorted(retried)
+        for name in clean:
+            assert np.abs(pixels(clean[name]) - pixels(retried[name])).max() <= 1
+    else:  # the 2 MiB budget kept groups resident and prefetched: dropping it is the step down
+        assert images(tmp_path / "retried") == images(tmp_path / "clean")

@@ -24,6 +24,7 @@ from ldm.residency import (
     is_out_of_memory,
     model_bytes,
     next_lower_mode,
+    pin_together,
     plan_streaming,
     resolve_mode,
     streaming_window_bytes,
@@ -329,12 +330,19 @@ def test_prefetch_starts_after_the_running_group_is_queued(sd):
         assert done < prefetched < offloaded, (group, ran[max(done - 2, 0): offloaded + 2])
 
 
-def test_pinning_moves_every_weight_into_one_buffer_in_medium_and_low_only(sd, monkeypatch):
+def all_tensors(sd):
+    return list({id(t): t for m in (sd.text_encoder, sd.unet, sd.vae) for t in list(m.parameters()) + list(m.buffers())}.values())
+
+
+def test_pinning_moves_every_home_into_pinned_slabs_in_medium_and_low_only(sd, monkeypatch):
     import ldm.residency as residency_module
 
     buffers = []
+    residency = None
 
-    def plain_buffer(nbytes):  # page-locked memory needs CUDA; the layout logic is the same
+    def plain_buffer(nbytes):  # page-locked memory needs CUDA; the packing is the same
+        # No group may still hold the old storage while tensors move, or it could not be freed.
+        assert all(group.home == [] for group in list(residency.whole.values()) + residency.unet_groups)
         buffers.append(torch.empty(nbytes, dtype=torch.uint8))
         return buffers[-1]
 
@@ -345,13 +353,11 @@ def test_pinning_moves_every_weight_into_one_buffer_in_medium_and_low_only(sd, m
     residency = Residency(sd, "cpu", "full", track_cpu_copies=True, pin=True)
     assert buffers == []  # full mode copies each model once: no pinned copy
     residency.set_mode("low")
-    (buffer,) = buffers
-    tensors = [t for m in (sd.text_encoder, sd.unet, sd.vae) for t in list(m.parameters()) + list(m.buffers())]
+    (buffer,) = buffers  # the tiny models fit one slab
     start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
-    assert all(start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end for t in tensors)
-    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-    assert weights <= residency.pinned_bytes < weights + 64 * len(tensors)
-    watch = DeviceWatch(sd)  # homes are the buffer now: onloads copy out of it and offloads come back to it
+    for group in list(residency.whole.values()) + residency.unet_groups:  # every group's home is in the slab
+        assert all(start <= h.data_ptr() and h.data_ptr() + h.numel() * h.element_size() <= end for h in group.home)
+    watch = DeviceWatch(sd)  # homes are the slab now: onloads copy out of it and offloads come back to it
     with residency.use("unet") as unet:
         out = unet(x, t, context)
     residency.set_mode("medium")
@@ -361,6 +367,60 @@ def test_pinning_moves_every_weight_into_one_buffer_in_medium_and_low_only(sd, m
     residency.release()
     assert watch.nothing_on_device() and len(buffers) == 1  # pinned once
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_pin_together_packs_tensors_into_power_of_two_slabs():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(200, generator=g), torch.randn(3, 5, generator=g).t(), torch.tensor(2.5),
+               torch.zeros(0), torch.arange(7), torch.randn(40, generator=g).half(), torch.ones(3, dtype=torch.bool),
+               torch.randn(200, generator=g), torch.randn(200, generator=g),
+               torch.randn(700, generator=g)]  # 2800 bytes: larger than a slab, gets a 4096-byte one
+    values = [t.clone() for t in tensors]
+    slabs = []
+
+    def allocate(nbytes):
+        slabs.append(torch.empty(nbytes, dtype=torch.uint8))
+        return slabs[-1]
+
+    allocated = pin_together(tensors, allocate, slab_bytes=1024)
+    # Largest first, each into the first slab with room: 2800 + 800 + the small ones share the 4096-byte
+    # slab; the other two 800-byte tensors get a 1024-byte slab each.
+    assert sorted(s.numel() for s in slabs) == [1024, 1024, 4096] and allocated == 6144
+    for tensor, value in zip(tensors, values):
+        assert torch.equal(tensor, value) and tensor.dtype == value.dtype and tensor.shape == value.shape
+        if tensor.numel():  # an empty tensor has no address
+            assert any(s.data_ptr() <= tensor.data_ptr() < s.data_ptr() + s.numel() for s in slabs)
+            assert tensor.data_ptr() % 64 == 0
+
+
+def test_a_host_that_cannot_pin_keeps_pageable_copies(sd, monkeypatch, caplog):
+    import ldm.residency as residency_module
+
+    calls = []
+
+    def refused(nbytes):
+        calls.append(nbytes)
+        if len(calls) > 1:  # the first slab is granted, the second refused: some weights moved, some not
+            raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported later")
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(residency_module, "_pinned_buffer", refused)
+    monkeypatch.setattr(residency_module, "PIN_SLAB_BYTES", 4096)
+    x, t, context = unet_inputs(sd)
+    with torch.no_grad():
+        expected = sd.unet(x, t, context)
+    residency = Residency(sd, "cpu", "full", track_cpu_copies=True, pin=True)
+    with caplog.at_level("WARNING", logger="ldm.residency"):
+        residency.set_mode("low")
+    assert len(calls) == 2 and not residency.pin
+    assert any("could not pin host memory" in r.getMessage() for r in caplog.records)
+    watch = DeviceWatch(sd)
+    with residency.use("unet") as unet:
+        torch.testing.assert_close(unet(x, t, context), expected, rtol=0, atol=0)
+    residency.release()
+    assert watch.nothing_on_device()
+    residency.set_mode("medium")  # no second attempt
+    assert len(calls) == 2
 
 
 def test_cpu_device_without_tracking_moves_nothing(sd):
@@ -445,6 +505,9 @@ def test_resolve_mode():
         assert order[mode] >= order[last]
         last = mode
     assert last == "low"
+    # A large image decoded in tiles needs a tile's VAE memory, not the whole image's.
+    assert resolve_mode("auto", "cuda", 1536, 1536, 1, free_bytes=12 * gib) == "medium"
+    assert resolve_mode("auto", "cuda", 1536, 1536, 1, free_bytes=12 * gib, tiled=True) == "full"
     with pytest.raises(ValueError):
         resolve_mode("turbo", "cpu", 512, 512, 1)
 
@@ -462,9 +525,9 @@ def test_model_bytes_and_auto_budget(sd):
         sd_v1_unet = UNetModel(load_model_config().unet).half()
     measured = streaming_window_bytes(SimpleNamespace(unet=sd_v1_unet))
     assert abs(window - measured) < 0.02 * measured  # the estimate without a model is SD v1's window
-    for free in (1.0, 1.2, 1.5, 2.0):
-        budget = auto_budget_bytes("cuda", 512, 512, 1, free_bytes=int(free * 2**30))
-        assert budget is None or budget > window
+    budgets = {free: auto_budget_bytes("cuda", 512, 512, 1, free_bytes=int(free * 2**30)) for free in (1.0, 1.2, 1.5, 2.0)}
+    assert budgets[1.0] is None and budgets[1.2] is None  # 0.13 and 0.29 GiB would be below the window
+    assert window < budgets[1.5] < budgets[2.0] < 2 * 2**30
     probe = Residency(sd, "cpu", "full")
     assert streaming_window_bytes(sd) == sum(sorted(group_sizes(probe))[-2:])
 
