@@ -3,9 +3,9 @@
 The three models (CLIP text encoder, UNet, VAE) live on the CPU (in page-locked, "pinned", slabs when
 the device is CUDA and the mode moves weights during a run: medium and low) and are put on the device
 only while they run. What moves is the tensor storage, never the modules: each :class:`ModuleGroup`
-keeps the one CPU copy of its parameters and buffers and swaps ``tensor.data`` between it and a device copy (the idea of diffusers'
-``hooks/group_offloading.py`` ``ModuleGroup``, without its forward hooks: nothing is patched or stored
-on a module, and every transfer is a call you can see in a traceback).
+keeps the one CPU copy of its parameters and buffers and swaps ``tensor.data`` between it and a device
+copy (the idea of diffusers' ``hooks/group_offloading.py`` ``ModuleGroup``, without its forward hooks:
+nothing is patched or stored on a module, and every transfer is a call you can see in a traceback).
 
 Modes, fastest first:
 
