@@ -106,13 +106,13 @@ class ModuleGroup:
             if tensor.device.type != "cpu":
                 raise ValueError(f"{name}: models must be on the CPU when handed to Residency (found {tensor.device})")
         self.refresh_home()
+        self.on_device = False
+        self.ready: torch.cuda.Event | None = None  # set when the copy was issued on a side stream
 
     def refresh_home(self) -> None:
         """Take the tensors' current (CPU) storage as their home, e.g. after :func:`pin_together` moved it."""
         self.home = [tensor.data for tensor in self.tensors]
         self.nbytes = sum(home.numel() * home.element_size() for home in self.home)
-        self.on_device = False
-        self.ready: torch.cuda.Event | None = None  # set when the copy was issued on a side stream
 
     def onload(self, device: torch.device, copy: bool, stream: torch.cuda.Stream | None = None) -> None:
         """Point the tensors at device copies; on CUDA with ``stream``, copy there and record ``ready``.
