@@ -23,7 +23,7 @@ from diffusers import (
 from ldm.config import ScheduleConfig
 from ldm.guidance import GuidedDenoiser
 from ldm.noise import SeededNoise
-from ldm.samplers import SAMPLER_NAMES, _SAMPLERS, sample
+from ldm.samplers import SAMPLER_NAMES, SAMPLERS, sample
 from ldm.samplers.k_diffusion import lms_coefficients
 from ldm.schedule import DiffusionSchedule
 
@@ -384,4 +384,4 @@ def test_sample_rejects_bad_arguments(eps_model, schedule, noise):
 
 def test_the_dispatch_table_covers_the_public_names():
     assert SAMPLER_NAMES == ("ddim", "plms", "dpm_solver", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms")
-    assert tuple(_SAMPLERS) == SAMPLER_NAMES
+    assert tuple(SAMPLERS) == SAMPLER_NAMES

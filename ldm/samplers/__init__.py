@@ -8,39 +8,58 @@
 - ``dpm2``, ``dpm2_a``: DPM-Solver-2-style midpoint steps, plain and ancestral; 2 calls a step, 1 in the last.
 - ``lms``: linear multistep, order 4; 1 call a step.
 
-Grids (see :mod:`ldm.schedule`): the DDIM one is CompVis' ``range(0, 1000, 1000 // steps) + 1`` (more than
+Each sampler is one :class:`Sampler` record in :data:`SAMPLERS` (its name, the webui's label, the function,
+its grid, its fixed options): the scripts' names, this dispatcher and the images' metadata all read it.
+Grids (:mod:`ldm.samplers.grids`): the DDIM one is CompVis' ``range(0, 1000, 1000 // steps) + 1`` (more than
 ``steps`` timesteps when ``steps`` does not divide 1000, as CompVis); the sigma one is k-diffusion's
 ``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then sigma 0.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ldm.samplers import ddim, dpm_solver, k_diffusion, plms
-from ldm.samplers.common import Callback, EpsModel, NoiseSampler
+from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
+from ldm.samplers.grids import SIGMAS, TIMESTEPS, SigmaGrid, TimestepGrid
 from ldm.schedule import DiffusionSchedule
 
-__all__ = ["SAMPLER_NAMES", "sample"]
+__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "sample"]
 
-SAMPLER_NAMES = ("ddim", "plms", "dpm_solver", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms")
 
-# name: (grid, sampler function, fixed options). "ddim" grid = timesteps over eps; "sigmas" = k-diffusion.
-_SAMPLERS = {
-    "ddim": ("ddim", ddim.sample_ddim, {}),
-    "plms": ("ddim", plms.sample_plms, {}),
-    "dpm_solver": ("sigmas", dpm_solver.sample_dpmpp_2m, {}),
-    "euler": ("sigmas", k_diffusion.sample_euler, {}),
-    "euler_a": ("sigmas", k_diffusion.sample_euler, {"eta": 1.0}),
-    "heun": ("sigmas", k_diffusion.sample_heun, {}),
-    "dpm2": ("sigmas", k_diffusion.sample_dpm2, {}),
-    "dpm2_a": ("sigmas", k_diffusion.sample_dpm2, {"eta": 1.0}),
-    "lms": ("sigmas", k_diffusion.sample_lms, {}),
+@dataclass(frozen=True)
+class Sampler:
+    """Everything about one sampler: the name the scripts take, the name AUTOMATIC1111 writes in its
+    infotext (so its parser maps it back), the function (see :mod:`ldm.samplers.common` for the calling
+    convention), the grid it walks, its fixed options and whether it takes the caller's DDIM eta."""
+
+    name: str
+    label: str
+    function: Callable[..., Tensor]
+    grid: TimestepGrid | SigmaGrid
+    options: tuple[tuple[str, float], ...] = ()
+    takes_eta: bool = False
+
+
+SAMPLERS: dict[str, Sampler] = {
+    s.name: s
+    for s in (
+        Sampler("ddim", "DDIM", ddim.sample_ddim, TIMESTEPS, takes_eta=True),
+        Sampler("plms", "PLMS", plms.sample_plms, TIMESTEPS),
+        Sampler("dpm_solver", "DPM++ 2M", dpm_solver.sample_dpmpp_2m, SIGMAS),
+        Sampler("euler", "Euler", k_diffusion.sample_euler, SIGMAS),
+        Sampler("euler_a", "Euler a", k_diffusion.sample_euler, SIGMAS, options=(("eta", 1.0),)),
+        Sampler("heun", "Heun", k_diffusion.sample_heun, SIGMAS),
+        Sampler("dpm2", "DPM2", k_diffusion.sample_dpm2, SIGMAS),
+        Sampler("dpm2_a", "DPM2 a", k_diffusion.sample_dpm2, SIGMAS, options=(("eta", 1.0),)),
+        Sampler("lms", "LMS", k_diffusion.sample_lms, SIGMAS),
+    )
 }
+SAMPLER_NAMES = tuple(SAMPLERS)
 
 
 @torch.no_grad()
@@ -52,10 +71,10 @@ def sample(
     steps: int,
     *,
     eta: float = 0.0,
-    init_latent: Optional[Tensor] = None,
+    init_latent: Tensor | None = None,
     strength: float = 1.0,
-    noise_sampler: Optional[NoiseSampler] = None,
-    callback: Optional[Callback] = None,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Sample latents: ``sample(name, eps_model, schedule, noise, steps, *, eta=0.0, init_latent=None,
     strength=1.0, noise_sampler=None, callback=None) -> Tensor``.
@@ -88,10 +107,10 @@ def sample(
     Returns:
         The denoised latent (``ddim``/``plms``: at ``alphas_cumprod[0]``, as CompVis).
     """
-    if name not in _SAMPLERS:
+    spec = SAMPLERS.get(name)
+    if spec is None:
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
-    grid, function, options = _SAMPLERS[name]
-    if eta != 0 and name != "ddim":
+    if eta != 0 and not spec.takes_eta:
         raise ValueError(f"eta={eta} applies only to the ddim sampler, not {name!r}")
     if init_latent is None and strength != 1:
         raise ValueError(f"strength={strength} needs an init_latent (img2img)")
@@ -101,26 +120,19 @@ def sample(
         if init_latent.shape != noise.shape:
             raise ValueError(f"init_latent {tuple(init_latent.shape)} and noise {tuple(noise.shape)} differ in shape")
 
-    levels = schedule.ddim_levels(steps) if grid == "ddim" else schedule.get_sigmas(steps).tolist()
+    levels = spec.grid.levels(schedule, steps)
     if init_latent is None or strength == 1:
-        x = noise if grid == "ddim" else noise * levels[0]
+        x = spec.grid.start(noise, levels[0])
     else:
         run = min(int(strength * steps), len(levels) - 1)
         if run == 0:
             return init_latent.clone()
         levels = levels[-(run + 1):]
-        x0 = init_latent.to(noise.dtype)
-        if grid == "ddim":
-            a = schedule.alpha_bar(levels[0])
-            x = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
-        else:
-            x = x0 + levels[0] * noise
+        x = spec.grid.noised(schedule, init_latent.to(noise.dtype), noise, levels[0])
 
-    kwargs = dict(options, callback=callback)
-    if name == "ddim":
-        kwargs["eta"] = eta
-    if kwargs.get("eta", 0) > 0:
-        kwargs["noise_sampler"] = noise_sampler or torch.randn_like
-    if grid == "ddim":
-        return function(eps_model, x, schedule, levels, **kwargs)
-    return function(k_diffusion.EpsDenoiser(eps_model, schedule), x, levels, **kwargs)
+    options = dict(spec.options, callback=callback)
+    if spec.takes_eta:
+        options["eta"] = eta
+    if options.get("eta", 0) > 0:
+        options["noise_sampler"] = noise_sampler or torch.randn_like
+    return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)

@@ -11,13 +11,12 @@ sqrt(1 - a_t) eps``; the result is ``x`` at ``alphas_cumprod[0]``, as CompVis re
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ldm.samplers.common import Callback, EpsModel, NoiseSampler, report, timestep_tensor
-from ldm.schedule import DiffusionSchedule
+from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, report
 
 
 def ddim_sigma(a_t: float, a_prev: float, eta: float) -> float:
@@ -26,7 +25,7 @@ def ddim_sigma(a_t: float, a_prev: float, eta: float) -> float:
 
 
 def ddim_update(
-    x: Tensor, eps: Tensor, a_t: float, a_prev: float, sigma: float = 0.0, noise: Optional[Tensor] = None
+    x: Tensor, eps: Tensor, a_t: float, a_prev: float, sigma: float = 0.0, noise: Tensor | None = None
 ) -> Tensor:
     """Eq. 12: from ``x`` at ``a_t`` to ``a_prev`` given the predicted noise ``eps``."""
     # 1. the predicted x0 ("predicted x_0" term)
@@ -41,14 +40,13 @@ def ddim_update(
 
 @torch.no_grad()
 def sample_ddim(
-    eps_model: EpsModel,
+    model: ScheduledEps,
     x: Tensor,
-    schedule: DiffusionSchedule,
     levels: Sequence[int],
     *,
     eta: float = 0.0,
-    noise_sampler: Optional[NoiseSampler] = None,
-    callback: Optional[Callback] = None,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """DDIM from ``x`` at timestep ``levels[0]`` down the descending ``levels``; eta > 0 draws ``noise_sampler``."""
     if not 0 <= eta <= 1:  # above 1 the step's noise exceeds what the schedule leaves room for
@@ -56,8 +54,8 @@ def sample_ddim(
     noise_sampler = noise_sampler or torch.randn_like
     total = len(levels) - 1
     for i in range(total):
-        a_t, a_prev = schedule.alpha_bar(levels[i]), schedule.alpha_bar(levels[i + 1])
-        eps = eps_model(x, timestep_tensor(x, levels[i]))
+        a_t, a_prev = model.alpha_bar(levels[i]), model.alpha_bar(levels[i + 1])
+        eps = model.eps(x, levels[i])
         sigma = ddim_sigma(a_t, a_prev, eta)
         x = ddim_update(x, eps, a_t, a_prev, sigma, noise_sampler(x) if sigma > 0 else None)
         report(callback, i, total, x)

@@ -1,7 +1,7 @@
 """DPM-Solver++(2M): Lu, Zhou, Bao, Chen, Li & Zhu (2022), "DPM-Solver++: Fast Solver for Guided Sampling of
 Diffusion Probabilistic Models", Algorithm 2 (multistep, second order, data prediction).
 
-Written over the k-diffusion denoiser and sigma grid (:mod:`ldm.samplers.k_diffusion`), as k-diffusion's
+Written over the k-diffusion denoiser (:class:`ldm.samplers.common.ScheduledEps`) and sigma grid, as k-diffusion's
 ``sample_dpmpp_2m``: with ``lambda = -log(sigma)`` and ``h = lambda_next - lambda``, one step is
 
     x_next = (sigma_next / sigma) * x - expm1(-h) * D,    D = (1 + 1/(2r)) D_now - 1/(2r) D_prev,  r = h_prev / h
@@ -14,23 +14,22 @@ and is first order too (lower-order final step): it returns the denoiser's outpu
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ldm.samplers.common import Callback, report
-from ldm.samplers.k_diffusion import EpsDenoiser
+from ldm.samplers.common import Callback, ScheduledEps, report
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    model: EpsDenoiser, x: Tensor, sigmas: Sequence[float] | Tensor, *, callback: Optional[Callback] = None
+    model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, callback: Callback | None = None
 ) -> Tensor:
     """DPM-Solver++(2M) from ``x`` at ``sigmas[0]`` down to ``sigmas[-1]`` (0 ends with a first-order step)."""
     sigmas = [float(s) for s in sigmas]
     total = len(sigmas) - 1
-    old_denoised: Optional[Tensor] = None
+    old_denoised: Tensor | None = None
     h_last = 0.0
     for i in range(total):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

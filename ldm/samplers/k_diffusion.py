@@ -2,7 +2,7 @@
 
 Karras et al. (2022), "Elucidating the Design Space of Diffusion-Based Generative Models": the latent is
 ``x = x0 + sigma * eps`` and a sampler integrates the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) /
-sigma`` from ``sigmas[0]`` down to ``sigmas[-1] = 0`` with a denoiser ``D`` (:class:`EpsDenoiser`, k-diffusion's
+sigma`` from ``sigmas[0]`` down to ``sigmas[-1] = 0`` with a denoiser ``D`` (:class:`ldm.samplers.common.ScheduledEps`, k-diffusion's
 ``CompVisDenoiser``). The grid is :meth:`ldm.schedule.DiffusionSchedule.get_sigmas`.
 
 Ancestral variants (``euler_a``, ``dpm2_a``) are the same functions with ``eta = 1``: each step goes down to
@@ -13,31 +13,13 @@ Ancestral variants (``euler_a``, ``dpm2_a``) are the same functions with ``eta =
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from numpy.polynomial import Polynomial
 from torch import Tensor
 
-from ldm.samplers.common import Callback, EpsModel, NoiseSampler, report, timestep_tensor
-from ldm.schedule import DiffusionSchedule
-
-
-class EpsDenoiser:
-    """``D(x, sigma) = x - sigma * eps_model(x / sqrt(sigma^2 + 1), t(sigma))``: k-diffusion's ``CompVisDenoiser``.
-
-    ``c_in = 1 / sqrt(sigma^2 + 1)`` turns ``x0 + sigma * eps`` back into the DDPM form the UNet was trained
-    on; ``t(sigma)`` is the schedule's log-sigma interpolation (fractional between integer timesteps).
-    """
-
-    def __init__(self, eps_model: EpsModel, schedule: DiffusionSchedule) -> None:
-        self.eps_model = eps_model
-        self.schedule = schedule
-
-    def __call__(self, x: Tensor, sigma: float) -> Tensor:
-        t = float(self.schedule.sigma_to_t(sigma))
-        eps = self.eps_model(x * (1 / math.sqrt(sigma**2 + 1)), timestep_tensor(x, t))
-        return x - sigma * eps
+from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, report
 
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
@@ -54,7 +36,7 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def _add_noise(x: Tensor, sigma_up: float, noise_sampler: Optional[NoiseSampler]) -> Tensor:
+def _add_noise(x: Tensor, sigma_up: float, noise_sampler: NoiseSampler | None) -> Tensor:
     if sigma_up == 0:
         return x
     return x + (noise_sampler or torch.randn_like)(x) * sigma_up
@@ -66,13 +48,13 @@ def _floats(sigmas: Sequence[float] | Tensor) -> list[float]:
 
 @torch.no_grad()
 def sample_euler(
-    model: EpsDenoiser,
+    model: ScheduledEps,
     x: Tensor,
     sigmas: Sequence[float] | Tensor,
     *,
     eta: float = 0.0,
-    noise_sampler: Optional[NoiseSampler] = None,
-    callback: Optional[Callback] = None,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Euler steps (Karras et al., Algorithm 2 without churn); ``eta=1`` is ``euler_a`` (ancestral)."""
     sigmas = _floats(sigmas)
@@ -88,7 +70,7 @@ def sample_euler(
 
 @torch.no_grad()
 def sample_heun(
-    model: EpsDenoiser, x: Tensor, sigmas: Sequence[float] | Tensor, *, callback: Optional[Callback] = None
+    model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, callback: Callback | None = None
 ) -> Tensor:
     """Heun's second-order steps (Karras et al., Algorithm 2 without churn); the step to sigma 0 is Euler."""
     sigmas = _floats(sigmas)
@@ -109,13 +91,13 @@ def sample_heun(
 
 @torch.no_grad()
 def sample_dpm2(
-    model: EpsDenoiser,
+    model: ScheduledEps,
     x: Tensor,
     sigmas: Sequence[float] | Tensor,
     *,
     eta: float = 0.0,
-    noise_sampler: Optional[NoiseSampler] = None,
-    callback: Optional[Callback] = None,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver-2-style midpoint steps (Lu et al. 2022, Algorithm 1 with r=1/2, in k-diffusion's form): the
     derivative at the log-sigma midpoint drives the whole step; the step to sigma 0 is Euler. ``eta=1`` is
@@ -160,12 +142,12 @@ def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]
 
 @torch.no_grad()
 def sample_lms(
-    model: EpsDenoiser,
+    model: ScheduledEps,
     x: Tensor,
     sigmas: Sequence[float] | Tensor,
     *,
     order: int = 4,
-    callback: Optional[Callback] = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Linear multistep (Adams-Bashforth in sigma) of up to ``order`` past derivatives, k-diffusion's ``lms``."""
     sigmas = _floats(sigmas)

@@ -9,14 +9,13 @@ the DDIM prediction of the next level (one extra model call). Same grid as DDIM.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ldm.samplers.common import Callback, EpsModel, report, timestep_tensor
+from ldm.samplers.common import Callback, ScheduledEps, report
 from ldm.samplers.ddim import ddim_update
-from ldm.schedule import DiffusionSchedule
 
 # Adams-Bashforth weights of (eps_now, eps_prev, eps_prev2, eps_prev3), by number of stored eps (1..3).
 _ADAMS_BASHFORTH = {
@@ -28,25 +27,24 @@ _ADAMS_BASHFORTH = {
 
 @torch.no_grad()
 def sample_plms(
-    eps_model: EpsModel,
+    model: ScheduledEps,
     x: Tensor,
-    schedule: DiffusionSchedule,
     levels: Sequence[int],
     *,
-    callback: Optional[Callback] = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """PLMS from ``x`` at timestep ``levels[0]`` down the descending ``levels`` (deterministic, eta = 0)."""
     old_eps: list[Tensor] = []  # newest last, at most 3
     total = len(levels) - 1
     for i in range(total):
         t, t_prev = levels[i], levels[i + 1]
-        a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
-        eps = eps_model(x, timestep_tensor(x, t))
+        a_t, a_prev = model.alpha_bar(t), model.alpha_bar(t_prev)
+        eps = model.eps(x, t)
         if not old_eps:
             # Pseudo improved Euler. CompVis evaluates the second eps at the next DDIM timestep; on a one-step
             # walk it reuses t itself, here it is the next level (0), the timestep that x_pred is at.
             x_pred = ddim_update(x, eps, a_t, a_prev)
-            eps_prime = (eps + eps_model(x_pred, timestep_tensor(x, t_prev))) / 2
+            eps_prime = (eps + model.eps(x_pred, t_prev)) / 2
         else:
             weights = _ADAMS_BASHFORTH[len(old_eps)]
             eps_prime = sum(w * e for w, e in zip(weights, [eps, *reversed(old_eps)]))

@@ -1,0 +1,51 @@
+"""The two time grids the samplers walk, each with how it starts from noise and how it noises an image.
+
+- :data:`TIMESTEPS`: CompVis' DDIM timesteps, ``range(0, 1000, 1000 // steps) + 1`` descending then a final
+  level 0 (:meth:`ldm.schedule.DiffusionSchedule.ddim_levels`). The latent is in the DDPM form
+  ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``; txt2img starts from ``x_T = noise`` as CompVis does.
+- :data:`SIGMAS`: k-diffusion's ``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then
+  sigma 0 (Karras et al. 2022). The latent is ``x = x0 + sigma * eps``; txt2img starts from ``sigma_max * noise``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from ldm.schedule import DiffusionSchedule
+
+
+class TimestepGrid:
+    """Integer DDPM timesteps (the ``ddim`` and ``plms`` samplers)."""
+
+    name = "timesteps"
+
+    def levels(self, schedule: DiffusionSchedule, steps: int) -> list[float]:
+        return schedule.ddim_levels(steps)
+
+    def start(self, noise: Tensor, level: float) -> Tensor:
+        return noise
+
+    def noised(self, schedule: DiffusionSchedule, x0: Tensor, noise: Tensor, level: float) -> Tensor:
+        a = schedule.alpha_bar(level)
+        return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
+
+
+class SigmaGrid:
+    """k-diffusion's noise levels (every other sampler)."""
+
+    name = "sigmas"
+
+    def levels(self, schedule: DiffusionSchedule, steps: int) -> list[float]:
+        return schedule.get_sigmas(steps).tolist()
+
+    def start(self, noise: Tensor, level: float) -> Tensor:
+        return noise * level
+
+    def noised(self, schedule: DiffusionSchedule, x0: Tensor, noise: Tensor, level: float) -> Tensor:
+        return x0 + level * noise
+
+
+TIMESTEPS = TimestepGrid()
+SIGMAS = SigmaGrid()
