@@ -70,6 +70,8 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "read_checkpoint"]
@@ -84,7 +86,7 @@ _STAND_IN_PACKAGES = ("pytorch_lightning", "lightning", "lightning_fabric")
 _MAX_SHOWN_NAME = 120
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot (or must not) be read; the message is one line and names the file."""
 
 

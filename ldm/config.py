@@ -13,10 +13,12 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
+from ldm.errors import UserError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model config that cannot be read or does not describe an SD v1-style model."""
 
 

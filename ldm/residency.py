@@ -46,6 +46,8 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import nn
 
+from ldm.out_of_memory import is_out_of_memory  # noqa: F401  (the one detector; re-exported for callers)
+
 log = logging.getLogger(__name__)
 
 MODES = ("full", "medium", "low")
@@ -53,7 +55,7 @@ VRAM_CHOICES = ("auto",) + MODES
 MODEL_NAMES = ("text_encoder", "unet", "vae")
 GRANULARITIES = ("blocks", "stages")
 
-# SD v1 parameter counts (FACTS.md), for estimates made before a model is loaded.
+# SD v1 parameter counts (exact, tests/test_sd_v1_shapes.py), for estimates made before a model is loaded.
 SD_V1_PARAMETERS = {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863}
 
 
@@ -71,13 +73,6 @@ def next_lower_mode(mode: str) -> str | None:
         raise ValueError(f"unknown vram mode {mode!r}; choose one of {', '.join(MODES)}")
     index = MODES.index(mode)
     return MODES[index + 1] if index + 1 < len(MODES) else None
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for a device out-of-memory error (``torch.cuda.OutOfMemoryError`` or an allocator message)."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:

@@ -17,21 +17,20 @@ from typing import Sequence
 import torch
 
 from ldm.config import DEFAULT_CONFIG
+from ldm.errors import UserError
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
-
-TXT2IMG = "txt2img"
-IMG2IMG = "img2img"
+from optimizedSD.request import IMG2IMG, TXT2IMG, GenerationRequest
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_CONFIG_ARG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 VRAM_MODES = ("auto", "full", "medium", "low")
 SEED_MAX = 1_000_000  # the fork draws random seeds from [0, 1e6]
-LATENT_FACTOR = 64  # H and W must be multiples of this (the UNet halves 8x8-downsampled latents 3 times)
+SIZE_MULTIPLE = 64  # H and W must be multiples of this (the UNet halves 8x8-downsampled latents 3 times)
 MAX_SIDE = 8192  # px; beyond this a single latent no longer fits any GPU or this loop's tensors
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """Bad command-line input; the scripts print it as one line and exit with code 2."""
 
 
@@ -43,8 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_multiple(name: str, value: int) -> None:
-    if value <= 0 or value % LATENT_FACTOR:
-        raise UsageError(f"--{name} must be a positive multiple of {LATENT_FACTOR}, got {value}")
+    if value <= 0 or value % SIZE_MULTIPLE:
+        raise UsageError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
     if value > MAX_SIDE:
         raise UsageError(f"--{name} must be at most {MAX_SIDE}, got {value}")
 
@@ -151,25 +150,60 @@ def resolve_config(value: str | None) -> Path:
     return relative if relative.is_file() else DEFAULT_CONFIG
 
 
-def parse_args(argv: Sequence[str] | None, mode: str) -> argparse.Namespace:
-    """Parse and check the flags; fills in ``seed``, ``device``, ``vram`` (turbo) and ``config``."""
+def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
+    """Parse and check the flags into a :class:`GenerationRequest`: the seed drawn when absent, the device and
+    config resolved, ``--turbo`` and ``--vram_budget`` folded into the memory mode."""
     opt = build_parser(mode).parse_args(argv)
     opt.mode = mode
     check_args(opt)
-    if opt.seed is None:
-        opt.seed = random.randint(0, SEED_MAX)
-    opt.device = resolve_device(opt.device)
-    opt.config = resolve_config(opt.config)
-    if opt.turbo and opt.vram == "auto":
-        opt.vram = "medium"  # the fork's --turbo keeps the UNet resident for all steps
-    if opt.vram_budget is not None:
-        if opt.vram == "auto":
-            opt.vram = "low"  # the budget is what low mode fits its streamed UNet into
-        elif opt.vram != "low":
-            raise UsageError(f"--vram_budget applies to --vram low, not {opt.vram}" + (" (--turbo)" if opt.turbo else ""))
-    if opt.n_rows == 0:
-        opt.n_rows = opt.n_samples
-    return opt
+    return GenerationRequest(
+        mode=mode,
+        prompt=opt.prompt,
+        negative_prompt=opt.negative_prompt,
+        from_file=Path(opt.from_file) if opt.from_file else None,
+        init_img=Path(opt.init_img) if mode == IMG2IMG else None,
+        strength=opt.strength if mode == IMG2IMG else None,
+        height=opt.H,
+        width=opt.W,
+        seed=random.randint(0, SEED_MAX) if opt.seed is None else opt.seed,
+        n_samples=opt.n_samples,
+        n_iter=opt.n_iter,
+        steps=opt.ddim_steps,
+        sampler=opt.sampler,
+        eta=opt.ddim_eta,
+        scale=opt.scale,
+        fixed_code=opt.fixed_code,
+        ckpt=Path(opt.ckpt),
+        config=resolve_config(opt.config),
+        use_ema=opt.use_ema,
+        device=resolve_device(opt.device),
+        precision=opt.precision,
+        vram=resolve_vram(opt),
+        vram_budget_bytes=None if opt.vram_budget is None else int(opt.vram_budget * 2**30),
+        unet_bs=opt.unet_bs,
+        attention=opt.attention,
+        vae_tiling=opt.vae_tiling,
+        embedding_cache=Path(opt.embedding_cache) if opt.embedding_cache else None,
+        outdir=Path(opt.outdir),
+        image_format=opt.format,
+        skip_grid=opt.skip_grid,
+        skip_save=opt.skip_save,
+        n_rows=opt.n_rows or opt.n_samples,
+        watermark=not opt.no_watermark,
+    )
+
+
+def resolve_vram(opt: argparse.Namespace) -> str:
+    """``--vram``, with the fork's ``--turbo`` (medium: the UNet stays for all steps) and ``--vram_budget``
+    (what low mode fits its streamed UNet into) folded in."""
+    vram = "medium" if opt.turbo and opt.vram == "auto" else opt.vram
+    if opt.vram_budget is None:
+        return vram
+    if vram == "auto":
+        return "low"
+    if vram != "low":
+        raise UsageError(f"--vram_budget applies to --vram low, not {vram}" + (" (--turbo)" if opt.turbo else ""))
+    return vram
 
 
 def check_args(opt: argparse.Namespace) -> None:

@@ -11,34 +11,13 @@ import logging
 import sys
 from typing import Sequence
 
-from optimizedSD.arguments import UsageError, parse_args
-from optimizedSD.outputs import OutputError
-from optimizedSD.prompts import PromptError
+from ldm.errors import UserError
+from optimizedSD.arguments import parse_args
 
 EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 1
 EXIT_INTERRUPTED = 130
 OUT_OF_MEMORY_HELP = "try a smaller --H/--W or --n_samples, or --vram low --unet_bs 1"
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    """Out of device or host memory: CUDA's error, Python's, or the CPU allocator's RuntimeError."""
-    if isinstance(error, MemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [UsageError, PromptError, OutputError]
-    try:
-        from ldm.checkpoint_file import CheckpointError
-        from ldm.config import ConfigError
-
-        errors += [CheckpointError, ConfigError]
-    except ImportError:  # the library is broken: let the real error surface below
-        pass
-    return tuple(errors)
 
 
 def main(argv: Sequence[str] | None, mode: str) -> int:
@@ -47,15 +26,17 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(message)s")
     try:
-        opt = parse_args(argv, mode)
-        from optimizedSD.generation import generate
+        request = parse_args(argv, mode)
+        from optimizedSD.generation import generate  # after parsing: --help and flag errors need no model code
 
-        summary = generate(opt)
-    except _user_errors() as error:
+        summary = generate(request)
+    except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except (MemoryError, RuntimeError) as error:
-        if not _is_out_of_memory(error):
+        from ldm.out_of_memory import is_out_of_memory
+
+        if not is_out_of_memory(error):
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"{prog}: error: out of memory ({first_line}); {OUT_OF_MEMORY_HELP} "

@@ -30,24 +30,14 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ldm.errors import UserError
+from ldm.samplers import SAMPLERS
+
 log = logging.getLogger(__name__)
 
 WATERMARK_TEXT = "StableDiffusionV1"
 WATERMARK_MIN_SIZE = 256  # invisible-watermark refuses images under 256x256
 FOLDER_NAME_MAX = 100
-
-# A1111's sampler names, so its infotext parser maps them back.
-SAMPLER_LABELS = {
-    "ddim": "DDIM",
-    "plms": "PLMS",
-    "dpm_solver": "DPM++ 2M",  # ldm.samplers: DPM-Solver++(2M) over k-diffusion sigmas
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a",
-    "lms": "LMS",
-}
 
 _WINDOWS_FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -55,7 +45,7 @@ _SAMPLE_NAME = re.compile(r"^seed_-?\d+_(\d+)\.[A-Za-z0-9]+$")
 _GRID_NAME = re.compile(r"^grid-(\d+)\.[A-Za-z0-9]+$")
 
 
-class OutputError(OSError):
+class OutputError(UserError, OSError):
     """The output folder cannot be used (reported to the user in one line)."""
 
 
@@ -118,7 +108,7 @@ def infotext(
     """
     params: dict[str, object | None] = {
         "Steps": steps,
-        "Sampler": SAMPLER_LABELS.get(sampler, sampler),
+        "Sampler": SAMPLERS[sampler].label,
         "CFG scale": _number(scale),
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -252,7 +242,6 @@ class SampleWriter:
     def __post_init__(self) -> None:
         self.outdir = Path(self.outdir)
         self._next: dict[Path, int] = {}
-        self.written: list[Path] = []
 
     def prepare(self, folder_name: str) -> Path:
         """Create ``<outdir>/<folder_name>``; raises :class:`OutputError` when that is not possible."""
@@ -276,7 +265,6 @@ class SampleWriter:
         pil, kwargs = _encode_image(self.postprocess(image), self.fmt, text)
         path, index = _write_exclusive(folder, lambda n: f"seed_{seed}_{n:05}.{self.fmt}", self._next[folder], pil, kwargs)
         self._next[folder] = index + 1
-        self.written.append(path)
         return path
 
     def write_grid(self, images: Sequence[np.ndarray], per_row: int, text: str | None) -> Path:

@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ldm.errors import UserError
+
 log = logging.getLogger(__name__)
 ENCODE_CHUNK = 32  # sub-prompts per text-encoder call
 
@@ -32,7 +34,7 @@ ENCODE_CHUNK = 32  # sub-prompts per text-encoder call
 _WEIGHT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt or prompts file the generator cannot use (reported to the user in one line)."""
 
 
@@ -128,7 +130,7 @@ def checkpoint_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str
 
 
 class EmbeddingCache:
-    """Text encodings kept on disk between runs (the idea of seed project 003's prompt cache).
+    """Text encodings kept on disk between runs (the idea of the prompt caches of SD front ends).
 
     One safetensors file per (checkpoint, dtype, text): ``<dir>/<sha256>.safetensors`` holding ``[77, D]``.
     A file that cannot be read is ignored and rewritten.

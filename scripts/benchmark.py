@@ -65,24 +65,6 @@ def _cuda_peaks(torch, device) -> dict:
     }
 
 
-class _Stamps(logging.Handler):
-    """Wall-clock times of the generation loop's log records: when loading starts and when it is done."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.loading: float | None = None
-        self.loaded: float | None = None
-        self.mode: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = str(record.msg)
-        if message.startswith("loading") and self.loading is None:
-            self.loading = record.created
-        elif message.startswith("memory mode"):  # logged by generation._make_residency right after the load
-            self.loaded = record.created
-            self.mode = str(record.args[0]) if record.args else None
-
-
 def run_ours(spec: dict) -> dict:
     import torch
 
@@ -90,8 +72,6 @@ def run_ours(spec: dict) -> dict:
     from optimizedSD.generation import generate
 
     torch.set_num_threads(spec["threads"])
-    logger = logging.getLogger("optimizedSD.generation")
-    logger.setLevel(logging.INFO)
     device = torch.device(spec["device"])
 
     def argv(steps: int, outdir: str) -> list[str]:
@@ -112,16 +92,11 @@ def run_ours(spec: dict) -> dict:
             generate(parse_args(argv(2, outdir), TXT2IMG))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        stamps = _Stamps()
-        logger.addHandler(stamps)
         started = time.time()
         summary = generate(parse_args(argv(spec["steps"], outdir), TXT2IMG))
         finished = time.time()
-        logger.removeHandler(stamps)
-    result = {"images": summary.images, "total_s": finished - started, "mode_used": stamps.mode or spec["mode"]}
-    if stamps.loaded is not None:
-        result["load_s"] = stamps.loaded - started
-        result["generate_s"] = finished - stamps.loaded
+    result = {"images": summary.images, "total_s": finished - started, "mode_used": summary.memory_mode,
+              "load_s": summary.load_seconds, "generate_s": summary.seconds - summary.load_seconds}
     result.update(_cuda_peaks(torch, device))
     return result
 
@@ -338,7 +313,8 @@ def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
     return lines
 
 
-# The issue's targets, batch 1: (our mode, compared with, on what, at most). "peak VRAM" is absolute (GiB).
+# The project's targets (docs/benchmarks.md), batch 1: (our mode, compared with, on what, at most). "peak VRAM" is
+# absolute (GiB).
 TARGETS = (
     ("low", None, "peak VRAM", 0.5),
     ("low", ("ours", "full"), "generate", 1.5),

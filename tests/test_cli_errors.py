@@ -180,7 +180,7 @@ def test_out_of_memory_is_one_line(base, tmp_path, capsys, monkeypatch):
     def exhausted(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(generation, "_decode", exhausted)
+    monkeypatch.setattr(generation, "decode_image", exhausted)
     assert optimized_txt2img.main(base) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -42,13 +42,13 @@ def pixels(png: bytes) -> np.ndarray:
 def managers(monkeypatch):
     """Every Residency the generator builds, to look at its mode and device afterwards."""
     built = []
-    make = generation._make_residency
+    make = generation.make_residency
 
     def recording(*args, **kwargs):
         built.append(make(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(generation, "_make_residency", recording)
+    monkeypatch.setattr(generation, "make_residency", recording)
     return built
 
 
@@ -73,8 +73,8 @@ def attention_backend_restored():
     set_attention_backend("sdpa")
 
 
-@pytest.mark.parametrize("stage, failures, final_mode", [("_sample", 1, "medium"), ("_sample", 2, "low"),
-                                                          ("_decode", 1, "medium")])
+@pytest.mark.parametrize("stage, failures, final_mode", [("run_sampler", 1, "medium"), ("run_sampler", 2, "low"),
+                                                          ("decode_image", 1, "medium")])
 def test_a_batch_that_runs_out_of_memory_is_retried_lower_with_the_same_images(
     tiny_checkpoint, tmp_path, monkeypatch, caplog, managers, stage, failures, final_mode
 ):
@@ -96,7 +96,7 @@ def test_a_batch_that_runs_out_of_memory_is_retried_lower_with_the_same_images(
 def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_try(
     tiny_checkpoint, tmp_path, monkeypatch, capsys, managers
 ):
-    real = generation._sample
+    real = generation.run_sampler
     calls = {"n": 0}
 
     def second_batch_never_fits(*args, **kwargs):
@@ -105,7 +105,7 @@ def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_
             raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "_sample", second_batch_never_fits)
+    monkeypatch.setattr(generation, "run_sampler", second_batch_never_fits)
     outdir = tmp_path / "out"
     assert optimized_txt2img.main(argv(tiny_checkpoint, outdir, "--n_iter", "2")) == 1
     err = capsys.readouterr().err
@@ -120,7 +120,7 @@ def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_
 def test_a_decode_that_does_not_fit_medium_mode_is_tiled_and_the_unet_keeps_its_mode(
     tiny_checkpoint, tmp_path, monkeypatch, caplog, managers
 ):
-    real = generation._decode
+    real = generation.decode_image
     tiles = []
 
     def whole_image_never_fits(residency, latent, scale_factor, tiled, tile=None):
@@ -129,7 +129,7 @@ def test_a_decode_that_does_not_fit_medium_mode_is_tiled_and_the_unet_keeps_its_
         tiles.append(tile)
         return real(residency, latent, scale_factor, tiled, tile)
 
-    monkeypatch.setattr(generation, "_decode", whole_image_never_fits)
+    monkeypatch.setattr(generation, "decode_image", whole_image_never_fits)
     outdir = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
         assert optimized_txt2img.main(argv(tiny_checkpoint, outdir, "--H", "320", "--W", "320")) == 0
@@ -142,7 +142,7 @@ def test_a_decode_that_does_not_fit_medium_mode_is_tiled_and_the_unet_keeps_its_
 
 
 def test_a_decode_that_fails_in_small_tiles_is_sliced_for_that_image_only(tiny_checkpoint, tmp_path, monkeypatch):
-    real = generation._decode
+    real = generation.decode_image
     backends = []
 
     def needs_sliced_attention(residency, latent, scale_factor, tiled, tile=None):
@@ -151,7 +151,7 @@ def test_a_decode_that_fails_in_small_tiles_is_sliced_for_that_image_only(tiny_c
             raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
         return real(residency, latent, scale_factor, tiled, tile)
 
-    monkeypatch.setattr(generation, "_decode", needs_sliced_attention)
+    monkeypatch.setattr(generation, "decode_image", needs_sliced_attention)
     assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "out", "--n_samples", "1")) == 0
     assert backends == [(None, "sdpa"), (None, "sdpa"), (32, "sdpa"), (32, "sliced")]  # full, medium, tiles, sliced
     assert get_attention_backend().name == "sdpa"
@@ -160,7 +160,7 @@ def test_a_decode_that_fails_in_small_tiles_is_sliced_for_that_image_only(tiny_c
 
 def test_after_the_lowest_mode_attention_is_sliced(tiny_checkpoint, tmp_path, monkeypatch, caplog, managers):
     assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "clean")) == 0
-    failing(monkeypatch, "_sample", 3)  # full, medium and low fail
+    failing(monkeypatch, "run_sampler", 3)  # full, medium and low fail
     with caplog.at_level(logging.WARNING):
         assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "sliced")) == 0
     assert get_attention_backend().name == "sliced" and managers[-1].mode == "low"

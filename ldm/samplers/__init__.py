@@ -112,6 +112,21 @@ def sample(
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
     if eta != 0 and not spec.takes_eta:
         raise ValueError(f"eta={eta} applies only to the ddim sampler, not {name!r}")
+    start = _start(spec, schedule, noise, steps, init_latent, strength)
+    if start is None:
+        return init_latent.clone()
+    x, levels = start
+    options = dict(spec.options, callback=callback)
+    if spec.takes_eta:
+        options["eta"] = eta
+    if options.get("eta", 0) > 0:
+        options["noise_sampler"] = noise_sampler or torch.randn_like
+    return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
+
+
+def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, steps: int, init_latent: Tensor | None,
+           strength: float) -> tuple[Tensor, list[float]] | None:
+    """The latent the walk starts from and the levels it walks; None when img2img has no step to run."""
     if init_latent is None and strength != 1:
         raise ValueError(f"strength={strength} needs an init_latent (img2img)")
     if init_latent is not None:
@@ -119,20 +134,11 @@ def sample(
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init_latent.shape != noise.shape:
             raise ValueError(f"init_latent {tuple(init_latent.shape)} and noise {tuple(noise.shape)} differ in shape")
-
     levels = spec.grid.levels(schedule, steps)
     if init_latent is None or strength == 1:
-        x = spec.grid.start(noise, levels[0])
-    else:
-        run = min(int(strength * steps), len(levels) - 1)
-        if run == 0:
-            return init_latent.clone()
-        levels = levels[-(run + 1):]
-        x = spec.grid.noised(schedule, init_latent.to(noise.dtype), noise, levels[0])
-
-    options = dict(spec.options, callback=callback)
-    if spec.takes_eta:
-        options["eta"] = eta
-    if options.get("eta", 0) > 0:
-        options["noise_sampler"] = noise_sampler or torch.randn_like
-    return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
+        return spec.grid.start(noise, levels[0]), levels
+    run = min(int(strength * steps), len(levels) - 1)
+    if run == 0:
+        return None
+    levels = levels[-(run + 1):]
+    return spec.grid.noised(schedule, init_latent.to(noise.dtype), noise, levels[0]), levels

@@ -1,0 +1,74 @@
+"""What one run of a script is asked to do: :class:`GenerationRequest`, built and checked by
+:func:`optimizedSD.arguments.parse_args`, read by :func:`optimizedSD.generation.generate`.
+
+Frozen and typed: every flag has been checked and resolved (the device, the config path, a random seed
+drawn, ``--turbo`` and ``--vram_budget`` folded into ``vram``) before the request exists, so the generation
+stages read plain values and never an ``argparse.Namespace``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TXT2IMG = "txt2img"
+IMG2IMG = "img2img"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One run: what to draw, how, from which model, and where the images go."""
+
+    mode: str  # TXT2IMG or IMG2IMG
+    # what to draw
+    prompt: str
+    negative_prompt: str
+    from_file: Path | None  # prompts file, one a line (replaces ``prompt``)
+    init_img: Path | None  # img2img
+    strength: float | None  # img2img: how much of the init image to redo
+    height: int | None  # None (img2img): the init image's, floored to a multiple of SIZE_MULTIPLE
+    width: int | None
+    # how
+    seed: int
+    n_samples: int
+    n_iter: int
+    steps: int
+    sampler: str
+    eta: float
+    scale: float
+    fixed_code: bool
+    # the model and the machine
+    ckpt: Path
+    config: Path
+    use_ema: bool
+    device: torch.device
+    precision: str  # "autocast" (fp16 on CUDA) or "full"
+    vram: str  # auto, full, medium or low
+    vram_budget_bytes: int | None
+    unet_bs: int | None
+    attention: str  # auto, sdpa or sliced
+    vae_tiling: bool
+    embedding_cache: Path | None
+    # outputs
+    outdir: Path
+    image_format: str  # png or jpg
+    skip_grid: bool
+    skip_save: bool
+    n_rows: int
+    watermark: bool
+
+    @property
+    def img2img(self) -> bool:
+        return self.mode == IMG2IMG
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance runs (``scale == 1`` needs no unconditional pass)."""
+        return self.scale != 1.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """``autocast`` means fp16 weights on CUDA (as the fork's ``model.half()``); fp32 on CPU and MPS."""
+        return torch.float16 if self.precision == "autocast" and self.device.type == "cuda" else torch.float32
