@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import save_file
 
 import ldm.checkpoint_file as checkpoint_file
+import ldm.restricted_unpickler as restricted_unpickler
+from ldm.torch_zip import inspect_torch_zip
 from ldm.checkpoint_file import CheckpointError, read_checkpoint
 
 
@@ -180,7 +182,8 @@ def test_zip_is_memory_mapped_and_legacy_is_not(tmp_path, monkeypatch):
         torch.save({"state_dict": _weights()}, path, _use_new_zipfile_serialization=zip_format)
         read_checkpoint(path)
     assert [c["mmap"] for c in calls] == [True, False]
-    assert all(c["pickle_module"] is checkpoint_file._RESTRICTED_PICKLE and c["weights_only"] is False for c in calls)
+    assert all(c["pickle_module"].Unpickler.__mro__[1] is restricted_unpickler._RestrictedUnpickler for c in calls)
+    assert all(c["weights_only"] is False for c in calls)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,8 +411,10 @@ def test_numpy_ndarray_is_not_handed_out(tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": _weights(), "x": _Payload(np.ndarray, (1,), np.dtype(object), bytearray(b"\x41" * 8))}, path)
     # Loads (the entry is dropped), and the object array was never built.
-    unpickled = torch.load(path, pickle_module=checkpoint_file._RESTRICTED_PICKLE, weights_only=False)
-    assert isinstance(unpickled["x"], checkpoint_file._InertStandIn)
+    module = restricted_unpickler.restricted_pickle_module(restricted_unpickler.PickleLimits(
+        record_sizes=inspect_torch_zip(path, path.stat().st_size).storage_sizes))
+    unpickled = torch.load(path, pickle_module=module, weights_only=False)
+    assert isinstance(unpickled["x"], restricted_unpickler.InertStandIn)
     assert "numpy.ndarray" in repr(unpickled["x"])
     assert set(read_checkpoint(path)) == set(_weights())
 
