@@ -21,9 +21,16 @@ def _escape_char(char: str) -> str:
 
 
 def escaped(text: object, limit: int = MAX_NAME) -> str:
-    """``text`` with every non-printable character (newline, ESC, bidi controls) escaped, cut to ``limit``."""
-    shown = "".join(_escape_char(char) for char in str(text)[: limit * 2])
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    """``text`` with every non-printable character (newline, ESC, bidi controls) escaped, at most
+    ``limit`` characters: a longer one loses its middle, so a message keeps its subject and its advice."""
+    text = str(text)
+    if len(text) > 2 * limit:  # escaping only lengthens: never escape more than can be shown
+        text = text[:limit] + text[-limit:]
+    shown = "".join(_escape_char(char) for char in text)
+    if len(shown) <= limit:
+        return shown
+    head = (limit - 3) * 2 // 3
+    return shown[:head] + "..." + shown[len(shown) - (limit - 3 - head):]
 
 
 def one_line(text: object, limit: int = MAX_MESSAGE) -> str:

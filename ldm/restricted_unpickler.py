@@ -66,6 +66,7 @@ __all__ = ["PickleLimits", "PickleRefused", "RefusedGlobal", "InertStandIn", "re
 MAX_PICKLE_MEMORY = 256 * 2**20  # estimated bytes of Python objects one checkpoint's pickles may build
 MAX_DEPTH = 64  # containers inside containers; SD v1 files nest fewer than 10 deep
 MAX_LINE = 64 * 2**10  # protocol-0 text opcodes (GLOBAL's module and name, INT, ...)
+_SMALL_READ = 4096  # reads up to this size are opcode arguments, charged with their opcode
 _MAX_HASHED_INT = 2**61 - 2  # below sys.hash_info.modulus: distinct ints then have distinct hashes
 _OPCODE_COST = 64  # bytes: a stack slot plus a small object
 _CONTAINER_COST = 256  # an empty dict / set / list with its first slots
@@ -143,6 +144,8 @@ class _BoundedReader:
         file.seek(position)
 
     def read(self, size: int = -1) -> bytes:
+        if 0 <= size <= _SMALL_READ:  # opcode arguments: a short read just ends the pickle early
+            return self._file.read(size)
         if size < 0 or size > self._end - self._file.tell():
             raise pickle.UnpicklingError("the pickle declares more data than the file holds")
         self._limits.charge(size)
