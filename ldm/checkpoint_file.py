@@ -193,10 +193,9 @@ def _sniff_format(head: bytes, size: int) -> str:
     if head.count(0) == len(head):  # a preallocated file the download never filled
         return "zeros"
     # safetensors: little-endian u64 header length, then the JSON header itself.
-    if len(head) >= 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 2 <= header_len <= size - 8:
-            return "safetensors"
+    # (A header longer than the file is still safetensors, damaged: the library says so.)
+    if len(head) >= 10 and head[8:10] in (b'{"', b"{}") and struct.unpack("<Q", head[:8])[0] >= 2:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04"):  # the same test torch.serialization._is_zipfile makes
         return "zip"
     # Before the pickle test: a pickle whose first 512 bytes also form a valid tar header would

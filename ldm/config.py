@@ -25,6 +25,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stable-di
 
 MAX_CONFIG_BYTES = 2**20  # CompVis' configs are ~2 KB
 MAX_YAML_EVENTS = 100_000
+MAX_YAML_DEPTH = 32
 # CLIP's tokenizer has 49,408 ids; transformers' activations that CLIP configs use.
 TOKENIZER_VOCAB = 49408
 TEXT_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
@@ -324,8 +325,23 @@ def _read_config_text(path: Path) -> str:
         raise ConfigError(f"cannot read config {shown}: not UTF-8 text (byte {error.start})") from None
 
 
+def _flow_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting, quotes ignored: PyYAML's scanner is quadratic in it."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def _refuse_yaml_bombs(text: str) -> None:
-    """Aliases (``*a``) let a 1 KB yaml expand to gigabytes when omegaconf copies it: configs need none."""
+    """Aliases (``*a``) let a 1 KB yaml expand to gigabytes when omegaconf copies it: configs need none.
+    Deep flow nesting (``[[[[...``) makes PyYAML's scanner quadratic: configs nest 2 deep."""
+    if _flow_depth(text) > MAX_YAML_DEPTH:
+        raise ConfigError(f"nests brackets deeper than {MAX_YAML_DEPTH} levels")
     for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
         if isinstance(event, yaml.AliasEvent):
             raise ConfigError("uses yaml aliases (*name), which model configs do not need")

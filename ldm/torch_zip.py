@@ -105,6 +105,8 @@ def inspect_torch_zip(file: Path, size: int) -> TorchZipLayout:
             infos = tuple(archive.infolist())
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as error:
         raise _damaged(f"zip directory: {escaped(error, 120)}") from None
+    if len(infos) != entries:  # miniz sizes its tables by the count, zipfile walks the directory
+        raise _damaged(f"the zip end record counts {entries} records, the directory lists {len(infos)}")
     names = [info.filename for info in infos]
     if not names or len(set(names)) != len(names):
         raise ZipRefused("the zip archive is empty or lists a record twice")
