@@ -87,8 +87,10 @@ def open_init_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS)
     path = check_input_file(path, "init image", MAX_IMAGE_FILE)
     shown = escaped(path, 200)
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:  # reads the header only
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+            image = Image.open(path)  # reads the header only
+        with image:
             width, height = image.size
             if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > max_pixels:
                 raise UsageError(f"init image {shown} is {width}x{height}; at most {MAX_IMAGE_SIDE} px a side "

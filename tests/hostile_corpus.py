@@ -571,10 +571,12 @@ def read_manifest(path: Path) -> list[Case]:
 
 def main(argv: list[str]) -> int:
     """``DIR``: build and print the manifest; ``--check DIR``: build and read every case;
-    ``--check-manifest FILE [NAME...]``: read the (named) cases of an already built corpus."""
+    ``--check-manifest FILE [--skip-slow] [NAME...]``: read the (named) cases of an already built corpus."""
     if argv[:1] == ["--check-manifest"]:
         cases = read_manifest(Path(argv[1]))
-        wanted = set(argv[2:])
+        if "--skip-slow" in argv[2:]:
+            cases = [case for case in cases if not case.slow]
+        wanted = set(argv[2:]) - {"--skip-slow"}
         check_in_process([case for case in cases if not wanted or case.name in wanted])
         return 0
     check = "--check" in argv

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "optimizedSD" / "optimized_txt2img.py"
 MAX_SECONDS = 20
 MAX_RSS_GROWTH = 2**30
-CLI_SAMPLES = ("deep_tuple_key", "gadget_posix.system_p2_zip", "config_num_heads_0")
+CLI_SAMPLES = ("gadget_posix.system_p2_zip", "config_num_heads_0")  # each run imports torch: ~4 s
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +77,7 @@ def test_reader_refuses_every_fast_case_in_one_line(corpus):
     cases, manifest = corpus
     fast = [case for case in cases if not case.slow]
     assert len(fast) > 1000
-    results = _check_in_child(manifest, [])  # all of them: the slow ones cost ~10 s together
+    results = _check_in_child(manifest, ["--skip-slow"])
     _assert_reader_results(fast, results)
 
 
@@ -93,9 +93,10 @@ def test_the_payloads_are_live(corpus, tmp_path):
     cases, _ = corpus
     live = [case for case in cases if case.name in ("gadget_posix.system_p2_legacy", "gadget_builtins.exec_p4_zip")]
     assert len(live) == 2
+    code = "import sys, torch\nfor path in sys.argv[1:]:\n    try:\n        torch.load(path, weights_only=False)\n" \
+           "    except Exception:\n        pass\n"
+    subprocess.run([sys.executable, "-c", code, *(case.path for case in live)], capture_output=True, timeout=300, cwd=tmp_path)
     for case in live:
-        code = f"import torch\ntry:\n    torch.load({case.path!r}, weights_only=False)\nexcept Exception:\n    pass\n"
-        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=tmp_path)
         assert Path(case.marker).exists(), case.name
         Path(case.marker).unlink()
 
