@@ -37,7 +37,7 @@ from ldm.torch_zip import ZipRefused, inspect_torch_zip, verify_crcs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "read_checkpoint"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_torch_data"]
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # Keys under which training code nests the weights: CompVis/Lightning use "state_dict"; other trainers
@@ -79,12 +79,42 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     missing, unreadable, damaged, holds no tensors, holds unusable tensors or would need to run code.
     """
     shown = escaped(os.fspath(path), 300)
-    try:
-        weights = _read(Path(path), shown)
+
+    def read_and_check() -> dict[str, torch.Tensor]:
         from ldm.weight_checks import check_weights
 
+        weights = _read(Path(path), shown)
         check_weights(weights, shown)
         return weights
+
+    return _one_error(read_and_check, shown)
+
+
+def read_torch_data(path: str | os.PathLike[str]) -> Any:
+    """The whole content of a small PyTorch ``.pt`` / ``.bin`` file, read by the same restricted unpickler.
+
+    For files whose tensors are not a flat state dict, such as textual-inversion embeddings
+    (``{"string_to_param": {"*": tensor}, "name": ..., "step": ...}``): nested dicts, strings and numbers
+    come back as they are; classes outside the allowlist are refused as in :func:`read_checkpoint`
+    (a ``torch.nn.ParameterDict`` becomes an inert stand-in whose pickled state is ``_stand_in_state``).
+    The tensors are not checked: the caller knows which of them it uses.
+    """
+    shown = escaped(os.fspath(path), 300)
+
+    def read() -> Any:
+        file = Path(path)
+        kind, size = _checked_kind(file, shown)
+        if kind not in ("zip", "pickle"):
+            raise CheckpointError(f"cannot read {shown}: not a PyTorch .pt/.bin file (found {kind} data)")
+        return _read_torch_pickle(file, shown, size, zip_format=kind == "zip")
+
+    return _one_error(read, shown)
+
+
+def _one_error(read, shown: str) -> Any:
+    """``read()``, with whatever goes wrong inside turned into one :class:`CheckpointError`."""
+    try:
+        return read()
     except CheckpointError:
         raise
     except (RefusedGlobal, PickleRefused, ZipRefused) as error:
@@ -121,7 +151,8 @@ def _refusal_in(error: BaseException) -> BaseException | None:
     return None
 
 
-def _read(file: Path, shown: str) -> dict[str, torch.Tensor]:
+def _checked_kind(file: Path, shown: str) -> tuple[str, int]:
+    """(format, size) of a regular file, from its first bytes (see :func:`_sniff_format`)."""
     try:
         info = os.stat(file)
     except FileNotFoundError:
@@ -132,8 +163,11 @@ def _read(file: Path, shown: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {shown}: it is a directory, not a checkpoint file")
     if not stat.S_ISREG(info.st_mode):
         raise CheckpointError(f"cannot read {shown}: not a regular file (a pipe, socket or device)")
-    head = _read_head(file, shown)
-    kind = _sniff_format(head, info.st_size)
+    return _sniff_format(_read_head(file, shown), info.st_size), info.st_size
+
+
+def _read(file: Path, shown: str) -> dict[str, torch.Tensor]:
+    kind, size = _checked_kind(file, shown)
 
     if file.suffix.lower() == SAFETENSORS_SUFFIX and kind not in ("safetensors", "empty", "zeros"):
         looks_like = {"zip": "a PyTorch zip checkpoint", "pickle": "a PyTorch pickle"}.get(kind, "unrecognised data")
@@ -149,7 +183,7 @@ def _read(file: Path, shown: str) -> dict[str, torch.Tensor]:
     if kind == "safetensors":
         weights = _read_safetensors(file, shown)
     else:
-        weights = _tensors_only(_read_torch_pickle(file, shown, info.st_size, zip_format=kind == "zip"), shown)
+        weights = _tensors_only(_read_torch_pickle(file, shown, size, zip_format=kind == "zip"), shown)
     if not weights:
         raise CheckpointError(f"cannot use {shown}: it contains no tensors")
     log.debug("read %d tensors from %s (%s)", len(weights), shown, kind)

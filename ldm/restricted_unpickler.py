@@ -397,11 +397,20 @@ _NUMPY_DATA_GLOBALS = frozenset(
 ) | {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray.ndarray", "numpy._core.multiarray.ndarray"}
 
 
+# Textual-inversion files saved with torch 1.11-1.12 pickle their vectors inside a ParameterDict module;
+# its state (``_parameters``) is plain data, its class is never needed.
+_MODULE_CONTAINERS = frozenset({"torch.nn.modules.container.ParameterDict"})
+
+
 def _is_stand_in(module: str, name: str) -> bool:
     if any(module == package or module.startswith(package + ".") for package in _STAND_IN_PACKAGES):
         return True
     qualified = f"{module}.{name}"
-    return qualified in _NUMPY_DATA_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType"))
+    return (
+        qualified in _NUMPY_DATA_GLOBALS
+        or qualified in _MODULE_CONTAINERS
+        or (module == "numpy.dtypes" and name.endswith("DType"))
+    )
 
 
 def _shown_name(module: Any, name: Any) -> str:

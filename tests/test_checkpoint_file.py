@@ -613,3 +613,21 @@ def test_messages_escape_names_and_keep_one_line():
     long = one_line("cannot read x: " + "k" * 1000 + " does --config match?")
     assert len(long) == 400 and long.startswith("cannot read x: ") and long.endswith("does --config match?")
     assert str(CheckpointError("two\nlines")) == "two"
+
+
+def test_read_torch_data_returns_nested_data_with_module_containers_as_stand_ins(tmp_path, marker):
+    """Textual-inversion files: nested dicts, ints and a ParameterDict (torch 1.11-1.12 saves), no code run."""
+    vectors = torch.randn(2, 8)
+    path = tmp_path / "embedding.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "name": "cat",
+                "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors)})}, path)
+    data = checkpoint_file.read_torch_data(path)
+    assert data["name"] == "cat" and int(data["string_to_token"]["*"]) == 265
+    holder = data["string_to_param"]
+    assert isinstance(holder, restricted_unpickler.InertStandIn)
+    assert torch.equal(holder._stand_in_state["_parameters"]["*"].detach(), vectors)
+    evil = tmp_path / "evil.pt"
+    torch.save({"name": "x", "p": _Payload(os.system, f"touch {marker}")}, evil)
+    with pytest.raises(CheckpointError, match="which could run code"):
+        checkpoint_file.read_torch_data(evil)
+    assert not marker.exists()
