@@ -153,8 +153,10 @@ def resolve_config(value: str | None) -> Path:
 def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
     """Parse and check the flags into a :class:`GenerationRequest`: the seed drawn when absent, the device and
     config resolved, ``--turbo`` and ``--vram_budget`` folded into the memory mode."""
-    opt = build_parser(mode).parse_args(argv)
+    parser = build_parser(mode)
+    opt = parser.parse_args(argv)
     opt.mode = mode
+    require_values(parser, opt)
     check_args(opt)
     return GenerationRequest(
         mode=mode,
@@ -204,6 +206,13 @@ def resolve_vram(opt: argparse.Namespace) -> str:
     if vram != "low":
         raise UsageError(f"--vram_budget applies to --vram low, not {vram}" + (" (--turbo)" if opt.turbo else ""))
     return vram
+
+
+def require_values(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
+    """The fork declares some flags ``nargs="?"``: given bare (``--outdir`` at the end of a line) they hold None."""
+    for action in parser._actions:
+        if action.nargs == "?" and action.default is not None and getattr(opt, action.dest, None) is None:
+            raise UsageError(f"{action.option_strings[0]} needs a value")
 
 
 def check_args(opt: argparse.Namespace) -> None:

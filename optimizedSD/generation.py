@@ -51,7 +51,11 @@ from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mo
 from ldm.schedule import DiffusionSchedule
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
 from optimizedSD.arguments import UsageError
+from ldm.messages import escaped
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
+from optimizedSD.input_checks import (
+    MAX_PROMPTS_FILE, check_conditioning, check_finite, check_input_file, check_prompt_weights, check_text,
+)
 from optimizedSD.outputs import SampleWriter, Watermarker, infotext, model_hash, prompt_folder_name, to_uint8
 from optimizedSD.prompts import EmbeddingCache, PromptEncoder, checkpoint_fingerprint, distinct, parse_prompt, read_prompts_file
 from optimizedSD.request import GenerationRequest
@@ -102,9 +106,14 @@ class RunInputs:
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
     """Read and check everything the user gave, so that mistakes surface before the (slow) model load."""
-    prompts = read_prompts_file(request.from_file) if request.from_file else [request.prompt]
+    if request.from_file:
+        check_input_file(request.from_file, "prompts file", MAX_PROMPTS_FILE)  # not /dev/zero, a FIFO, 1 GB
+    prompts = read_prompts_file(request.from_file) if request.from_file else [check_text(request.prompt, "--prompt")]
+    check_text(request.negative_prompt, "--negative_prompt")
+    check_finite(request.scale, "--scale")
     for text in (*distinct(prompts), request.negative_prompt):
-        parse_prompt(text)  # weights summing to zero fail now, not after loading
+        weighted = parse_prompt(text)  # weights summing to zero fail now, not after loading
+        check_prompt_weights([weight for _, weight in weighted.parts], text)
     init_image = load_init_image(request.init_img) if request.img2img else None
     height, width = output_size(request, init_image)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
@@ -173,8 +182,9 @@ def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Re
     if request.embedding_cache is not None:
         try:
             cache = EmbeddingCache(request.embedding_cache, checkpoint_fingerprint(request.ckpt), request.dtype)
-        except OSError as error:
-            raise UsageError(f"cannot use --embedding_cache {request.embedding_cache}: {error}") from None
+        except OSError as error:  # the cache only saves time: never fail a run over it
+            log.warning("not using --embedding_cache %s: %s", escaped(request.embedding_cache),
+                        escaped(error.strerror or error))
     encoder = PromptEncoder(cache)
     needed = distinct(prompts) + ([request.negative_prompt] if request.guided else [])
     if encoder.missing(needed):
@@ -232,6 +242,9 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
     device, dtype, size = request.device, request.dtype, len(batch.seeds)
     cond = encoder.batch(batch.prompt, size, device, dtype)
     uncond = encoder.batch(request.negative_prompt, size, device, dtype) if request.guided else None
+    check_conditioning(cond, "prompt")  # NaN here (fp16 overflow, a bad cache entry) is a black image
+    if uncond is not None:
+        check_conditioning(uncond, "negative prompt")
 
     def attempt() -> torch.Tensor:
         noise = SeededNoise(batch.seeds)  # fresh generators on every try: a retry draws the same noise

@@ -32,6 +32,8 @@ from PIL import Image, PngImagePlugin
 
 from ldm.errors import UserError
 from ldm.samplers import SAMPLERS
+from optimizedSD.atomic_files import write_new_file
+from optimizedSD.input_checks import cut_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def prompt_folder_name(prompt: str) -> str:
     names get a ``_`` prefix, an empty result becomes ``_``, and the name is cut to 100 characters.
     """
     name = _WINDOWS_FORBIDDEN.sub("_", prompt.replace(" ", "_"))
-    name = name[:FOLDER_NAME_MAX].rstrip(". ")
+    name = cut_to_bytes(name[:FOLDER_NAME_MAX]).rstrip(". ")  # file systems count bytes: 100 CJK chars are 300
     if not name:
         return "_"
     if name.split(".")[0].upper() in _WINDOWS_RESERVED:
@@ -213,21 +215,13 @@ def _write_exclusive(folder: Path, make_name, start: int, image: Image.Image, kw
     index = start
     while True:
         path = folder / make_name(index)
-        try:
-            handle = open(path, "xb")
+        try:  # a temporary file linked to its final name once whole: never a partial file under a final name
+            write_new_file(path, lambda handle: image.save(handle, **kwargs))
         except FileExistsError:
             index += 1
             continue
         except OSError as error:
             raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
-        try:
-            with handle:
-                image.save(handle, **kwargs)
-        except BaseException as error:
-            path.unlink(missing_ok=True)  # no half-written file left behind
-            if isinstance(error, OSError):
-                raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
-            raise
         return path, index
 
 
