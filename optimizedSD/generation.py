@@ -118,6 +118,8 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     height, width = output_size(request, init_image)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
+    for prompt in distinct(prompts):  # every prompt's folder now: a name the file system refuses fails here
+        writer.prepare(prompt_folder_name(prompt))
     config = load_model_config(request.config)
     if request.steps > config.schedule.timesteps:
         raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")

@@ -153,9 +153,14 @@ class EmbeddingCache:
         if not path.is_file():
             return None
         try:
-            return load_file(str(path))["encoding"]
-        except Exception as error:  # a torn or foreign file: recompute rather than fail the run
-            log.warning("ignoring unreadable cached encoding %s: %s", path, error)
+            encoding = load_file(str(path))["encoding"]
+            if encoding.ndim != 2 or str(encoding.dtype).removeprefix("torch.") != self.dtype_name:
+                raise ValueError(f"a {str(encoding.dtype).removeprefix('torch.')} tensor of shape {tuple(encoding.shape)}")
+            if not bool(torch.isfinite(encoding).all()):
+                raise ValueError("NaN or infinite values")
+            return encoding
+        except Exception as error:  # a torn, foreign or damaged file: recompute (and replace) rather than fail
+            log.warning("ignoring unusable cached encoding %s: %s", path, str(error).splitlines()[0] if str(error) else error)
             return None
 
     def put(self, text: str, encoding: torch.Tensor) -> None:

@@ -77,3 +77,25 @@ def test_a_closed_or_full_stdout_does_not_fail_the_run(base, tmp_path, stdout):
         code = process.wait(timeout=300)
     assert code == 0 and "Traceback" not in err and "Exception ignored" not in err, err
     assert len(list((tmp_path / "out").rglob("*.png"))) == 1
+
+
+def test_a_damaged_cache_entry_is_recomputed_and_replaced(base, tmp_path, caplog):
+    """A cached encoding with NaN, or of the wrong dtype or rank: one warning, the same image as without a cache."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    assert optimized_txt2img.main([*base, "--embedding_cache", str(cache), "--outdir", str(tmp_path / "first")]) == 0
+    entries = sorted(cache.glob("*.safetensors"))
+    assert entries
+    first = np.asarray(Image.open(next((tmp_path / "first").rglob("*.png"))))
+    for index, entry in enumerate(entries):
+        bad = [torch.full((77, 32), float("nan")), torch.zeros(3, dtype=torch.float64)][index % 2]
+        save_file({"encoding": bad}, str(entry))
+    assert optimized_txt2img.main([*base, "--embedding_cache", str(cache), "--outdir", str(tmp_path / "second")]) == 0
+    assert "ignoring unusable cached encoding" in caplog.text
+    second = np.asarray(Image.open(next((tmp_path / "second").rglob("*.png"))))
+    assert np.array_equal(first, second)
+    assert all(torch.isfinite(load_file(str(entry))["encoding"]).all() for entry in entries)  # replaced
