@@ -118,7 +118,7 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     height, width = output_size(request, init_image)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
-    for prompt in distinct(prompts):  # every prompt's folder now: a name the file system refuses fails here
+    for prompt in distinct(prompts) if not request.skip_save else ():  # every prompt's folder now, not after sampling
         writer.prepare(prompt_folder_name(prompt))
     config = load_model_config(request.config)
     if request.steps > config.schedule.timesteps:
