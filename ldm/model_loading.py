@@ -48,9 +48,6 @@ from ldm.unet import UNetModel
 
 log = logging.getLogger(__name__)
 
-_ema_key = ema_key  # the name tests and older callers import
-
-
 @dataclass
 class StableDiffusion:
     """The loaded model: three modules, the noise schedule and the latent scale factor."""
@@ -188,6 +185,9 @@ def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
     if is_diffusers_folder(checkpoint):
         return read_diffusers_folder(checkpoint)
+    if checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: a folder without model_index.json: --ckpt takes a checkpoint file "
+                              "or a diffusers model folder")
     return read_checkpoint(checkpoint)
 
 

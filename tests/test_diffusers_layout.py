@@ -172,3 +172,9 @@ def test_shard_outside_the_folder_is_refused(tiny_state_dict, tiny_config_path, 
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="is not a file name in the same folder"):
         load_stable_diffusion(folder, tiny_config_path)
+
+
+def test_folder_without_model_index(tmp_path, tiny_config_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(CheckpointError, match="a folder without model_index.json"):
+        load_stable_diffusion(tmp_path, tiny_config_path)

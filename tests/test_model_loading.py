@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ldm.checkpoint_file import CheckpointError
-from ldm.model_loading import _ema_key, load_stable_diffusion
+from ldm.checkpoint_layout import ema_key as _ema_key
+from ldm.model_loading import load_stable_diffusion
 from ldm.random_checkpoint import TEXT_PREFIX, UNET_PREFIX, save_checkpoint
 
 
