@@ -75,11 +75,6 @@ class DiffusionSchedule:
         betas = make_betas(cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end)
         return cls(torch.cumprod(1 - betas, dim=0))
 
-    @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "DiffusionSchedule":
-        """The schedule stored in a checkpoint's ``alphas_cumprod`` buffer (float32 there; kept as float64 here)."""
-        return cls(alphas_cumprod)
-
     def matches_buffer(self, buffer: Tensor) -> bool:
         """Whether a checkpoint's stored ``alphas_cumprod`` is this schedule up to the rounding of its dtype.
 
