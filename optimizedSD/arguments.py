@@ -85,7 +85,10 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: fp16 weights on CUDA (fp32 elsewhere); full: fp32 everywhere")
     add("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: cuda, else mps, else cpu)")
-    add("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors)")
+    add("--ckpt", type=str, default=DEFAULT_CKPT,
+        help="the SD v1 checkpoint: a .ckpt / .safetensors file or a diffusers model folder (model_index.json)")
+    add("--vae", type=str, default=None, metavar="FILE",
+        help="a VAE to use instead of the checkpoint's: .ckpt / .pt / .safetensors, or a diffusers VAE folder")
     add("--use_ema", action="store_true",
         help="sample with the file's EMA weights (model_ema.*) when it has them; by default the plain weights, "
              "as CompVis, diffusers and AUTOMATIC1111 do")
@@ -176,6 +179,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         scale=opt.scale,
         fixed_code=opt.fixed_code,
         ckpt=Path(opt.ckpt),
+        vae=Path(opt.vae) if opt.vae else None,
         config=resolve_config(opt.config),
         use_ema=opt.use_ema,
         device=resolve_device(opt.device),

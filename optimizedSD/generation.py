@@ -27,6 +27,7 @@ Memory: which model sits on the device when is :class:`ldm.residency.Residency`'
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from ldm.attention import set_attention_backend
 from ldm.autoencoder import DiagonalGaussian
 from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
+from ldm.diffusers_layout import is_diffusers_folder, weight_files
 from ldm.guidance import GuidedDenoiser
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
@@ -125,8 +127,11 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
         raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
     if not request.ckpt.exists():
         raise UsageError(f"checkpoint not found: {request.ckpt}; {WEIGHTS_HELP}")
-    if not request.ckpt.is_file():
-        raise UsageError(f"checkpoint is not a file: {request.ckpt}; {WEIGHTS_HELP}")
+    if not request.ckpt.is_file() and not is_diffusers_folder(request.ckpt):
+        raise UsageError(f"checkpoint is neither a file nor a diffusers model folder (with model_index.json): "
+                         f"{request.ckpt}; {WEIGHTS_HELP}")
+    if request.vae is not None and not request.vae.exists():
+        raise UsageError(f"--vae not found: {request.vae}")
     return RunInputs(prompts, init_image, height, width, writer, config)
 
 
@@ -144,11 +149,12 @@ def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype and put it under a memory mode."""
     log.info("loading %s", request.ckpt)
     try:
-        sd = load_stable_diffusion(request.ckpt, inputs.config, dtype=request.dtype, use_ema=request.use_ema)
+        sd = load_stable_diffusion(request.ckpt, inputs.config, dtype=request.dtype, use_ema=request.use_ema,
+                                   vae=request.vae)
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     residency = make_residency(request, sd, inputs.height, inputs.width)
-    return LoadedModel(sd, residency, DiffusionSchedule(sd.alphas_cumprod))
+    return LoadedModel(sd, residency, sd.schedule)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
@@ -183,7 +189,7 @@ def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Re
     cache = None
     if request.embedding_cache is not None:
         try:
-            cache = EmbeddingCache(request.embedding_cache, checkpoint_fingerprint(request.ckpt), request.dtype)
+            cache = EmbeddingCache(request.embedding_cache, text_encoder_fingerprint(request.ckpt), request.dtype)
         except OSError as error:  # the cache only saves time: never fail a run over it
             log.warning("not using --embedding_cache %s: %s", escaped(request.embedding_cache),
                         escaped(error.strerror or error))
@@ -193,6 +199,18 @@ def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Re
         with residency.use("text_encoder") as text_encoder:
             encoder.encode_missing(needed, text_encoder.encode)
     return encoder
+
+
+def text_encoder_fingerprint(ckpt: Path) -> str:
+    """What keys cached encodings: the checkpoint file, or a diffusers folder's text-encoder weight files."""
+    if not ckpt.is_dir():
+        return checkpoint_fingerprint(ckpt)
+    return hashlib.sha256("".join(checkpoint_fingerprint(f) for f in weight_files(ckpt / "text_encoder")).encode()).hexdigest()
+
+
+def weights_hash(path: Path | None) -> str | None:
+    """A1111's shorthash (sha256 of the whole file, 10 digits); a diffusers folder has none."""
+    return model_hash(path) if path is not None and path.is_file() else None
 
 
 # ---- 4. img2img's input preparer -------------------------------------------------------------------------------
@@ -315,7 +333,8 @@ class RunOutputs:
     def __init__(self, request: GenerationRequest, inputs: RunInputs, summary: RunSummary) -> None:
         self.request, self.writer, self.summary = request, inputs.writer, summary
         self.size = (inputs.width, inputs.height)
-        self.model_hash = None if request.skip_save else model_hash(request.ckpt)  # sha256 of the whole file
+        self.model_hash = None if request.skip_save else weights_hash(request.ckpt)
+        self.vae_hash = None if request.skip_save else weights_hash(request.vae)
         self.grid_images: list[np.ndarray] = []
 
     def add(self, prompt: str, seed: int, image: np.ndarray) -> None:
@@ -328,7 +347,8 @@ class RunOutputs:
         text = infotext(
             prompt, request.negative_prompt if request.guided else "", steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
-            model_name=request.ckpt.stem, strength=request.strength, eta=request.eta,
+            model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
+            strength=request.strength, eta=request.eta,
         )
         self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
 

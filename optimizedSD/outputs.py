@@ -99,6 +99,8 @@ def infotext(
     height: int,
     model_hash: str | None,
     model_name: str | None = None,
+    vae_hash: str | None = None,
+    vae_name: str | None = None,
     strength: float | None = None,
     eta: float | None = None,
 ) -> str:
@@ -116,6 +118,8 @@ def infotext(
         "Size": f"{width}x{height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE hash": vae_hash,  # --vae: A1111's sd_vae.get_loaded_vae_hash (shorthash) and _name (file name)
+        "VAE": vae_name,
         "Denoising strength": None if strength is None else _number(strength),
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
     }

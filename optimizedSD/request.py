@@ -40,7 +40,8 @@ class GenerationRequest:
     scale: float
     fixed_code: bool
     # the model and the machine
-    ckpt: Path
+    ckpt: Path  # a checkpoint file or a diffusers model folder
+    vae: Path | None  # --vae: a VAE file or folder replacing the checkpoint's
     config: Path
     use_ema: bool
     device: torch.device

@@ -91,7 +91,7 @@ def run_pipeline(sd, residency, steps=4, sampler="ddim"):
         uncond = text_encoder.encode(["", ""])
     noise = SeededNoise([7, 8])
     x_T = noise.initial((4, 8, 8))
-    schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
+    schedule = sd.schedule
     with residency.use("unet") as unet, torch.no_grad():
         latents = samplers.sample(sampler, GuidedDenoiser(unet, cond, uncond, 7.5), schedule, x_T, steps)
     with residency.use("vae") as vae, torch.no_grad():
