@@ -245,7 +245,7 @@ def change_delta(change: ModuleChange, shape: torch.Size, device: torch.device) 
             w2 = _product(p["lokr_w2_a"], p["lokr_w2_b"])
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        delta = torch.kron(w1, w2)
+        delta = torch.kron(w1.contiguous(), w2.contiguous())
     if delta.numel() != math.prod(shape):
         raise LoraError(
             f"layer {change.target.component}.{change.target.path}: the LoRA's change has shape "

@@ -124,3 +124,112 @@ def test_merged_weights_equal_diffusers_fuse_lora(layout, weight, ours, pipe, tm
     assert applied[0][0].unmatched_keys == 0
     assert changed_ours == changed_ref > 0
     assert worst < TOLERANCE, f"{layout}: max |ours - diffusers| = {worst:.2e}"
+
+
+def peft_lycoris_file(kind, model, prefix, seed):
+    """A random LyCORIS adapter built by PEFT on ``model`` (diffusers UNet or CLIP), written in kohya's
+    layout, and the weights PEFT merges from it: ``(file tensors, {module name: merged weight})``."""
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    targets = [name for name, _ in lora_files.layers(model)]  # PEFT matches them as suffixes
+    alpha = 3.0
+    if kind == "loha":  # use_effective_conv2d: the Tucker form (hada_t1 / hada_t2) on 3x3 convs
+        config = LoHaConfig(r=2, alpha=alpha, target_modules=targets, use_effective_conv2d=True)
+    else:  # w1 full, w2 = w2_a @ w2_b (Tucker with lokr_t2 on 3x3 convs)
+        config = LoKrConfig(r=2, alpha=alpha, target_modules=targets, use_effective_conv2d=True, decompose_both=True)
+    inject_adapter_in_model(config, model, adapter_name="default")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".hada_" in name or ".lokr_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
+    tensors = {}
+    for key, value in get_peft_model_state_dict(model, adapter_name="default").items():
+        module, _, part = key.rpartition(".")
+        tensors[prefix + module.removeprefix("text_model.").replace(".", "_") + "." + part] = value
+    for module in {key.rpartition(".")[0] for key in list(tensors)}:
+        tensors[module + ".alpha"] = torch.tensor(alpha)
+    return tensors, model
+
+
+def peft_merged(model, weight):
+    """PEFT's own merge of the adapter at ``weight`` (LycorisLayer.set_scale: weight * alpha / r)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_scale("default", weight)
+            module.merge()
+            merged[name.removeprefix("text_model.")] = module.get_base_layer().weight.detach().clone()
+    return merged
+
+
+@pytest.mark.parametrize("kind, weight", [("loha", 0.9), ("lokr", -0.6)])
+def test_lycoris_merge_equals_peft(kind, weight, ours, pipe, tmp_path):
+    """LoHa and LoKr (linear, 1x1 and Tucker 3x3 conv layers, UNet and text encoder) against PEFT's layers."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet_tensors, unet = peft_lycoris_file(kind, pipe.unet, "lora_unet_", 11)
+    text_tensors, text = peft_lycoris_file(kind, pipe.text_encoder, "lora_te_text_model_", 12)
+    if kind == "loha":
+        assert any(k.endswith("hada_t1") for k in unet_tensors)
+    else:
+        assert any(k.endswith("lokr_t2") for k in unet_tensors) and any(k.endswith("lokr_w2_b") for k in text_tensors)
+    path = lora_files.save({**unet_tensors, **text_tensors}, tmp_path / f"{kind}.safetensors")
+    apply_loras(ours, [(path, weight)])
+
+    expected = {**peft_merged(unet, weight), **peft_merged(text, weight)}
+    got_unet, got_text = diffusers_named(ours, pipe.unet.config)
+    got = {**{k.removesuffix(".weight"): v for k, v in got_unet.items()},
+           **{k.removesuffix(".weight"): v for k, v in got_text.items()}}
+    worst = max(max_abs_diff(got[name], value) for name, value in expected.items())
+    assert len(expected) > 100
+    assert worst < TOLERANCE, f"{kind}: max |ours - PEFT| = {worst:.2e}"
+
+
+def test_two_loras_add_as_diffusers_adapters(ours, pipe, tmp_path):
+    """Two files at their own weights (one negative) equal diffusers' two adapters fused together."""
+    base_unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base_text = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    unet_layers, text_layers = lora_files.layers(pipe.unet), lora_files.layers(pipe.text_encoder)
+    first = lora_files.save(lora_files.kohya_lora(unet_layers, text_layers, 21), tmp_path / "a.safetensors")
+    second = lora_files.save(lora_files.peft_lora(unet_layers[::2], text_layers, 22), tmp_path / "b.safetensors")
+
+    apply_loras(ours, [(first, 0.6), (second, -0.4)])
+    reference_fused(pipe, [(first, 0.6), (second, -0.4)])
+
+    worst, changed_ours, changed_ref = compare(ours, pipe, base_unet, base_text)
+    assert changed_ours == changed_ref > 0
+    assert worst < TOLERANCE, f"max |ours - diffusers| = {worst:.2e}"
+
+
+def test_weight_zero_leaves_the_model_bit_identical(ours, tiny_checkpoint, tiny_config_path, tmp_path):
+    base = load_stable_diffusion(tiny_checkpoint, tiny_config_path)
+    unet_layers, text_layers = lora_files.layers(ours.unet), lora_files.layers(ours.text_encoder.transformer)
+    path = lora_files.save(lora_files.kohya_lora(unet_layers, text_layers, 31), tmp_path / "z.safetensors")
+    apply_loras(ours, [(path, 0.0)])
+    for module in ("unet", "vae"):
+        for (name, a), (_, b) in zip(getattr(ours, module).state_dict().items(), getattr(base, module).state_dict().items()):
+            assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(ours.text_encoder.state_dict().items(), base.text_encoder.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_merge_is_fp32_then_cast_and_never_writes_the_checkpoint(tiny_checkpoint, tiny_config_path, tmp_path):
+    """fp16 model: W' = fp16(fp32(W) + sum of deltas); the memory-mapped file stays as it was."""
+    before = tiny_checkpoint.read_bytes()
+    sd = load_stable_diffusion(tiny_checkpoint, tiny_config_path, dtype=torch.float16)
+    target = sd.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    original = target.weight.detach().clone()
+    down, up = torch.randn(4, 32) * 0.2, torch.randn(32, 4) * 0.2
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{key}.lora_down.weight": down.half(), f"{key}.lora_up.weight": up.half(), f"{key}.alpha": torch.tensor(2.0)}
+    path = lora_files.save(tensors, tmp_path / "half.safetensors")
+    apply_loras(sd, [(path, 0.5), (path, 0.25)])
+    delta = (up.half().float() @ down.half().float()) * (2.0 / 4)
+    expected = (original.float() + 0.75 * delta).half()
+    assert target.weight.dtype == torch.float16
+    assert torch.equal(target.weight, expected)
+    assert tiny_checkpoint.read_bytes() == before
