@@ -4,7 +4,6 @@ and the memory modes (a merged LoRA moves exactly the bytes the plain model move
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
