@@ -31,12 +31,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ldm.checkpoint_file import CheckpointError, read_checkpoint
 from ldm.lora_layouts import LoraTarget, lora_targets, split_lora_key
+
+if TYPE_CHECKING:
+    from ldm.model_loading import StableDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -266,33 +269,24 @@ def merge_loras(loras: Sequence[tuple[LoraFile, float]]) -> int:
     Per weight: the sum of ``weight * delta`` over the files, in float32, added to the float32 weight and
     cast back once. A weight of 0 leaves the model untouched, bit for bit.
     """
-    per_module: dict[int, tuple[LoraTarget, list[tuple[ModuleChange, float]]]] = {}
+    per_module: dict[int, list[tuple[LoraFile, ModuleChange, float]]] = {}
     for lora, weight in loras:
-        if weight == 0:
-            continue
-        for change in lora.changes:
-            entry = per_module.setdefault(id(change.target.module), (change.target, []))
-            entry[1].append((change, weight))
-    for target, changes in per_module.values():
-        parameter = target.module.weight
+        if weight != 0:
+            for change in lora.changes:
+                per_module.setdefault(id(change.target.module), []).append((lora, change, weight))
+    for changes in per_module.values():
+        parameter = changes[0][1].target.module.weight
         total = parameter.detach().to(torch.float32, copy=True)
-        for change, weight in changes:
+        for lora, change, weight in changes:
             try:
                 total += weight * change_delta(change, parameter.shape, parameter.device)
             except LoraError as error:
-                raise LoraError(f"{change_path(change, loras)}: {error}") from None
-        parameter.data = total.to(parameter.dtype)
+                raise LoraError(f"{lora.path}: {error}") from None
+        parameter.data = total.to(parameter.dtype)  # new storage: mapped checkpoint pages stay untouched
     return len(per_module)
 
 
-def change_path(change: ModuleChange, loras: Sequence[tuple[LoraFile, float]]) -> str:
-    for lora, _ in loras:
-        if any(c is change for c in lora.changes):
-            return str(lora.path)
-    return "LoRA"
-
-
-def apply_loras(sd, requests: Sequence[tuple[str | os.PathLike[str], float]]) -> list[tuple[LoraFile, float]]:
+def apply_loras(sd: StableDiffusion, requests: Sequence[tuple[str | os.PathLike[str], float]]) -> list[tuple[LoraFile, float]]:
     """Load each ``(path, weight)`` against a loaded :class:`~ldm.model_loading.StableDiffusion` and merge them.
 
     Call it right after loading, before a ``Residency`` exists. Returns the files with their weights, for the
