@@ -9,6 +9,7 @@ class on both sides.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -135,12 +136,17 @@ def test_merged_weights_equal_diffusers_fuse_lora(layout, weight, ours, pipe, tm
 def peft_lycoris_file(kind, model, prefix, seed):
     """A random LyCORIS adapter built by PEFT on ``model`` (diffusers UNet or CLIP), written in kohya's
     layout, and the weights PEFT merges from it: ``(file tensors, {module name: merged weight})``."""
-    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     targets = [name for name, _ in lora_files.layers(model)]  # PEFT matches them as suffixes
     alpha = 3.0
-    if kind == "loha":  # use_effective_conv2d: the Tucker form (hada_t1 / hada_t2) on 3x3 convs
+    alphas = {name: alpha for name in targets}
+    if kind == "lora":  # per-layer ranks and alphas, as kohya's resize_lora.py writes them
+        alphas.update({name: 1.0 + i % 5 for i, name in enumerate(targets[::2])})
+        ranks = {name: 1 + i % 4 for i, name in enumerate(targets[::3])}
+        config = LoraConfig(r=2, lora_alpha=alpha, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
+    elif kind == "loha":  # use_effective_conv2d: the Tucker form (hada_t1 / hada_t2) on 3x3 convs
         config = LoHaConfig(r=2, alpha=alpha, target_modules=targets, use_effective_conv2d=True)
     else:  # w1 full, w2 = w2_a @ w2_b (Tucker with lokr_t2 on 3x3 convs)
         config = LoKrConfig(r=2, alpha=alpha, target_modules=targets, use_effective_conv2d=True, decompose_both=True)
@@ -148,14 +154,15 @@ def peft_lycoris_file(kind, model, prefix, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if ".hada_" in name or ".lokr_" in name:
+            if ".hada_" in name or ".lokr_" in name or ".lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
     tensors = {}
+    kohya_part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
     for key, value in get_peft_model_state_dict(model, adapter_name="default").items():
-        module, _, part = key.rpartition(".")
-        tensors[prefix + module.removeprefix("text_model.").replace(".", "_") + "." + part] = value
-    for module in {key.rpartition(".")[0] for key in list(tensors)}:
-        tensors[module + ".alpha"] = torch.tensor(alpha)
+        module, part = re.fullmatch(r"(.+?)\.(lora_[AB]\.weight|hada_\w+|lokr_\w+)", key).groups()
+        name = prefix + module.removeprefix("text_model.").replace(".", "_")
+        tensors[f"{name}.{kohya_part.get(part, part)}"] = value
+        tensors[f"{name}.alpha"] = torch.tensor(alphas[module.removeprefix("text_model.")])
     return tensors, model
 
 
@@ -172,14 +179,18 @@ def peft_merged(model, weight):
     return merged
 
 
-@pytest.mark.parametrize("kind, weight", [("loha", 0.9), ("lokr", -0.6)])
-def test_lycoris_merge_equals_peft(kind, weight, ours, pipe, tmp_path):
-    """LoHa and LoKr (linear, 1x1 and Tucker 3x3 conv layers, UNet and text encoder) against PEFT's layers."""
+@pytest.mark.parametrize("kind, weight", [("lora", 1.1), ("loha", 0.9), ("lokr", -0.6)])
+def test_merge_equals_peft_layers(kind, weight, ours, pipe, tmp_path):
+    """PEFT's own layers as the oracle: LoRA with per-layer ranks and alphas (diffusers' kohya converter keeps
+    one alpha for all attention layers, so it cannot judge these), LoHa and LoKr (linear, 1x1 and Tucker
+    3x3 conv layers), UNet and text encoder."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     unet_tensors, unet = peft_lycoris_file(kind, pipe.unet, "lora_unet_", 11)
     text_tensors, text = peft_lycoris_file(kind, pipe.text_encoder, "lora_te_text_model_", 12)
-    if kind == "loha":
+    if kind == "lora":
+        assert len({v.shape[0] for k, v in unet_tensors.items() if k.endswith("lora_down.weight")}) == 4
+    elif kind == "loha":
         assert any(k.endswith("hada_t1") for k in unet_tensors)
     else:
         assert any(k.endswith("lokr_t2") for k in unet_tensors) and any(k.endswith("lokr_w2_b") for k in text_tensors)
