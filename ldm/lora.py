@@ -52,6 +52,7 @@ _OTHER_LAYOUTS = (
     ("dora_scale", "DoRA"),
     ("oft_", "OFT"),
     ("diff", "LyCORIS full-weight difference"),
+    ("b_norm", "LyCORIS norm"),
     ("w_norm", "LyCORIS norm"),
     ("on_input", "(IA)^3"),
     ("a1.weight", "GLoRA"),
@@ -103,7 +104,10 @@ def load_lora(path: str | os.PathLike[str], targets: dict[str, LoraTarget]) -> L
     except CheckpointError as error:
         raise LoraError(str(error).replace("checkpoint not found", "LoRA file not found")) from error
     metadata = _safetensors_metadata(file)
-    grouped, unmatched = _group_by_module(tensors, targets)
+    try:
+        grouped, unmatched = _group_by_module(tensors, targets)
+    except LoraError as error:
+        raise LoraError(f"{file}: {error}") from None
     if not grouped:
         raise LoraError(
             f"{file}: none of its {len(tensors)} keys names a layer of this model "
@@ -130,6 +134,8 @@ def _group_by_module(
     unmatched = 0
     for key, tensor in tensors.items():
         split = split_lora_key(key)
+        if split is not None:
+            _refuse_other_layouts(split[0], {split[1]})  # also on norm layers, which no LoRA targets
         if split is None or split[0] not in targets:
             unmatched += 1
             continue
@@ -167,10 +173,13 @@ def _kind_of(file: Path, name: str, parts: set[str]) -> str:
     has_w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts
     if has_w1 and has_w2 and parts <= _LOKR_PARTS:
         return "lokr"
+    raise LoraError(f"{file}: layer {name} has parts {', '.join(sorted(parts))}, which is no LoRA, LoHa or LoKr layout")
+
+
+def _refuse_other_layouts(name: str, parts: set[str]) -> None:
     for marker, layout in _OTHER_LAYOUTS:
         if any(part.startswith(marker) for part in parts):
-            raise LoraError(f"{file}: {layout} networks are not supported (layer {name}); use a LoRA, LoHa or LoKr file")
-    raise LoraError(f"{file}: layer {name} has parts {', '.join(sorted(parts))}, which is no LoRA, LoHa or LoKr layout")
+            raise LoraError(f"{layout} networks are not supported (layer {name}); use a LoRA, LoHa or LoKr file")
 
 
 def _safetensors_metadata(file: Path) -> dict[str, str]:

@@ -67,11 +67,13 @@ def test_a_file_that_matches_nothing_is_an_error_naming_it(sd, tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("part, layout", [("dora_scale", "DoRA"), ("oft_blocks", "OFT"), ("diff", "full-weight")])
+@pytest.mark.parametrize("part, layout", [("dora_scale", "DoRA"), ("oft_blocks", "OFT"), ("diff", "full-weight"), ("w_norm", "norm")])
 def test_unsupported_network_layouts_are_refused_by_name(sd, tmp_path, part, layout):
     tensors = {**pair(KEY), f"{KEY}.{part}": torch.ones(32, 1)} if part == "dora_scale" else {f"{KEY}.{part}": torch.ones(2, 2)}
+    if part == "w_norm":  # LyCORIS norm layers: GroupNorm weights, which no LoRA layer targets
+        tensors = {**pair(KEY), "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": torch.ones(32)}
     path = lora_files.save(tensors, tmp_path / "other.safetensors")
-    with pytest.raises(LoraError, match=layout):
+    with pytest.raises(LoraError, match=f"other.safetensors: .*{layout}"):
         apply_loras(sd, [(path, 1.0)])
 
 
