@@ -99,24 +99,22 @@ def load_lora(path: str | os.PathLike[str], targets: dict[str, LoraTarget]) -> L
     file = Path(path)
     try:
         tensors = read_checkpoint(file)
-    except LoraError:
-        raise
     except CheckpointError as error:
         raise LoraError(str(error).replace("checkpoint not found", "LoRA file not found")) from error
     metadata = _safetensors_metadata(file)
     try:
         grouped, unmatched = _group_by_module(tensors, targets)
+        peft_config = _peft_adapter_config(metadata)
+        changes = tuple(_module_change(name, targets[name], parts, peft_config) for name, parts in grouped.items())
     except LoraError as error:
         raise LoraError(f"{file}: {error}") from None
-    if not grouped:
+    if not changes:
         raise LoraError(
             f"{file}: none of its {len(tensors)} keys names a layer of this model "
             "(not an SD v1 LoRA in a kohya, webui or diffusers layout?)"
         )
     if unmatched:
         log.warning("%s: %d of %d keys match no layer of this model and are ignored", file.name, unmatched, len(tensors))
-    peft_config = _peft_adapter_config(metadata)
-    changes = tuple(_module_change(file, name, targets[name], parts, peft_config) for name, parts in grouped.items())
     return LoraFile(
         path=file,
         name=file.stem,
@@ -144,10 +142,8 @@ def _group_by_module(
     return grouped, unmatched
 
 
-def _module_change(
-    file: Path, name: str, target: LoraTarget, parts: dict[str, torch.Tensor], peft_config: dict
-) -> ModuleChange:
-    kind = _kind_of(file, name, set(parts))
+def _module_change(name: str, target: LoraTarget, parts: dict[str, torch.Tensor], peft_config: dict) -> ModuleChange:
+    kind = _kind_of(name, set(parts))
     alpha = parts.get("alpha")
     if kind == "lora":
         rank = parts["lora_down.weight"].shape[0]
@@ -164,7 +160,7 @@ def _module_change(
     return ModuleChange(target, kind, parts, scale)
 
 
-def _kind_of(file: Path, name: str, parts: set[str]) -> str:
+def _kind_of(name: str, parts: set[str]) -> str:
     if {"lora_down.weight", "lora_up.weight"} <= parts and parts <= _LORA_PARTS:
         return "lora"
     if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts and parts <= _LOHA_PARTS:
@@ -173,7 +169,7 @@ def _kind_of(file: Path, name: str, parts: set[str]) -> str:
     has_w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts
     if has_w1 and has_w2 and parts <= _LOKR_PARTS:
         return "lokr"
-    raise LoraError(f"{file}: layer {name} has parts {', '.join(sorted(parts))}, which is no LoRA, LoHa or LoKr layout")
+    raise LoraError(f"layer {name} has parts {', '.join(sorted(parts))}, which is no LoRA, LoHa or LoKr layout")
 
 
 def _refuse_other_layouts(name: str, parts: set[str]) -> None:
