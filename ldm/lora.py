@@ -306,17 +306,15 @@ def apply_loras(sd: StableDiffusion, requests: Sequence[tuple[str | os.PathLike[
     return loaded
 
 
-def text_encoder_lora_key(loras: Sequence[tuple[LoraFile, float]]) -> tuple[tuple[str, str, float], ...]:
-    """What part of the LoRA set changes the text encoder: ``(path, hash, weight)`` of each such file.
+def text_encoder_lora_key(loras: Sequence[tuple[LoraFile, float]]) -> str:
+    """The part of the LoRA set that changes the text encoder, as text to add to an embedding cache's key:
+    each such file's content hash and weight, in merge order; "" when none does.
 
-    Prompt embeddings cached under a key that includes this are never reused across LoRA sets that give
-    other conditioning; UNet-only LoRAs leave the key (and the cache) as without LoRA.
+    Cached prompt encodings are then never reused across LoRA sets that give other conditioning, while
+    UNet-only LoRAs leave the key (and the cache hits) as without LoRA.
     """
-    return tuple(
-        (str(lora.path), lora.short_hash, weight)
-        for lora, weight in loras
-        if weight != 0 and "text_encoder" in lora.components
-    )
+    touching = [f"{lora.short_hash}*{weight!r}" for lora, weight in loras if weight != 0 and "text_encoder" in lora.components]
+    return "lora " + " ".join(touching) if touching else ""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -121,8 +121,8 @@ def test_metadata_and_embedding_cache_key(sd, tmp_path):
     loaded = apply_loras(sd, [(unet_only, 0.5), (both, -1.0)])
     assert lora_hashes_text(loaded) == f"style: {loaded[0][0].short_hash}, charv2: {loaded[1][0].short_hash}"
     assert lora_hashes_text(loaded, names=["my:style", "b"]).startswith("mystyle: ")
-    assert text_encoder_lora_key(loaded) == ((str(both), loaded[1][0].short_hash, -1.0),)
-    assert text_encoder_lora_key([(loaded[1][0], 0.0)]) == ()
+    assert text_encoder_lora_key(loaded) == f"lora {loaded[1][0].short_hash}*-1.0"
+    assert text_encoder_lora_key([loaded[0]]) == text_encoder_lora_key([(loaded[1][0], 0.0)]) == ""
 
 
 def test_lora_argument_and_prompt_tags(tmp_path):
