@@ -46,6 +46,7 @@ from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
 from ldm.diffusers_layout import is_diffusers_folder, weight_files
 from ldm.guidance import GuidedDenoiser
+from ldm.lora import LoraFile, apply_loras, lora_hashes_text, text_encoder_lora_key
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
@@ -132,17 +133,21 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
                          f"{request.ckpt}; {WEIGHTS_HELP}")
     if request.vae is not None and not request.vae.exists():
         raise UsageError(f"--vae not found: {request.vae}")
+    for path, _ in request.loras:
+        if not path.is_file():
+            raise UsageError(f"--lora {path}: no such file")
     return RunInputs(prompts, init_image, height, width, writer, config)
 
 
 # ---- 2. the model, once ----------------------------------------------------------------------------------------
 @dataclass
 class LoadedModel:
-    """The loaded checkpoint, its memory mode and its noise schedule."""
+    """The loaded checkpoint (with its LoRAs merged), its memory mode and its noise schedule."""
 
     sd: StableDiffusion
     residency: Residency
     schedule: DiffusionSchedule
+    loras: list[tuple[LoraFile, float]] = field(default_factory=list)
 
 
 def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
@@ -153,8 +158,9 @@ def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
                                    vae=request.vae)
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
+    loras = apply_loras(sd, request.loras)  # on the host copy, before the memory mode moves anything
     residency = make_residency(request, sd, inputs.height, inputs.width)
-    return LoadedModel(sd, residency, sd.schedule)
+    return LoadedModel(sd, residency, sd.schedule, loras)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
@@ -184,12 +190,16 @@ def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int,
 
 
 # ---- 3. prompts ----------------------------------------------------------------------------------------------
-def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Residency) -> PromptEncoder:
-    """Every distinct (sub-)prompt through the text encoder once; from ``--embedding_cache`` when there."""
+def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Residency, lora_key: str = "") -> PromptEncoder:
+    """Every distinct (sub-)prompt through the text encoder once; from ``--embedding_cache`` when there.
+
+    ``lora_key`` (:func:`ldm.lora.text_encoder_lora_key`) names the LoRAs merged into the text encoder, so
+    encodings cached without them (or with others) are not reused."""
     cache = None
     if request.embedding_cache is not None:
         try:
-            cache = EmbeddingCache(request.embedding_cache, text_encoder_fingerprint(request.ckpt), request.dtype)
+            key = " ".join(filter(None, (text_encoder_fingerprint(request.ckpt), lora_key)))
+            cache = EmbeddingCache(request.embedding_cache, key, request.dtype)
         except OSError as error:  # the cache only saves time: never fail a run over it
             log.warning("not using --embedding_cache %s: %s", escaped(request.embedding_cache),
                         escaped(error.strerror or error))
@@ -330,8 +340,9 @@ def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float
 class RunOutputs:
     """Where finished images go: each written at once with its metadata, and kept for the grid."""
 
-    def __init__(self, request: GenerationRequest, inputs: RunInputs, summary: RunSummary) -> None:
+    def __init__(self, request: GenerationRequest, inputs: RunInputs, summary: RunSummary, lora_hashes: str | None = None) -> None:
         self.request, self.writer, self.summary = request, inputs.writer, summary
+        self.lora_hashes = lora_hashes
         self.size = (inputs.width, inputs.height)
         self.model_hash = None if request.skip_save else weights_hash(request.ckpt)
         self.vae_hash = None if request.skip_save else weights_hash(request.vae)
@@ -348,7 +359,7 @@ class RunOutputs:
             prompt, request.negative_prompt if request.guided else "", steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
-            strength=request.strength, eta=request.eta,
+            strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes,
         )
         self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
 
@@ -380,8 +391,8 @@ def generate(request: GenerationRequest) -> RunSummary:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        outputs = RunOutputs(request, inputs, summary)
-        encoder = encode_prompts(request, inputs.prompts, model.residency)
+        outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
+        encoder = encode_prompts(request, inputs.prompts, model.residency, text_encoder_lora_key(model.loras))
         init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
         cfg = inputs.config
         latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)

@@ -103,6 +103,7 @@ def infotext(
     vae_name: str | None = None,
     strength: float | None = None,
     eta: float | None = None,
+    lora_hashes: str | None = None,
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
@@ -122,6 +123,7 @@ def infotext(
         "VAE": vae_name,
         "Denoising strength": None if strength is None else _number(strength),
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
+        "Lora hashes": lora_hashes,  # the webui's Lora extension: "name: hash, name: hash" (ldm.lora.lora_hashes_text)
     }
     params_text = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""

@@ -44,6 +44,8 @@ class GenerationRequest:
     vae: Path | None  # --vae: a VAE file or folder replacing the checkpoint's
     config: Path
     use_ema: bool
+    loras: tuple[tuple[Path, float], ...]  # --lora FILE[:WEIGHT], merged in this order right after loading
+    lora_dir: Path  # where <lora:NAME> tags are looked up
     device: torch.device
     precision: str  # "autocast" (fp16 on CUDA) or "full"
     vram: str  # auto, full, medium or low
