@@ -12,6 +12,12 @@ The conditioning is ``last_hidden_state`` (after ``final_layer_norm``) for promp
 as SD v1 was trained (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision"; Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
 
+Prompts longer than 75 tokens: :meth:`CLIPTextEncoder.encode_chunks` encodes 77-token chunks
+(:mod:`ldm.token_chunks`, cut as AUTOMATIC1111's webui cuts them), each on its own, with per-token emphasis
+weights applied to the hidden states and each chunk's mean restored (:func:`apply_emphasis`), textual-inversion
+vectors placed at the token embedding, and the webui's "clip skip" (the N-th last layer's output through
+``final_layer_norm``). A prompt of at most 75 tokens without weights gives exactly :meth:`encode`'s result.
+
 Checkpoint keys: SD v1 files store the text model under ``cond_stage_model.transformer.text_model.*``
 (some merged files leave out ``text_model.``, many carry ``embeddings.position_ids``). The loader strips
 ``cond_stage_model.transformer.`` and passes the rest through :func:`normalize_text_encoder_keys`.

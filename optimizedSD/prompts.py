@@ -196,7 +196,8 @@ class PromptEncoder:
     75 tokens is encoded in 75-token chunks (:mod:`ldm.token_chunks`) into a ``[77 * chunks, D]``
     context. ``clip_skip`` and ``embeddings`` (textual inversion) go to the text encoder. Encodings are
     memoised in memory for the run and, with ``cache``, on disk across runs, under a key that holds
-    everything that changes them (syntax, clip skip, the embeddings, the chunking).
+    everything that changes them (syntax, clip skip, the embeddings, the chunking, and ``weights_key``:
+    whatever changed the text encoder's weights after loading, such as LoRA files and their weights).
 
     Contexts of different lengths (a long prompt, a short negative prompt; sub-prompts of a weighted
     fork prompt) are padded to the longest with chunks of the empty prompt's encoding, as the webui's
@@ -210,6 +211,7 @@ class PromptEncoder:
         syntax: str = "fork",
         clip_skip: int = 1,
         embeddings: EmbeddingLibrary | None = None,
+        weights_key: str = "",
     ) -> None:
         if syntax not in SYNTAXES:
             raise ValueError(f"prompt syntax must be one of {SYNTAXES}, got {syntax!r}")
@@ -218,7 +220,8 @@ class PromptEncoder:
         self.clip_skip = clip_skip
         self.embeddings = embeddings
         fingerprint = embeddings.fingerprint() if embeddings is not None and len(embeddings) else ""
-        self.variant = f"{CHUNKING_VERSION}|syntax={syntax}|clip_skip={clip_skip}|embeddings={fingerprint}"
+        self.variant = (f"{CHUNKING_VERSION}|syntax={syntax}|clip_skip={clip_skip}|embeddings={fingerprint}"
+                        f"|weights={weights_key}")
         self._memory: dict[str, torch.Tensor] = {}
         self.encoder_calls = 0  # texts actually run through the text encoder (tests check the memoisation)
 

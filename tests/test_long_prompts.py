@@ -214,6 +214,7 @@ def test_the_cache_key_holds_syntax_and_clip_skip(encoder, tmp_path):
     assert PromptEncoder(cache, syntax="webui", clip_skip=1).missing(["(cat:1.5)"]) == []
     assert PromptEncoder(cache, syntax="webui", clip_skip=2).missing(["(cat:1.5)"]) == ["(cat:1.5)"]
     assert PromptEncoder(cache, syntax="fork", clip_skip=1).missing(["(cat:1.5)"]) == ["(cat:1.5)"]
+    assert PromptEncoder(cache, syntax="webui", weights_key="lora a 0.8").missing(["(cat:1.5)"]) == ["(cat:1.5)"]
     # a long prompt comes back from the disk cache whole, with the padding it needs
     again = PromptEncoder(cache, syntax="webui")
     again.encode_missing(["cat " * 90, "blurry"], encoder)
