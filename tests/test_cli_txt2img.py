@@ -129,13 +129,13 @@ def test_text_encoder_runs_once_per_distinct_prompt(tiny_checkpoint, tmp_path, m
     from ldm.text_encoder import CLIPTextEncoder
 
     seen: list[str] = []
-    original = CLIPTextEncoder.encode
+    original = CLIPTextEncoder.chunk_prompt
 
-    def counting(self, prompts):
-        seen.extend(prompts)
-        return original(self, prompts)
+    def counting(self, fragments, find_embedding=None):  # every text is chunked once, then encoded
+        seen.append("".join(fragment.text for fragment in fragments))
+        return original(self, fragments, find_embedding)
 
-    monkeypatch.setattr(CLIPTextEncoder, "encode", counting)
+    monkeypatch.setattr(CLIPTextEncoder, "chunk_prompt", counting)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat:1 a dog:3\na cat\na cat:1 a dog:3\n", encoding="utf-8")
     cache = tmp_path / "cache"
