@@ -40,6 +40,9 @@ SYNTAXES = ("fork", "webui")
 EMPTY_PROMPT = ""  # its encoding pads shorter contexts
 CHUNKING_VERSION = "chunks-v1"  # part of the cache key: encodings made before chunking were cut at 77 tokens
 
+# Characters (or the word BREAK) that the webui's syntax reads otherwise than the fork's.
+_FORK_DIFFERS = re.compile(r"[()\[\]:\\]|\bBREAK\b")
+
 # A weight: an optionally signed decimal number with an optional exponent ("inf"/"nan" are not weights).
 _WEIGHT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -258,6 +261,31 @@ class PromptEncoder:
             if not fragment.breaks_chunk
         ]
         return self.embeddings.used_in(token_lists)
+
+    def infotext_fields(self, prompt: str, negative_prompt: str) -> dict[str, str]:
+        """The webui infotext fields that say how ``prompt`` / ``negative_prompt`` were encoded (call after encoding).
+
+        ``Clip skip`` when not 1; ``TI hashes`` (``name: first 12 hex digits of the file's sha256``, as the webui);
+        ``Pad conds: True`` when the two contexts were padded to one length (the webui pads only with that
+        option); ``Prompt syntax: fork`` when the fork's reading differs from the webui's (any of ``( ) [ ] : \\``
+        or BREAK in the text): without the field, a reader takes the webui's syntax.
+        """
+        fields: dict[str, str] = {}
+        if self.clip_skip != 1:
+            fields["Clip skip"] = str(self.clip_skip)
+        used = self.embeddings_used([prompt, negative_prompt])
+        if used:
+            fields["TI hashes"] = ", ".join(
+                f"{e.name.replace(':', '').replace(',', '')}: {e.shorthash}" for e in used)
+        lengths = {self.context_length(text) for text in (prompt, negative_prompt) if self._known(text)}
+        if len(lengths) > 1:
+            fields["Pad conds"] = "True"
+        if self.syntax == "fork" and _FORK_DIFFERS.search(prompt + "\n" + negative_prompt):
+            fields["Prompt syntax"] = "fork"
+        return fields
+
+    def _known(self, prompt: str) -> bool:
+        return all(text in self._memory for text, _ in self.units(prompt))
 
     # ---- encoding ----------------------------------------------------------------------------------
     def missing(self, prompts: Iterable[str]) -> list[str]:

@@ -222,3 +222,13 @@ def test_the_cache_key_holds_syntax_and_clip_skip(encoder, tmp_path):
     assert later.missing(["cat " * 90, "blurry"]) == []
     assert later.conditioning("cat " * 90).shape == (154, 32)
     assert later.conditioning("blurry", 154).shape == (154, 32)
+
+
+def test_infotext_fields_say_how_the_prompts_were_encoded(encoder):
+    fork = PromptEncoder(syntax="fork", clip_skip=2)
+    fork.encode_missing(["a cat:0.5 dog", "cat " * 80, "blurry"], encoder)
+    assert fork.infotext_fields("a cat:0.5 dog", "blurry") == {"Clip skip": "2", "Prompt syntax": "fork"}
+    assert fork.infotext_fields("cat " * 80, "blurry") == {"Clip skip": "2", "Pad conds": "True"}
+    webui = PromptEncoder(syntax="webui")
+    webui.encode_missing(["a (cat:0.5) dog", ""], encoder)
+    assert webui.infotext_fields("a (cat:0.5) dog", "") == {}

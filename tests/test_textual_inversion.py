@@ -193,3 +193,13 @@ def test_unusable_files_are_skipped_with_one_warning_each(encoder, tmp_path, cap
     assert any("two-terms.bin" in m for m in messages)
     with pytest.raises(EmbeddingError, match="not an embedding file"):
         load_embedding(tmp_path / "notes.txt")
+
+
+def test_ti_hashes_field_as_the_webui_writes_it(encoder, embeddings_dir):
+    directory, _ = embeddings_dir
+    embeddings = library(encoder, directory)
+    prompts = PromptEncoder(syntax="webui", embeddings=embeddings)
+    prompts.encode_missing(["a kohya-thing cat", "webui-style"], encoder)
+    kohya, webui_style = embeddings.embeddings["kohya-thing"], embeddings.embeddings["webui-style"]
+    assert prompts.infotext_fields("a kohya-thing cat", "webui-style") == {
+        "TI hashes": f"kohya-thing: {kohya.shorthash}, webui-style: {webui_style.shorthash}"}
