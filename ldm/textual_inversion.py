@@ -109,6 +109,16 @@ def load_embedding(path: str | os.PathLike[str]) -> TextualInversion:
     return TextualInversion(file.stem, embedding_vectors(data, shown), file, file_sha256(file))
 
 
+def embedding_file_hashes(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """``{name: shorthash}`` of the embedding files under ``directory`` (none when it does not exist),
+    without reading them as embeddings: what ``--from_png`` compares with an image's ``TI hashes``."""
+    root = Path(directory)
+    if not root.is_dir():
+        return {}
+    return {path.stem: file_sha256(path)[:SHORT_HASH_LENGTH] for path in sorted(root.rglob("*"))
+            if path.suffix.lower() in SUFFIXES and not path.name.startswith(".") and path.is_file()}
+
+
 class EmbeddingLibrary:
     """The embeddings usable in prompts, looked up by the token ids of their names.
 

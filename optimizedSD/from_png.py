@@ -69,6 +69,7 @@ def restore_settings(
     timestep_samplers: frozenset[str] = frozenset({"ddim", "plms"}),
     model_hash: str | None = None,
     embedding_hashes: Mapping[str, str] | None = None,
+    size_multiple: int = 64,
 ) -> RestoredSettings:
     """Settings keyed ``prompt``, ``negative_prompt``, ``prompt_syntax``, ``steps``, ``sampler``, ``scale``,
     ``seed``, ``width``, ``height``, ``clip_skip``, ``strength`` (img2img), ``eta`` (DDIM's).
@@ -90,7 +91,10 @@ def restore_settings(
         if key in fields:
             out.values[name] = _number(kind, key, fields.pop(key))
     if "Size" in fields:
-        out.values["width"], out.values["height"] = _size(fields.pop("Size"))
+        width, height = _size(fields["Size"])
+        if width % size_multiple == 0 and height % size_multiple == 0:
+            out.values["width"], out.values["height"] = width, height
+            del fields["Size"]  # else it stays, and is named: this tool makes multiples of size_multiple
     if img2img and "Denoising strength" in fields:
         out.values["strength"] = _number(float, "Denoising strength", fields.pop("Denoising strength"))
     _check_environment(fields, out, model_hash, embedding_hashes)

@@ -110,9 +110,9 @@ def test_dpm2_grid_is_the_webuis(k_diffusion, schedule, eps_model, steps):
     for name in ("dpm2", "dpm2_a"):
         levels = torch.tensor(SAMPLERS[name].grid.levels(schedule, steps))
         assert len(levels) == steps + 1
-        torch.testing.assert_close(levels.float(), expected, rtol=1e-5, atol=0)
+        torch.testing.assert_close(levels.float(), expected, rtol=1e-4, atol=0)  # k-diffusion computes them in float32
     plain = torch.tensor(SAMPLERS["euler"].grid.levels(schedule, steps))
-    torch.testing.assert_close(plain.float(), denoiser.get_sigmas(steps), rtol=1e-5, atol=0)
+    torch.testing.assert_close(plain.float(), denoiser.get_sigmas(steps), rtol=1e-4, atol=0)  # k-diffusion computes them in float32
 
 
 @pytest.mark.parametrize("steps", [4, 10])
