@@ -112,7 +112,7 @@ def test_dpm2_grid_is_the_webuis(k_diffusion, schedule, eps_model, steps):
         assert len(levels) == steps + 1
         torch.testing.assert_close(levels.float(), expected, rtol=1e-4, atol=0)  # k-diffusion computes them in float32
     plain = torch.tensor(SAMPLERS["euler"].grid.levels(schedule, steps))
-    torch.testing.assert_close(plain.float(), denoiser.get_sigmas(steps), rtol=1e-4, atol=0)  # k-diffusion computes them in float32
+    torch.testing.assert_close(plain.float(), denoiser.get_sigmas(steps), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("steps", [4, 10])
@@ -132,7 +132,8 @@ def test_dpm2_a_equals_k_diffusion_given_the_same_noise(k_diffusion, schedule, e
     denoiser = k_diffusion.external.CompVisDenoiser(InnerModel(eps_model, schedule))
     sigmas = webui_dpm2_sigmas(denoiser, steps)
     with torch.no_grad():
+        draws = Recorder(9)  # k-diffusion asks noise_sampler(sigma, sigma_next) for noise shaped like x
         expected = k_diffusion.sampling.sample_dpm_2_ancestral(
-            denoiser, noise * sigmas[0], sigmas, disable=True, noise_sampler=Recorder(9))
+            denoiser, noise * sigmas[0], sigmas, disable=True, noise_sampler=lambda sigma, sigma_next: draws(noise))
     got = sample("dpm2_a", eps_model, schedule, noise, steps, noise_sampler=Recorder(9))
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4 * max(1.0, expected.abs().max().item()))

@@ -143,13 +143,13 @@ LABELS = {"DDIM": "ddim", "PLMS": "plms", "DPM++ 2M": "dpm_solver", "Euler": "eu
 
 def test_our_own_infotext_is_honoured_whole():
     text = ("a (red:1.3) cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM2 a, Schedule type: Uniform, "
-            "CFG scale: 6.5, Seed: 1234, Size: 64x96, Model hash: 6ce0161689, Clip skip: 2, "
+            "CFG scale: 6.5, Seed: 1234, Size: 64x128, Model hash: 6ce0161689, Clip skip: 2, "
             "Denoising strength: 0.6, RNG: CPU, TI hashes: \"my-style: 0123456789ab\", Version: optimizedSD")
     restored = restore_settings(parse_infotext(text), img2img=True, sampler_labels=LABELS,
                                 model_hash="6ce0161689", embedding_hashes={"my-style": "0123456789ab"})
     assert restored.values == {
         "prompt": "a (red:1.3) cat", "negative_prompt": "blurry", "prompt_syntax": "webui", "sampler": "dpm2_a",
-        "steps": 20, "scale": 6.5, "seed": 1234, "clip_skip": 2, "width": 64, "height": 96, "strength": 0.6}
+        "steps": 20, "scale": 6.5, "seed": 1234, "clip_skip": 2, "width": 64, "height": 128, "strength": 0.6}
     assert restored.ignored == [] and restored.warning() is None
 
 
@@ -176,6 +176,12 @@ def test_sampler_and_schedule(sampler, schedule, honoured):
     fields = {"Sampler": sampler, "RNG": "CPU"} | ({"Schedule type": schedule} if schedule else {})
     restored = restore_settings(Infotext("p", "", fields), img2img=False, sampler_labels=LABELS)
     assert (restored.ignored == []) == honoured, restored.ignored
+
+
+def test_a_size_this_tool_cannot_make_is_named():
+    restored = restore_settings(Infotext("p", "", {"Size": "520x512", "RNG": "CPU"}), img2img=False,
+                                sampler_labels=LABELS)
+    assert "width" not in restored.values and restored.ignored == ["Size: 520x512"]
 
 
 def test_prompt_syntax_and_bad_numbers():
