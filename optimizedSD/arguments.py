@@ -118,7 +118,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
     add("--prompt_syntax", type=str, choices=PROMPT_SYNTAXES, default="fork",
         help="fork: 'a:0.3 b:0.7' weights sub-prompts; webui: AUTOMATIC1111's '(word:1.3)', '[word]', BREAK")
-    add("--clip_skip", type=int, default=1,
+    add("--clip_skip", type=int, default=1, metavar="N",
         help="condition on the N-th last layer of the text encoder (1: the last; 2: the webui's 'Clip skip 2')")
     add("--embeddings_dir", type=str, default=None, metavar="DIR",
         help=f"textual-inversion embeddings (.pt, .bin, .safetensors), used in prompts by file name (default {DEFAULT_EMBEDDINGS_DIR})")
