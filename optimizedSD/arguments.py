@@ -9,6 +9,7 @@ here, before any model is loaded, and reported as a :class:`UsageError` (one lin
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 from pathlib import Path
@@ -20,12 +21,18 @@ from ldm.config import DEFAULT_CONFIG
 from ldm.errors import UserError
 from ldm.lora import parse_lora_argument
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
+from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
+from ldm.textual_inversion import embedding_file_hashes
 from optimizedSD.request import IMG2IMG, TXT2IMG, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_CONFIG_ARG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_LORA_DIR = "models/lora"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+DEFAULT_EMBEDDINGS_DIR = "models/embeddings"
+PROMPT_SYNTAXES = ("fork", "webui")
 VRAM_MODES = ("auto", "full", "medium", "low")
 SEED_MAX = 1_000_000  # the fork draws random seeds from [0, 1e6]
 SIZE_MULTIPLE = 64  # H and W must be multiples of this (the UNet halves 8x8-downsampled latents 3 times)
@@ -118,6 +125,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles (large images in little memory; automatic above 1024 px)")
     add("--embedding_cache", type=str, default=None, metavar="DIR",
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
+    add("--prompt_syntax", type=str, choices=PROMPT_SYNTAXES, default="fork",
+        help="fork: 'a:0.3 b:0.7' weights sub-prompts; webui: AUTOMATIC1111's '(word:1.3)', '[word]', BREAK")
+    add("--clip_skip", type=int, default=1, metavar="N",
+        help="condition on the N-th last layer of the text encoder (1: the last; 2: the webui's 'Clip skip 2')")
+    add("--embeddings_dir", type=str, default=None, metavar="DIR",
+        help=f"textual-inversion embeddings (.pt, .bin, .safetensors), used in prompts by file name (default {DEFAULT_EMBEDDINGS_DIR})")
+    add("--from_png", type=str, default=None, metavar="FILE",
+        help="take prompt, negative prompt, seed, sampler, steps, CFG scale, size, clip skip, strength from the "
+             "parameters of a PNG/JPEG written by this tool or the webui; flags given here win")
     return parser
 
 
@@ -166,11 +182,14 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
     opt = parser.parse_args(argv)
     opt.mode = mode
     require_values(parser, opt)
+    if opt.from_png:
+        apply_from_png(opt, given_flags(mode, argv))
     check_args(opt)
     return GenerationRequest(
         mode=mode,
         prompt=opt.prompt,
         negative_prompt=opt.negative_prompt,
+        prompt_syntax=opt.prompt_syntax,
         from_file=Path(opt.from_file) if opt.from_file else None,
         init_img=Path(opt.init_img) if mode == IMG2IMG else None,
         strength=opt.strength if mode == IMG2IMG else None,
@@ -198,6 +217,9 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         attention=opt.attention,
         vae_tiling=opt.vae_tiling,
         embedding_cache=Path(opt.embedding_cache) if opt.embedding_cache else None,
+        clip_skip=opt.clip_skip,
+        embeddings_dir=Path(opt.embeddings_dir or DEFAULT_EMBEDDINGS_DIR),
+        embeddings_dir_given=opt.embeddings_dir is not None,
         outdir=Path(opt.outdir),
         image_format=opt.format,
         skip_grid=opt.skip_grid,
@@ -205,6 +227,53 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         n_rows=opt.n_rows or opt.n_samples,
         watermark=not opt.no_watermark,
     )
+
+
+def given_flags(mode: str, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the flags on the command line (abbreviations and ``--flag=value`` included)."""
+    parser = build_parser(mode)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+# --from_png's settings (optimizedSD/from_png.py) -> flag destinations
+_FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "prompt_syntax": "prompt_syntax",
+                   "steps": "ddim_steps", "sampler": "sampler", "scale": "scale", "seed": "seed", "width": "W",
+                   "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta"}
+
+
+def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
+    """``--from_png``: the image's parameters replace the defaults of the flags not given; what cannot be
+    honoured is named in one warning line."""
+    from optimizedSD.from_png import FromPngError, restore_settings  # noqa: PLC0415 - only with --from_png
+    from optimizedSD.infotext import parse_infotext, read_parameters
+    from optimizedSD.outputs import model_hash
+
+    source = Path(opt.from_png)
+    try:
+        text = read_parameters(source)
+    except (OSError, ValueError) as error:  # missing, not an image, damaged
+        raise UsageError(f"--from_png {source}: cannot read it ({error})") from None
+    if not text:
+        raise UsageError(f"--from_png {source}: no generation parameters in it (PNG 'parameters' chunk or JPEG EXIF UserComment)")
+    ckpt = Path(opt.ckpt)
+    try:
+        restored = restore_settings(
+            parse_infotext(text), img2img=opt.mode == IMG2IMG,
+            sampler_labels={record.label: name for name, record in SAMPLER_RECORDS.items()},
+            model_hash=model_hash(ckpt) if ckpt.is_file() else None,
+            embedding_hashes=embedding_file_hashes(Path(opt.embeddings_dir or DEFAULT_EMBEDDINGS_DIR)),
+            size_multiple=SIZE_MULTIPLE,
+        )
+    except FromPngError as error:
+        raise UsageError(str(error)) from None
+    for key, value in restored.values.items():
+        dest = _FROM_PNG_DESTS[key]
+        if dest not in given and hasattr(opt, dest):
+            setattr(opt, dest, value)
+    if restored.warning():
+        log.warning("%s", restored.warning())
 
 
 def resolve_vram(opt: argparse.Namespace) -> str:
@@ -256,6 +325,8 @@ def check_args(opt: argparse.Namespace) -> None:
     for value in opt.lora:
         if not math.isfinite(parse_lora_argument(value)[1]):
             raise UsageError(f"--lora {value}: the weight must be a finite number")
+    if opt.clip_skip < 1:
+        raise UsageError(f"--clip_skip must be at least 1, got {opt.clip_skip}")
     if opt.seed is not None and not 0 <= opt.seed < 2**63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
     if opt.mode == IMG2IMG:

@@ -52,6 +52,7 @@ from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
 from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mode
 from ldm.schedule import DiffusionSchedule
+from ldm.textual_inversion import EmbeddingLibrary
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
 from optimizedSD.arguments import UsageError
 from ldm.messages import escaped
@@ -62,6 +63,7 @@ from optimizedSD.input_checks import (
 from optimizedSD.outputs import SampleWriter, Watermarker, infotext, model_hash, prompt_folder_name, to_uint8
 from optimizedSD.prompts import EmbeddingCache, PromptEncoder, checkpoint_fingerprint, distinct, parse_prompt, read_prompts_file
 from optimizedSD.request import GenerationRequest
+from optimizedSD.webui_syntax import parse_fragments, unsupported_features
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +116,7 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     prompts = read_prompts_file(request.from_file) if request.from_file else [check_text(request.prompt, "--prompt")]
     check_text(request.negative_prompt, "--negative_prompt")
     check_finite(request.scale, "--scale")
-    for text in (*distinct(prompts), request.negative_prompt):
-        weighted = parse_prompt(text)  # weights summing to zero fail now, not after loading
-        check_prompt_weights([weight for _, weight in weighted.parts], text)
+    check_prompts(request, prompts)
     init_image = load_init_image(request.init_img) if request.img2img else None
     height, width = output_size(request, init_image)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
@@ -124,6 +124,9 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     for prompt in distinct(prompts) if not request.skip_save else ():  # every prompt's folder now, not after sampling
         writer.prepare(prompt_folder_name(prompt))
     config = load_model_config(request.config)
+    if request.clip_skip > config.text.num_hidden_layers:
+        raise UsageError(f"--clip_skip must be at most {config.text.num_hidden_layers} (the text encoder's layers), "
+                         f"got {request.clip_skip}")
     if request.steps > config.schedule.timesteps:
         raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
     if not request.ckpt.exists():
@@ -137,6 +140,24 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
         if not path.is_file():
             raise UsageError(f"--lora {path}: no such file")
     return RunInputs(prompts, init_image, height, width, writer, config)
+
+
+def check_prompts(request: GenerationRequest, prompts: list[str]) -> None:
+    """Prompts that cannot be encoded in the chosen syntax fail now, not after loading (fork: weights summing
+    to zero; webui: a weight that is no number); webui features read as plain text are named once."""
+    checker = PromptEncoder(syntax=request.prompt_syntax)
+    unsupported: set[str] = set()
+    for text in (*distinct(prompts), request.negative_prompt):
+        checker.check(text)  # fork: weights summing to zero; webui: a weight that is no number
+        if request.prompt_syntax == "fork":
+            check_prompt_weights([weight for _, weight in parse_prompt(text).parts], text)
+        else:
+            check_prompt_weights([f.weight for f in parse_fragments(text) if not f.breaks_chunk], text)
+            unsupported.update(unsupported_features(text))
+    if unsupported:
+        log.warning("not implemented, read as plain text: %s", ", ".join(sorted(unsupported)))
+    if request.embeddings_dir_given and not request.embeddings_dir.is_dir():
+        raise UsageError(f"--embeddings_dir {request.embeddings_dir}: no such folder")
 
 
 # ---- 2. the model, once ----------------------------------------------------------------------------------------
@@ -190,11 +211,24 @@ def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int,
 
 
 # ---- 3. prompts ----------------------------------------------------------------------------------------------
-def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Residency, lora_key: str = "") -> PromptEncoder:
+def load_embeddings(request: GenerationRequest, sd: StableDiffusion) -> EmbeddingLibrary | None:
+    """The textual-inversion embeddings of ``--embeddings_dir`` (none when the default folder is absent)."""
+    if not request.embeddings_dir.is_dir():
+        return None
+    text_encoder = sd.text_encoder
+    library = EmbeddingLibrary.from_directory(request.embeddings_dir, text_encoder.tokenize_fragment,
+                                              text_encoder.config.hidden_size)
+    log.info("%d textual-inversion embeddings from %s", len(library), request.embeddings_dir)
+    return library
+
+
+def encode_prompts(request: GenerationRequest, prompts: list[str], model: LoadedModel) -> PromptEncoder:
     """Every distinct (sub-)prompt through the text encoder once; from ``--embedding_cache`` when there.
 
-    ``lora_key`` (:func:`ldm.lora.text_encoder_lora_key`) names the LoRAs merged into the text encoder, so
+    The cache key names the LoRAs merged into the text encoder (:func:`ldm.lora.text_encoder_lora_key`), so
     encodings cached without them (or with others) are not reused."""
+    residency = model.residency
+    lora_key = text_encoder_lora_key(model.loras)
     cache = None
     if request.embedding_cache is not None:
         try:
@@ -203,11 +237,12 @@ def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Re
         except OSError as error:  # the cache only saves time: never fail a run over it
             log.warning("not using --embedding_cache %s: %s", escaped(request.embedding_cache),
                         escaped(error.strerror or error))
-    encoder = PromptEncoder(cache)
+    encoder = PromptEncoder(cache, syntax=request.prompt_syntax, clip_skip=request.clip_skip,
+                            embeddings=load_embeddings(request, model.sd))
     needed = distinct(prompts) + ([request.negative_prompt] if request.guided else [])
     if encoder.missing(needed):
         with residency.use("text_encoder") as text_encoder:
-            encoder.encode_missing(needed, text_encoder.encode)
+            encoder.encode_missing(needed, text_encoder)
     return encoder
 
 
@@ -270,8 +305,10 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
                  batch: Batch, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """One batch's latents, run again one memory mode lower after out of memory (with the same noise)."""
     device, dtype, size = request.device, request.dtype, len(batch.seeds)
-    cond = encoder.batch(batch.prompt, size, device, dtype)
-    uncond = encoder.batch(request.negative_prompt, size, device, dtype) if request.guided else None
+    negative = request.negative_prompt if request.guided else None
+    length = encoder.context_length(batch.prompt, *([negative] if negative is not None else []))
+    cond = encoder.batch(batch.prompt, size, device, dtype, length)  # long prompts: 77 tokens a chunk
+    uncond = encoder.batch(negative, size, device, dtype, length) if negative is not None else None
     check_conditioning(cond, "prompt")  # NaN here (fp16 overflow, a bad cache entry) is a black image
     if uncond is not None:
         check_conditioning(uncond, "negative prompt")
@@ -287,7 +324,7 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
 
 @dataclass(frozen=True)
 class GuidedInputs:
-    """The conditioning of a batch: prompt and (when guided) negative prompt, ``[B, 77, D]`` each."""
+    """The conditioning of a batch: prompt and (when guided) negative prompt, ``[B, 77 * chunks, D]`` each."""
 
     cond: torch.Tensor
     uncond: torch.Tensor | None
@@ -344,28 +381,32 @@ class RunOutputs:
         self.request, self.writer, self.summary = request, inputs.writer, summary
         self.lora_hashes = lora_hashes
         self.size = (inputs.width, inputs.height)
-        self.model_hash = None if request.skip_save else weights_hash(request.ckpt)
-        self.vae_hash = None if request.skip_save else weights_hash(request.vae)
+        self.model_hash = None if request.skip_save and request.skip_grid else weights_hash(request.ckpt)
+        self.vae_hash = None if request.skip_save and request.skip_grid else weights_hash(request.vae)
         self.grid_images: list[np.ndarray] = []
+        self.grid_text: str | None = None  # the grid carries its first image's parameters
+        self.encoder: PromptEncoder | None = None  # set once the prompts are encoded (their metadata fields)
 
     def add(self, prompt: str, seed: int, image: np.ndarray) -> None:
         request = self.request
         self.summary.images += 1
-        if not request.skip_grid:
-            self.grid_images.append(image)
-        if request.skip_save:
-            return
+        negative = request.negative_prompt if request.guided else ""
         text = infotext(
-            prompt, request.negative_prompt if request.guided else "", steps=request.steps, sampler=request.sampler,
+            prompt, negative, steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
             strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes,
+            extra=self.encoder.infotext_fields(prompt, negative) if self.encoder is not None else None,
         )
-        self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
+        if not request.skip_grid:
+            self.grid_images.append(image)
+            self.grid_text = self.grid_text or text
+        if not request.skip_save:
+            self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
 
     def finish(self) -> None:
         if self.grid_images:
-            self.summary.grid = self.writer.write_grid(self.grid_images, self.request.n_rows, None)
+            self.summary.grid = self.writer.write_grid(self.grid_images, self.request.n_rows, self.grid_text)
 
 
 def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, tiled: bool, outputs: RunOutputs) -> None:
@@ -392,7 +433,7 @@ def generate(request: GenerationRequest) -> RunSummary:
         torch.cuda.reset_peak_memory_stats(device)
     try:
         outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
-        encoder = encode_prompts(request, inputs.prompts, model.residency, text_encoder_lora_key(model.loras))
+        encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
         init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
         cfg = inputs.config
         latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)

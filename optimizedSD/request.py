@@ -30,6 +30,7 @@ class GenerationRequest:
     strength: float | None  # img2img: how much of the init image to redo
     height: int | None  # None (img2img): the init image's, floored to a multiple of SIZE_MULTIPLE
     width: int | None
+    prompt_syntax: str  # "fork" (sub-prompt weights) or "webui" (token emphasis), optimizedSD/prompts.py
     # how
     seed: int
     n_samples: int
@@ -54,6 +55,9 @@ class GenerationRequest:
     attention: str  # auto, sdpa or sliced
     vae_tiling: bool
     embedding_cache: Path | None
+    clip_skip: int  # 1: CLIP's last layer; N: the N-th last layer through the final layer norm
+    embeddings_dir: Path  # textual-inversion embeddings, usable in prompts by file name
+    embeddings_dir_given: bool  # the user named it: then it must exist
     # outputs
     outdir: Path
     image_format: str  # png or jpg

@@ -113,9 +113,10 @@ def _build_diffusers_pipeline(spec: dict, torch, dtype):
     )
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.config import load_model_config
+    from ldm.text_encoder import clip_text_config
 
     original_config = OmegaConf.to_container(OmegaConf.load(spec["config"]), resolve=True)
     checkpoint = load_file(spec["ckpt"])  # memory-mapped, as diffusers' from_single_file reads it
@@ -135,12 +136,7 @@ def _build_diffusers_pipeline(spec: dict, torch, dtype):
     vae = build(AutoencoderKL, vae_config, convert_ldm_vae_checkpoint(checkpoint, vae_config))
 
     text_cfg = load_model_config(spec["config"]).text
-    clip_config = CLIPTextConfig(
-        vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.hidden_size, intermediate_size=text_cfg.intermediate_size,
-        num_hidden_layers=text_cfg.num_hidden_layers, num_attention_heads=text_cfg.num_attention_heads,
-        max_position_embeddings=text_cfg.max_position_embeddings, hidden_act=text_cfg.hidden_act,
-        projection_dim=text_cfg.projection_dim, layer_norm_eps=text_cfg.layer_norm_eps,
-    )
+    clip_config = clip_text_config(text_cfg)
     with torch.device("meta"):
         probe_keys = set(CLIPTextModel(clip_config).state_dict())
     clip_weights = convert_ldm_clip_checkpoint(checkpoint)

@@ -35,7 +35,10 @@ def diffusers_pipeline_from_checkpoint(state: dict[str, torch.Tensor], config_pa
         create_unet_diffusers_config_from_ldm,
         create_vae_diffusers_config_from_ldm,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.config import load_model_config
+    from ldm.text_encoder import clip_text_config
 
     original = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     params = original["model"]["params"]
@@ -48,13 +51,7 @@ def diffusers_pipeline_from_checkpoint(state: dict[str, torch.Tensor], config_pa
     vae = AutoencoderKL(**vae_config)
     vae.load_state_dict(convert_ldm_vae_checkpoint(state, vae_config), strict=True)
 
-    text = params["cond_stage_config"].get("params", {})
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
-        hidden_size=text.get("hidden_size", 768), intermediate_size=text.get("intermediate_size", 3072),
-        num_hidden_layers=text.get("num_hidden_layers", 12), num_attention_heads=text.get("num_attention_heads", 12),
-        projection_dim=text.get("projection_dim", 768),
-    ))
+    text_encoder = CLIPTextModel(clip_text_config(load_model_config(config_path).text))
     converted = convert_ldm_clip_checkpoint(state)
     expected = text_encoder.state_dict().keys()
     if not any(k.startswith("text_model.") for k in expected):  # transformers >= 5.6 has no text_model. prefix
