@@ -145,3 +145,21 @@ def test_plan_json_shape(sd_v1_plans):
         assert set(mode) == {"peak_bytes", "phase_peaks", "weight_bytes"}
         assert set(mode["phase_peaks"]) == {"text_encoder", "unet", "vae"}
         assert mode["peak_bytes"] == max(mode["phase_peaks"].values())
+
+
+# ---- the ledger against a real GPU (CUDA only; scripts/gpu_check.sh runs these) -----------------------------
+CUDA_OVERHEAD_BYTES = 64 << 20  # cuBLAS/cuDNN workspaces that go through the caching allocator, at most
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["full", "medium", "low"])
+def test_ledger_predicts_cuda_max_memory_allocated(tiny_checkpoint, mode):
+    from ldm.ledger.measured import measure_on_cuda
+    from ldm.model_loading import load_stable_diffusion
+
+    shape = RunShape(256, 256, sampler="dpm_solver", steps=3)
+    predicted = simulate(meta_stable_diffusion(TINY_CONFIG, torch.float16), mode, shape)
+    sd = load_stable_diffusion(tiny_checkpoint, TINY_CONFIG, dtype=torch.float16)
+    measured = measure_on_cuda(sd, mode, shape, torch.device("cuda"))
+    print(mode, "ledger", predicted.peak_bytes, "measured", measured["peak_bytes"])
+    assert predicted.peak_bytes - (1 << 20) <= measured["peak_bytes"] <= predicted.peak_bytes + CUDA_OVERHEAD_BYTES

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 
@@ -102,14 +103,16 @@ def simulate(sd, mode: str, shape: RunShape = RunShape(), budget_bytes: int | No
     replay = CudaAttentionChoice()
     try:
         with attention_backend(shape.attention), replay, counter, torch.no_grad():
-            _run(sd, residency, counter, shape)
+            run_generation_calls(sd, residency, shape, DEVICE, counter.phase)
     finally:
         residency.release()
     return LedgerRun(mode, counter.peak, dict(counter.phase_peaks), dict(replay.choices))
 
 
-def _run(sd, residency, counter: DeviceBytes, shape: RunShape) -> None:
-    """The generation loop's calls, in its order: prompts, one batch of sampling, each image's decode."""
+def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, phase: Callable[[str], ContextManager]) -> None:
+    """The generation loop's calls, in its order: the prompts (with the negative one, for guidance), one
+    batch of sampling, each image's decode, under ``phase(name)`` for each phase. The ledger runs it on
+    meta; ``scripts/gpu_check.py`` runs it on a GPU with random weights to check the ledger."""
     from ldm import samplers
     from ldm.guidance import GuidedDenoiser
     from ldm.noise import SeededNoise
@@ -118,7 +121,7 @@ def _run(sd, residency, counter: DeviceBytes, shape: RunShape) -> None:
 
     dtype = next(sd.unet.parameters()).dtype
     guided = shape.scale != 1.0
-    with counter.phase("text_encoder"), residency.use("text_encoder") as text_encoder:
+    with phase("text_encoder"), residency.use("text_encoder") as text_encoder:
         embeddings = text_encoder.encode(["a prompt", ""] if guided else ["a prompt"])
     cond = embeddings[0].to(dtype).expand(shape.batch, *embeddings.shape[1:]).contiguous()
     uncond = embeddings[1].to(dtype).expand(shape.batch, *embeddings.shape[1:]).contiguous() if guided else None
@@ -128,15 +131,15 @@ def _run(sd, residency, counter: DeviceBytes, shape: RunShape) -> None:
     latent_shape = (cfg.latent_channels, shape.height // cfg.downsampling_factor, shape.width // cfg.downsampling_factor)
     noise = SeededNoise(range(shape.batch))
     schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
-    with counter.phase("unet"), residency.use("unet") as unet:
+    with phase("unet"), residency.use("unet") as unet:
         chunk = shape.unet_chunk
         model = (lambda x, t, c: unet(x, t, c, chunk)) if chunk and hasattr(unet, "plan") else unet
         latents = samplers.sample(
             shape.sampler, GuidedDenoiser(model, cond, uncond, shape.scale), schedule,
-            noise.initial(latent_shape, device=DEVICE), shape.steps, noise_sampler=noise,
+            noise.initial(latent_shape, device=device), shape.steps, noise_sampler=noise,
         )
     del cond, uncond
-    with counter.phase("vae"):
+    with phase("vae"):
         for k in range(shape.batch):
             with residency.use("vae.decoder") as vae:
                 images = decode_latents(vae, latents[k : k + 1] / sd.scale_factor, shape.tiled)
