@@ -11,17 +11,19 @@ Modes, fastest first:
 
 - ``full``: all three models stay on the device from their first use until :meth:`Residency.release`.
   Needs about 2.2 GB of weights in fp16 for SD v1 plus the working memory; no transfer after warm-up.
-- ``medium``: one model on the device at a time (the optimizedSD fork's ``--turbo``). A model stays
+- ``medium``: one model on the device at a time (the optimizedSD fork's ``--turbo``); of the VAE only the
+  half in use (decoder and ``post_quant_conv`` to decode, encoder and ``quant_conv`` to encode). A model stays
   until another is asked for, so the UNet is copied once per batch and kept for all its steps.
   Peak = the largest model (the UNet, 1.7 GB in fp16) + working memory; costs a UNet copy per batch.
-- ``low``: the text encoder and the VAE as in ``medium``; the UNet runs through :class:`StreamedUNet`,
-  which walks the UNet's parts in execution order (time embedding, input blocks, middle block, output
-  blocks, ``out``) at every step and copies each group of blocks in just before it runs. On CUDA the
-  next group is copied on a side stream from pinned memory while the current one computes. With a
-  budget (``budget_bytes``, the CLI's ``--vram_budget``), as many groups as fit stay on the device
-  for good and only the rest are streamed. Peak = budget (or, without one, the two largest of the 25
-  block groups: 0.35 GB of SD v1's 1.6 GB of fp16 UNet weights) + working memory; costs a copy of the
-  streamed part of the UNet at every step.
+- ``low``: the text encoder as in ``medium``; the UNet runs through :class:`StreamedUNet`, which runs
+  ``UNetModel.forward`` itself with a part hook (:mod:`ldm.streaming`) that copies each group of blocks
+  in just before it runs, at every step. On CUDA the next group is copied on a side stream from pinned
+  memory while the current one computes. With a budget (``budget_bytes``, the CLI's ``--vram_budget``),
+  as many groups as fit stay on the device for good and only the rest are streamed. Peak = budget (or,
+  without one, the two largest of the 25 block groups: 0.35 GB of SD v1's 1.6 GB of fp16 UNet weights)
+  + working memory; costs a copy of the streamed part of the UNet at every step. A decode
+  (``use("vae.decoder")``) streams the VAE's decoder level by level (:class:`StreamedVAE`): at the
+  full-resolution level, where the decode's activations peak, 2.4 MB of its 99 MB of weights are there.
 - ``auto`` (:func:`resolve_mode`): picks one of the above from the free device memory, the image size
   and the batch; on a CPU it is ``full`` (nothing to save).
 

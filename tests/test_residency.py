@@ -557,3 +557,53 @@ def test_cuda_peak_memory_low_below_medium_below_full(sd):
         assert torch.cuda.memory_allocated(device) - base <= out.numel() * out.element_size()
         del out
     assert peaks["low"] < peaks["medium"] < peaks["full"], peaks
+
+
+# ---- low mode's decode: the decoder streamed level by level -----------------------------------------------
+def test_low_mode_decode_streams_the_decoder_one_level_at_a_time(sd):
+    from ldm.streaming import decoder_group_layout
+
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = sd.vae.decode(z)
+    events = []
+    residency = Residency(sd, "cpu", "low", track_cpu_copies=True, on_transfer=events.append)
+    watch = DeviceWatch(sd)
+    seen = []
+
+    def check(module, args):
+        # The encoder never comes; of the decoder, only the running part's group.
+        assert not any(watch.on_device(sd.vae.encoder)) and not any(watch.on_device(sd.vae.quant_conv))
+        assert all(watch.on_device(module))
+        seen.append(watch.device_bytes(sd.vae))
+
+    parts = dict(sd.vae.decoder_parts())
+    handles = [module.register_forward_pre_hook(check) for module in parts.values()]
+    try:
+        with residency.use("vae.decoder") as vae, torch.no_grad():
+            images = vae.decode(z)
+    finally:
+        for handle in handles:
+            handle.remove()
+    residency.release()
+    assert torch.equal(images, expected)
+    layout = decoder_group_layout(sd.vae)
+    assert [e.group for e in events if e.event == "onload"] == ["vae." + "+".join(names) for names in layout]
+    on = 0
+    for event in events:  # one group at a time: no prefetch in a decode
+        on += event.nbytes if event.event == "onload" else -event.nbytes
+        assert on <= max(g.nbytes for g in residency.decoder_groups)
+    assert len(seen) == len(parts) and watch.nothing_on_device()
+
+
+def test_the_unet_runs_its_own_forward_through_the_part_hook(sd):
+    x, t, context = unet_inputs(sd)
+    calls = []
+
+    def hook(name, module, *args):
+        calls.append(name)
+        return module(*args)
+
+    with torch.no_grad():
+        assert torch.equal(sd.unet(x, t, context, hook=hook), sd.unet(x, t, context))
+    assert calls == [name for name, _ in unet_parts(sd.unet)]

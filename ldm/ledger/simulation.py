@@ -132,10 +132,8 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
     noise = SeededNoise(range(shape.batch))
     schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
     with phase("unet"), residency.use("unet") as unet:
-        chunk = shape.unet_chunk
-        model = (lambda x, t, c: unet(x, t, c, chunk)) if chunk and hasattr(unet, "plan") else unet
         latents = samplers.sample(
-            shape.sampler, GuidedDenoiser(model, cond, uncond, shape.scale), schedule,
+            shape.sampler, GuidedDenoiser(_chunked(unet, shape.unet_chunk), cond, uncond, shape.scale), schedule,
             noise.initial(latent_shape, device=device), shape.steps, noise_sampler=noise,
         )
     del cond, uncond
@@ -144,3 +142,16 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
             with residency.use("vae.decoder") as vae:
                 images = decode_latents(vae, latents[k : k + 1] / sd.scale_factor, shape.tiled)
             del images
+
+
+def _chunked(unet, chunk: int | None):
+    """``--unet_bs``: the streamed UNet runs the chunks inside one pass; another UNet is called per chunk."""
+    from ldm.streaming import StreamedUNet
+
+    if not chunk:
+        return unet
+    if isinstance(unet, StreamedUNet):
+        return lambda x, t, context: unet(x, t, context, chunk)
+    return lambda x, t, context: torch.cat(
+        [unet(x[i : i + chunk], t[i : i + chunk], context[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
+    )
