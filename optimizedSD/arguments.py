@@ -109,6 +109,12 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles (large images in little memory; automatic above 1024 px)")
     add("--embedding_cache", type=str, default=None, metavar="DIR",
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
+    add("--plan", action="store_true",
+        help="print the simulated peak GPU memory of each --vram mode for this run and the mode auto picks, "
+             "then exit (reads no checkpoint)")
+    add("--json", action="store_true", help="with --plan: print one JSON object")
+    add("--gpu_memory", type=float, default=None, metavar="GB",
+        help="with --plan: the free GPU memory --vram auto is asked about (default: the detected GPU's)")
     return parser
 
 
@@ -190,6 +196,9 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         skip_save=opt.skip_save,
         n_rows=opt.n_rows or opt.n_samples,
         watermark=not opt.no_watermark,
+        plan=opt.plan,
+        plan_json=opt.json,
+        gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
     )
 
 
@@ -232,6 +241,10 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
+    if (opt.json or opt.gpu_memory is not None) and not opt.plan:
+        raise UsageError("--json and --gpu_memory go with --plan")
+    if opt.gpu_memory is not None and not 0 < opt.gpu_memory < 1e6:
+        raise UsageError(f"--gpu_memory must be a positive number of GB, got {opt.gpu_memory}")
     if opt.seed is not None and not 0 <= opt.seed < 2**63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
     if opt.mode == IMG2IMG:

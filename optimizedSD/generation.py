@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm import samplers
-from ldm.attention import set_attention_backend
+from ldm.attention import attention_backend
 from ldm.autoencoder import DiagonalGaussian
 from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
@@ -149,9 +149,8 @@ def resolve_attention(name: str, device: torch.device) -> str:
 
 
 def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int, width: int) -> Residency:
-    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``) and attention backend (``--attention``)."""
+    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``)."""
     device = request.device
-    set_attention_backend(resolve_attention(request.attention, device))
     dtype = next(sd.unet.parameters()).dtype
     tiled = should_tile(height, width, request.vae_tiling)
     mode = resolve_mode(request.vram, device, height, width, request.n_samples, sd=sd, dtype=dtype, tiled=tiled)
@@ -194,7 +193,7 @@ class InitImage:
     @classmethod
     def encode(cls, image: Image.Image, width: int, height: int, model: LoadedModel, dtype: torch.dtype) -> InitImage:
         pixels = image_to_tensor(image, width, height)
-        with model.residency.use("vae") as vae, torch.no_grad():
+        with model.residency.use("vae.encoder") as vae, torch.no_grad():
             posterior = vae.encode(pixels.to(device=model.residency.device, dtype=dtype))
         return cls(posterior, model.sd.scale_factor)
 
@@ -290,7 +289,7 @@ def chunked_unet(unet, chunk: int | None):
 def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float, tiled: bool, tile: int | None) -> torch.Tensor:
     """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
     and again in fp32 if the fp16 VAE overflows."""
-    with residency.use("vae") as vae, torch.no_grad():
+    with residency.use("vae.decoder") as vae, torch.no_grad():
         return decode_latents(vae, latent / scale_factor, tiled, tile or DEFAULT_TILE)
 
 
@@ -332,6 +331,23 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
         outputs.add(batch.prompt, seed, to_uint8(decoded)[0])
 
 
+def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) -> bool:
+    """Tile the decode with ``--vae_tiling``, above 1024 px, and in low mode where the VRAM ledger says a
+    whole-image decode would set the run's peak above the UNet's (768 px and up for SD v1 in fp16; tiles
+    change the picture slightly, so only where the memory needs them)."""
+    if should_tile(inputs.height, inputs.width, request.vae_tiling):
+        return True
+    if mode != "low" or request.device.type != "cuda":
+        return False
+    from ldm.ledger import RunShape
+    from ldm.ledger.plan import low_mode_tiles
+
+    attention = "sliced" if request.attention == "sliced" else "sdpa"
+    shape = RunShape(inputs.height, inputs.width, request.n_samples, request.sampler, request.steps, request.scale,
+                     attention, False, request.unet_bs, request.img2img)
+    return low_mode_tiles(str(request.config), shape, request.dtype)
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 def generate(request: GenerationRequest) -> RunSummary:
     """Run the scripts' job for a parsed and checked request (see :func:`optimizedSD.arguments.parse_args`)."""
@@ -344,20 +360,22 @@ def generate(request: GenerationRequest) -> RunSummary:
     device = request.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        outputs = RunOutputs(request, inputs, summary)
-        encoder = encode_prompts(request, inputs.prompts, model.residency)
-        init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
-        cfg = inputs.config
-        latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
-        tiled = should_tile(inputs.height, inputs.width, request.vae_tiling)
-        batches = list(plan_batches(request, inputs.prompts))
-        for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
-            latents = sample_batch(request, model, encoder, init, batch, latent_shape)
-            decode_and_write(model, batch, latents, tiled, outputs)
-        outputs.finish()
-    finally:
-        model.residency.release()
+    # The backend for this run only (the out-of-memory ladders may switch to slices inside it).
+    with attention_backend(resolve_attention(request.attention, device)):
+        try:
+            outputs = RunOutputs(request, inputs, summary)
+            encoder = encode_prompts(request, inputs.prompts, model.residency)
+            init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
+            cfg = inputs.config
+            latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
+            tiled = decode_in_tiles(request, inputs, model.residency.mode)
+            batches = list(plan_batches(request, inputs.prompts))
+            for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
+                latents = sample_batch(request, model, encoder, init, batch, latent_shape)
+                decode_and_write(model, batch, latents, tiled, outputs)
+            outputs.finish()
+        finally:
+            model.residency.release()
     summary.seconds = time.perf_counter() - started
     if device.type == "cuda":
         summary.peak_vram_bytes = torch.cuda.max_memory_allocated(device)

@@ -20,36 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What the plan needs from the command line (the rest of a run does not change its memory)."""
-
-    config: str
-    height: int
-    width: int
-    batch: int
-    sampler: str
-    steps: int
-    scale: float
-    attention: str
-    fp16: bool
-    vae_tiling: bool = False
-    unet_chunk: int | None = None
-    vram_budget_gb: float | None = None
-    gpu_memory_gb: float | None = None
-
-
-def gpu_bytes(gpu_memory_gb: float | None) -> int | None:
+def gpu_bytes(request_bytes: int | None) -> int | None:
     """``--gpu_memory`` in bytes; without it, the free memory of the current CUDA device, or None."""
-    if gpu_memory_gb is not None:
-        return int(gpu_memory_gb * GIB)
+    if request_bytes is not None:
+        return request_bytes
     import torch
 
     if not torch.cuda.is_available():
@@ -57,20 +35,23 @@ def gpu_bytes(gpu_memory_gb: float | None) -> int | None:
     return torch.cuda.mem_get_info()[0]
 
 
-def run_plan(request: PlanRequest, as_json: bool = False) -> str:
-    """The plan as text (a table, or one JSON object)."""
+def plan_text(request) -> str:
+    """The plan for a parsed :class:`~optimizedSD.request.GenerationRequest` with ``plan`` set: a table, or
+    with ``plan_json`` one JSON object. The memory is the GPU's: fp16 unless ``--precision full``."""
     import torch
 
+    from ldm.config import load_model_config
     from ldm.ledger import RunShape
     from ldm.ledger.plan import format_plan, memory_plan
+    from optimizedSD.images import load_init_image, output_size
 
-    attention = "sliced" if request.attention == "sliced" else "sdpa"  # auto is sdpa on CUDA
-    shape = RunShape(
-        request.height, request.width, request.batch, request.sampler, request.steps, request.scale, attention,
-        request.vae_tiling, request.unet_chunk,
-    )
-    card = gpu_bytes(request.gpu_memory_gb)
-    budget = None if request.vram_budget_gb is None else int(request.vram_budget_gb * GIB)
-    dtype = torch.float16 if request.fp16 else torch.float32
-    plan = memory_plan(request.config, shape, dtype, budget_bytes=budget, gpu_bytes=card)
-    return json.dumps(plan.as_json()) if as_json else format_plan(plan, card)
+    load_model_config(request.config)  # a bad config is the user's one-line error, before any simulation
+    init_image = load_init_image(request.init_img) if request.img2img else None
+    height, width = output_size(request, init_image)
+    attention = "sliced" if request.attention == "sliced" else "sdpa"  # auto means sdpa on CUDA
+    shape = RunShape(height, width, request.n_samples, request.sampler, request.steps, request.scale, attention,
+                     request.vae_tiling, request.unet_bs, request.img2img)
+    card = gpu_bytes(request.gpu_memory_bytes)
+    dtype = torch.float16 if request.precision == "autocast" else torch.float32
+    plan = memory_plan(str(request.config), shape, dtype, budget_bytes=request.vram_budget_bytes, gpu_bytes=card)
+    return json.dumps(plan.as_json()) if request.plan_json else format_plan(plan, card)

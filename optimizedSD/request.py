@@ -58,6 +58,10 @@ class GenerationRequest:
     skip_save: bool
     n_rows: int
     watermark: bool
+    # --plan: answer how much GPU memory each memory mode needs, then exit (nothing is loaded)
+    plan: bool = False
+    plan_json: bool = False
+    gpu_memory_bytes: int | None = None  # --gpu_memory: the card --vram auto is asked about in the plan
 
     @property
     def img2img(self) -> bool:

@@ -88,6 +88,7 @@ class RunShape:
     attention: str = "sdpa"
     tiled: bool = False
     unet_chunk: int | None = None
+    img2img: bool = False  # the init image's encode (before sampling) is part of the run
 
 
 def simulate(sd, mode: str, shape: RunShape = RunShape(), budget_bytes: int | None = None) -> LedgerRun:
@@ -128,15 +129,21 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
     del embeddings
 
     cfg = sd.config
+    posterior = None
+    if shape.img2img:  # the init image's posterior, once (its pixels come from the host)
+        with phase("vae"), residency.use("vae.encoder") as vae:
+            posterior = vae.encode(torch.zeros(1, 3, shape.height, shape.width).to(device=device, dtype=dtype))
     latent_shape = (cfg.latent_channels, shape.height // cfg.downsampling_factor, shape.width // cfg.downsampling_factor)
     noise = SeededNoise(range(shape.batch))
     schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
     with phase("unet"), residency.use("unet") as unet:
+        x_T = noise.initial(latent_shape, device=device)
+        init_latent = None if posterior is None else sd.scale_factor * posterior.sample(noise(x_T)).float()
         latents = samplers.sample(
             shape.sampler, GuidedDenoiser(_chunked(unet, shape.unet_chunk), cond, uncond, shape.scale), schedule,
-            noise.initial(latent_shape, device=device), shape.steps, noise_sampler=noise,
+            x_T, shape.steps, init_latent=init_latent, strength=0.75 if shape.img2img else 1.0, noise_sampler=noise,
         )
-    del cond, uncond
+    del cond, uncond, posterior
     with phase("vae"):
         for k in range(shape.batch):
             with residency.use("vae.decoder") as vae:
