@@ -302,7 +302,9 @@ class RunOutputs:
         self.model_hash = None if request.skip_save else model_hash(request.ckpt)  # sha256 of the whole file
         self.grid_images: list[np.ndarray] = []
 
-    def add(self, prompt: str, seed: int, image: np.ndarray) -> None:
+    def add(self, prompt: str, seed: int, decoded: torch.Tensor) -> None:
+        """Take one decoded image (``[1, 3, H, W]`` in [-1, 1] on the device): to 8 bits, written, kept."""
+        image = to_uint8(decoded)[0]
         request = self.request
         self.summary.images += 1
         if not request.skip_grid:
@@ -328,7 +330,7 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
         decoded = decode_with_retry(
             model.residency, lambda tiled, tile: decode_image(model.residency, latent, model.sd.scale_factor, tiled, tile), tiled
         )
-        outputs.add(batch.prompt, seed, to_uint8(decoded)[0])
+        outputs.add(batch.prompt, seed, decoded)
 
 
 def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) -> bool:

@@ -206,7 +206,8 @@ class PromptEncoder:
             encodings = torch.cat([encode_texts(needed[i : i + ENCODE_CHUNK]) for i in range(0, len(needed), ENCODE_CHUNK)])
         self.encoder_calls += len(needed)
         for text, encoding in zip(needed, encodings):
-            encoding = encoding.detach().to("cpu")
+            # Kept on the host; a simulated run (the VRAM ledger, on meta) has no host copy to make.
+            encoding = encoding.detach() if encoding.is_meta else encoding.detach().to("cpu")
             self._memory[text] = encoding
             if self.cache is not None:
                 self.cache.put(text, encoding)

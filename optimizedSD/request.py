@@ -74,5 +74,6 @@ class GenerationRequest:
 
     @property
     def dtype(self) -> torch.dtype:
-        """``autocast`` means fp16 weights on CUDA (as the fork's ``model.half()``); fp32 on CPU and MPS."""
-        return torch.float16 if self.precision == "autocast" and self.device.type == "cuda" else torch.float32
+        """``autocast`` means fp16 weights on CUDA (as the fork's ``model.half()``); fp32 on CPU and MPS. The
+        ``meta`` device (the VRAM ledger's simulated run, ``--plan``) stands for the CUDA GPU it plans for."""
+        return torch.float16 if self.precision == "autocast" and self.device.type in ("cuda", "meta") else torch.float32

@@ -108,10 +108,20 @@ def test_pick_mode():
     assert pick_mode(runs, GIB // 4) == "low"  # the last resort
 
 
-# ---- SD v1 on meta: the targets ---------------------------------------------------------------------
+# ---- SD v1 on meta: the targets, through the generation loop's own stages (--plan) --------------------
+def plan_request(size: int, *extra: str):
+    from optimizedSD.arguments import TXT2IMG, parse_args
+
+    return parse_args(["--plan", "--config", str(SD_V1_CONFIG), "--ckpt", "no-such-file.ckpt", "--device", "cpu",
+                       "--H", str(size), "--W", str(size), "--n_samples", "1", "--sampler", "dpm_solver",
+                       "--ddim_steps", "20", *extra], TXT2IMG)
+
+
 @pytest.fixture(scope="module")
 def sd_v1_plans():
-    return {size: memory_plan(SD_V1_CONFIG, RunShape(size, size, sampler="dpm_solver", steps=20)) for size in (512, 768, 1024)}
+    from optimizedSD.plan import plan_for
+
+    return {size: plan_for(plan_request(size)) for size in (512, 768, 1024)}
 
 
 @pytest.mark.parametrize("size, limit", [(512, 0.40), (768, 0.45), (1024, 0.60)])

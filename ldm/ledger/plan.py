@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ldm.ledger.simulation import LedgerRun, RunShape, meta_stable_diffusion, simulate
+from ldm.ledger.simulation import Calls, LedgerRun, RunShape, meta_stable_diffusion, simulate
 
 # Steps after which a sampler's memory repeats: PLMS keeps 3 earlier eps, LMS 3 earlier derivatives besides
 # the current one, DPM-Solver++(2M) one earlier output (used from its second step, and its last step is
@@ -80,20 +80,21 @@ def pick_mode(modes: dict[str, LedgerRun], gpu_bytes: int | None) -> str | None:
 
 def memory_plan(
     config, shape: RunShape, dtype: torch.dtype = torch.float16, *, budget_bytes: int | None = None,
-    gpu_bytes: int | None = None,
+    gpu_bytes: int | None = None, calls: Calls | None = None,
 ) -> MemoryPlan:
     """Simulate ``shape`` in full, medium and low mode (and low with ``budget_bytes`` when given, as
-    "low_budget"), low decoding in tiles where :func:`low_mode_tiles` says so."""
+    "low_budget"), low decoding in tiles where :func:`low_mode_tiles` says so; ``calls`` as
+    :func:`~ldm.ledger.simulation.simulate`'s."""
     sd = _meta_models(str(config), dtype)
     shape = replace(shape, steps=plan_steps(shape.sampler, shape.steps))
-    modes = {name: simulate(sd, name, shape) for name in ("full", "medium")}
-    low = simulate(sd, "low", shape)
+    modes = {name: simulate(sd, name, shape, calls=calls) for name in ("full", "medium")}
+    low = simulate(sd, "low", shape, calls=calls)
     tiled = shape.tiled or low.phase_peaks["vae"].total > low.phase_peaks["unet"].total
     if tiled and not shape.tiled:
-        low = simulate(sd, "low", replace(shape, tiled=True))
+        low = simulate(sd, "low", replace(shape, tiled=True), calls=calls)
     modes["low"] = low
     if budget_bytes is not None:
-        modes["low_budget"] = simulate(sd, "low", replace(shape, tiled=tiled), budget_bytes)
+        modes["low_budget"] = simulate(sd, "low", replace(shape, tiled=tiled), budget_bytes, calls=calls)
     return MemoryPlan(shape, modes, pick_mode(modes, gpu_bytes), tiled)
 
 

@@ -91,9 +91,16 @@ class RunShape:
     img2img: bool = False  # the init image's encode (before sampling) is part of the run
 
 
-def simulate(sd, mode: str, shape: RunShape = RunShape(), budget_bytes: int | None = None) -> LedgerRun:
+Calls = Callable[..., None]
+"""``calls(sd, residency, shape, device, phase)``: a run's calls on ``device`` (see :func:`run_generation_calls`)."""
+
+
+def simulate(
+    sd, mode: str, shape: RunShape = RunShape(), budget_bytes: int | None = None, calls: Calls | None = None
+) -> LedgerRun:
     """Run ``shape`` with ``sd`` (models on ``meta``, e.g. from :func:`meta_stable_diffusion`) in ``mode``
-    on the ``meta`` device, counting device bytes; the models are left as they were."""
+    on the ``meta`` device, counting device bytes; the models are left as they were. ``calls`` is the run
+    (default :func:`run_generation_calls`; ``optimizedSD.plan`` passes the generation loop's own stages)."""
     from ldm.attention import attention_backend
     from ldm.residency import Residency
 
@@ -104,7 +111,7 @@ def simulate(sd, mode: str, shape: RunShape = RunShape(), budget_bytes: int | No
     replay = CudaAttentionChoice()
     try:
         with attention_backend(shape.attention), replay, counter, torch.no_grad():
-            run_generation_calls(sd, residency, shape, DEVICE, counter.phase)
+            (calls or run_generation_calls)(sd, residency, shape, DEVICE, counter.phase)
     finally:
         residency.release()
     return LedgerRun(mode, counter.peak, dict(counter.phase_peaks), dict(replay.choices))
