@@ -12,34 +12,53 @@ VAE's attention block (:func:`attention`):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
+BACKENDS = ("sdpa", "sliced")
+
+
+@dataclass(frozen=True)
 class AttentionBackend:
     name: str = "sdpa"
     slice_size: int | None = None  # query rows per slice for "sliced"; None picks by size
 
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.name!r}; choose sdpa or sliced")
+        if self.slice_size is not None and self.slice_size < 1:
+            raise ValueError("attention slice size must be at least 1")
 
-_backend = AttentionBackend()
+
+# A context variable, not a module global: a ``with attention_backend(...)`` block sets it for its own
+# code only, and leaves it as it was on the way out, an exception included.
+_backend: ContextVar[AttentionBackend] = ContextVar("attention_backend", default=AttentionBackend())
+
+
+@contextmanager
+def attention_backend(name: str, slice_size: int | None = None) -> Iterator[AttentionBackend]:
+    """Every attention inside the block (UNet and VAE) computes with ``name`` (``"sdpa"`` or ``"sliced"``)."""
+    token = _backend.set(AttentionBackend(name, slice_size))
+    try:
+        yield _backend.get()
+    finally:
+        _backend.reset(token)
 
 
 def set_attention_backend(name: str, slice_size: int | None = None) -> None:
-    """Choose how every CrossAttention computes: ``"sdpa"`` (default) or ``"sliced"``."""
-    if name not in ("sdpa", "sliced"):
-        raise ValueError(f"unknown attention backend {name!r}; choose sdpa or sliced")
-    if slice_size is not None and slice_size < 1:
-        raise ValueError("attention slice size must be at least 1")
-    _backend.name = name
-    _backend.slice_size = slice_size
+    """Choose the backend for the rest of this context (prefer :func:`attention_backend`, which undoes it)."""
+    _backend.set(AttentionBackend(name, slice_size))
 
 
 def get_attention_backend() -> AttentionBackend:
-    return AttentionBackend(_backend.name, _backend.slice_size)
+    return _backend.get()
 
 
 def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int | None) -> torch.Tensor:
@@ -59,9 +78,10 @@ def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_s
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over [B, heads, N, d] tensors, with the backend chosen for the process."""
-    if _backend.name == "sliced":
-        return _sliced_attention(q, k, v, _backend.slice_size)
+    """softmax(q k^T / sqrt(d)) v over [B, heads, N, d] tensors, with the backend of the current context."""
+    backend = _backend.get()
+    if backend.name == "sliced":
+        return _sliced_attention(q, k, v, backend.slice_size)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -134,6 +134,12 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--from_png", type=str, default=None, metavar="FILE",
         help="take prompt, negative prompt, seed, sampler, steps, CFG scale, size, clip skip, strength from the "
              "parameters of a PNG/JPEG written by this tool or the webui; flags given here win")
+    add("--plan", action="store_true",
+        help="print the simulated peak GPU memory of each --vram mode for this run and the mode auto picks, "
+             "then exit (reads no checkpoint)")
+    add("--json", action="store_true", help="with --plan: print one JSON object")
+    add("--gpu_memory", type=float, default=None, metavar="GB",
+        help="with --plan: the free GPU memory --vram auto is asked about (default: the detected GPU's)")
     return parser
 
 
@@ -226,6 +232,9 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         skip_save=opt.skip_save,
         n_rows=opt.n_rows or opt.n_samples,
         watermark=not opt.no_watermark,
+        plan=opt.plan,
+        plan_json=opt.json,
+        gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
     )
 
 
@@ -327,6 +336,10 @@ def check_args(opt: argparse.Namespace) -> None:
             raise UsageError(f"--lora {value}: the weight must be a finite number")
     if opt.clip_skip < 1:
         raise UsageError(f"--clip_skip must be at least 1, got {opt.clip_skip}")
+    if (opt.json or opt.gpu_memory is not None) and not opt.plan:
+        raise UsageError("--json and --gpu_memory go with --plan")
+    if opt.gpu_memory is not None and not 0 < opt.gpu_memory < 1e6:
+        raise UsageError(f"--gpu_memory must be a positive number of GB, got {opt.gpu_memory}")
     if opt.seed is not None and not 0 <= opt.seed < 2**63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
     if opt.mode == IMG2IMG:

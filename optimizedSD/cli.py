@@ -61,6 +61,11 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
         logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(message)s")
     try:
         request = parse_args(argv, mode)
+        if request.plan:  # answered from the config alone: no checkpoint is read
+            from optimizedSD.plan import plan_text
+
+            print(plan_text(request))
+            return 0
         from optimizedSD.generation import generate  # after parsing: --help and flag errors need no model code
 
         sys.stdout = _StdoutThatNeverFails(sys.stdout)

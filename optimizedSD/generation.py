@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm import samplers
-from ldm.attention import set_attention_backend
+from ldm.attention import attention_backend
 from ldm.autoencoder import DiagonalGaussian
 from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
@@ -193,9 +193,8 @@ def resolve_attention(name: str, device: torch.device) -> str:
 
 
 def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int, width: int) -> Residency:
-    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``) and attention backend (``--attention``)."""
+    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``)."""
     device = request.device
-    set_attention_backend(resolve_attention(request.attention, device))
     dtype = next(sd.unet.parameters()).dtype
     tiled = should_tile(height, width, request.vae_tiling)
     mode = resolve_mode(request.vram, device, height, width, request.n_samples, sd=sd, dtype=dtype, tiled=tiled)
@@ -269,7 +268,7 @@ class InitImage:
     @classmethod
     def encode(cls, image: Image.Image, width: int, height: int, model: LoadedModel, dtype: torch.dtype) -> InitImage:
         pixels = image_to_tensor(image, width, height)
-        with model.residency.use("vae") as vae, torch.no_grad():
+        with model.residency.use("vae.encoder") as vae, torch.no_grad():
             posterior = vae.encode(pixels.to(device=model.residency.device, dtype=dtype))
         return cls(posterior, model.sd.scale_factor)
 
@@ -370,7 +369,7 @@ def chunked_unet(unet, chunk: int | None):
 def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float, tiled: bool, tile: int | None) -> torch.Tensor:
     """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
     and again in fp32 if the fp16 VAE overflows."""
-    with residency.use("vae") as vae, torch.no_grad():
+    with residency.use("vae.decoder") as vae, torch.no_grad():
         return decode_latents(vae, latent / scale_factor, tiled, tile or DEFAULT_TILE)
 
 
@@ -387,7 +386,9 @@ class RunOutputs:
         self.grid_text: str | None = None  # the grid carries its first image's parameters
         self.encoder: PromptEncoder | None = None  # set once the prompts are encoded (their metadata fields)
 
-    def add(self, prompt: str, seed: int, image: np.ndarray) -> None:
+    def add(self, prompt: str, seed: int, decoded: torch.Tensor) -> None:
+        """Take one decoded image (``[1, 3, H, W]`` in [-1, 1] on the device): to 8 bits, written, kept."""
+        image = to_uint8(decoded)[0]
         request = self.request
         self.summary.images += 1
         negative = request.negative_prompt if request.guided else ""
@@ -416,7 +417,24 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
         decoded = decode_with_retry(
             model.residency, lambda tiled, tile: decode_image(model.residency, latent, model.sd.scale_factor, tiled, tile), tiled
         )
-        outputs.add(batch.prompt, seed, to_uint8(decoded)[0])
+        outputs.add(batch.prompt, seed, decoded)
+
+
+def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) -> bool:
+    """Tile the decode with ``--vae_tiling``, above 1024 px, and in low mode where the VRAM ledger says a
+    whole-image decode would set the run's peak above the UNet's (768 px and up for SD v1 in fp16; tiles
+    change the picture slightly, so only where the memory needs them)."""
+    if should_tile(inputs.height, inputs.width, request.vae_tiling):
+        return True
+    if mode != "low" or request.device.type != "cuda":
+        return False
+    from ldm.ledger import RunShape
+    from ldm.ledger.plan import low_mode_tiles
+
+    attention = "sliced" if request.attention == "sliced" else "sdpa"
+    shape = RunShape(inputs.height, inputs.width, request.n_samples, request.sampler, request.steps, request.scale,
+                     attention, False, request.unet_bs, request.img2img)
+    return low_mode_tiles(str(request.config), shape, request.dtype)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -431,20 +449,22 @@ def generate(request: GenerationRequest) -> RunSummary:
     device = request.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
-        encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
-        init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
-        cfg = inputs.config
-        latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
-        tiled = should_tile(inputs.height, inputs.width, request.vae_tiling)
-        batches = list(plan_batches(request, inputs.prompts))
-        for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
-            latents = sample_batch(request, model, encoder, init, batch, latent_shape)
-            decode_and_write(model, batch, latents, tiled, outputs)
-        outputs.finish()
-    finally:
-        model.residency.release()
+    # The backend for this run only (the out-of-memory ladders may switch to slices inside it).
+    with attention_backend(resolve_attention(request.attention, device)):
+        try:
+            outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
+            encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
+            init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
+            cfg = inputs.config
+            latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
+            tiled = decode_in_tiles(request, inputs, model.residency.mode)
+            batches = list(plan_batches(request, inputs.prompts))
+            for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
+                latents = sample_batch(request, model, encoder, init, batch, latent_shape)
+                decode_and_write(model, batch, latents, tiled, outputs)
+            outputs.finish()
+        finally:
+            model.residency.release()
     summary.seconds = time.perf_counter() - started
     if device.type == "cuda":
         summary.peak_vram_bytes = torch.cuda.max_memory_allocated(device)

@@ -191,6 +191,11 @@ class EmbeddingCache:
             log.warning("embedding cache: cannot write %s (%s)", path, error)
 
 
+def _on_host(encoding: torch.Tensor) -> torch.Tensor:
+    """Encodings are kept on the host; a simulated run (the VRAM ledger, on meta) has no host copy to make."""
+    return encoding.detach() if encoding.is_meta else encoding.detach().to("cpu")
+
+
 class PromptEncoder:
     """Turns prompts into conditioning, running the text encoder once per distinct text it needs.
 
@@ -319,7 +324,7 @@ class PromptEncoder:
         rows = [chunk for chunks in chunked for chunk in chunks]
         with torch.no_grad():  # in batches: a long prompts file must not become one huge CLIP batch
             encoded = torch.cat([
-                text_encoder.encode_chunks(rows[i : i + ENCODE_CHUNK], self.clip_skip).detach().to("cpu")
+                _on_host(text_encoder.encode_chunks(rows[i : i + ENCODE_CHUNK], self.clip_skip))
                 for i in range(0, len(rows), ENCODE_CHUNK)
             ])
         self.encoder_calls += len(texts)

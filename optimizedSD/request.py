@@ -65,6 +65,10 @@ class GenerationRequest:
     skip_save: bool
     n_rows: int
     watermark: bool
+    # --plan: answer how much GPU memory each memory mode needs, then exit (nothing is loaded)
+    plan: bool = False
+    plan_json: bool = False
+    gpu_memory_bytes: int | None = None  # --gpu_memory: the card --vram auto is asked about in the plan
 
     @property
     def img2img(self) -> bool:
@@ -77,5 +81,6 @@ class GenerationRequest:
 
     @property
     def dtype(self) -> torch.dtype:
-        """``autocast`` means fp16 weights on CUDA (as the fork's ``model.half()``); fp32 on CPU and MPS."""
-        return torch.float16 if self.precision == "autocast" and self.device.type == "cuda" else torch.float32
+        """``autocast`` means fp16 weights on CUDA (as the fork's ``model.half()``); fp32 on CPU and MPS. The
+        ``meta`` device (the VRAM ledger's simulated run, ``--plan``) stands for the CUDA GPU it plans for."""
+        return torch.float16 if self.precision == "autocast" and self.device.type in ("cuda", "meta") else torch.float32
