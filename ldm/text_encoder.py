@@ -283,10 +283,11 @@ def apply_emphasis(hidden: torch.Tensor, weights: Sequence[Sequence[float]]) -> 
     (over all 77 x D values) is the mean it had before (``sd_emphasis.EmphasisOriginal``). Computed in
     float32. Chunks whose weights are all 1 are returned bit for bit.
     """
-    factors = torch.tensor(weights, dtype=torch.float32, device=hidden.device)
-    weighted = (factors != 1.0).any(dim=1)
-    if not bool(weighted.any()):
+    emphasised = [any(w != 1.0 for w in row) for row in weights]  # on the host: no device read-back
+    if not any(emphasised):
         return hidden
+    factors = torch.tensor(weights, dtype=torch.float32, device=hidden.device)
+    weighted = torch.tensor(emphasised, device=hidden.device)
     rows = hidden[weighted].float()
     original_mean = rows.mean(dim=(1, 2), keepdim=True)
     rows = rows * factors[weighted].unsqueeze(-1)

@@ -52,14 +52,13 @@ def generation_stages(request, prompts: list[str], init_image):
     the init image's encode (img2img), the first batch's sampling and its decode, one image at a time."""
     from dataclasses import replace
 
-    from ldm.schedule import DiffusionSchedule
     from optimizedSD import generation
 
     def calls(sd, residency, shape, device, phase) -> None:
         run = replace(request, device=device, steps=shape.steps, embedding_cache=None, skip_save=True, skip_grid=True)
-        model = generation.LoadedModel(sd, residency, DiffusionSchedule(sd.alphas_cumprod))
+        model = generation.LoadedModel(sd, residency, sd.schedule)
         with phase("text_encoder"):
-            encoder = generation.encode_prompts(run, prompts, residency)
+            encoder = generation.encode_prompts(run, prompts, model)
         init = None
         if run.img2img:
             with phase("vae"):

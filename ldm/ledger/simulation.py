@@ -70,7 +70,7 @@ def meta_stable_diffusion(config, dtype: torch.dtype = torch.float16):
         module.to(dtype).eval().requires_grad_(False)
     return StableDiffusion(
         unet=unet, vae=vae, text_encoder=text_encoder,
-        alphas_cumprod=DiffusionSchedule.from_config(cfg.schedule).alphas_cumprod.to(torch.float64),
+        schedule=DiffusionSchedule.from_config(cfg.schedule),
         scale_factor=cfg.scale_factor, config=cfg,
     )
 
