@@ -1,0 +1,116 @@
+"""int8 weights for the UNet (``--quantize int8``): one scale per output channel, dequantized as each layer runs.
+
+Each ``nn.Linear`` and ``nn.Conv2d`` of the UNet is replaced by :class:`Int8Linear` / :class:`Int8Conv2d`,
+which hold the weight as int8 ``q`` and a per-output-channel scale ``s`` with ``w ~= s * q``:
+``s = max|w| / 127`` over each output channel's weights, ``q = round(w / s)`` (symmetric, round to
+nearest; LLM.int8()'s "vector-wise" weight quantization, Dettmers et al. 2022, without the outliers'
+fp16 path, which activations need but weights do not). At every call the layer multiplies ``q`` by ``s``
+in the compute dtype on the compute device and runs the ordinary kernel.
+
+Why a module of our own: torchao quantizes linear layers only, and both torchao and optimum-quanto
+keep the int8 data inside tensor subclasses. ``ldm.residency`` moves a model by swapping each
+parameter's and buffer's ``.data`` (and packs CPU copies into pinned slabs); plain int8 buffers move as
+they are, so the memory modes carry half the bytes of fp16 (a quarter of fp32) with no change:
+``full``/``medium`` keep int8 on the device, ``low`` streams int8 at every step.
+
+Kept in floating point: the first and last convolutions (``input_blocks.0.0``, ``out.2``: 0.003 % of
+the weights, and the layers most sensitive to error, as is usual), and every norm and bias.
+``UNetModel.forward`` and the streamed UNet read the compute dtype from ``out.2``'s weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("int8",)
+KEEP_FLOAT = frozenset({"input_blocks.0.0", "out.2"})
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output channel (dim 0): ``(q int8, scale in weight.dtype)``."""
+    w = weight.detach().float()
+    amax = w.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = amax / 127
+    q = (w / scale.view(-1, *[1] * (w.dim() - 1))).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(weight.dtype)
+
+
+class _Int8Weight(nn.Module):
+    """Holds ``weight_int8`` and ``weight_scale`` as buffers (so ``.to()`` and the residency move them)
+    and ``bias`` as the float parameter it was."""
+
+    def _set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        q, scale = quantize_per_channel(weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``scale * q`` in the scale's dtype (the model's), on the buffers' device."""
+        shape = (-1,) + (1,) * (self.weight_int8.dim() - 1)
+        return self.weight_int8 * self.weight_scale.view(shape)  # int8 * float promotes: one kernel
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+
+class Int8Linear(_Int8Weight):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set_weight(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int8Conv2d(_Int8Weight):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"int8 convolution supports zero padding only, not {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self._set_weight(conv.weight, conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, int8")
+
+
+def quantize_unet(unet: nn.Module, mode: str = "int8") -> int:
+    """Replace the UNet's linear and conv layers (but :data:`KEEP_FLOAT`) by int8 ones, in place; each
+    float weight is released as its layer is replaced. Returns the weight bytes saved."""
+    if mode not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantization {mode!r}; choose {', '.join(QUANTIZE_CHOICES)}")
+    started, saved, count = time.perf_counter(), 0, 0
+    for name, module in list(unet.named_modules()):
+        if name in KEEP_FLOAT or type(module) not in (nn.Linear, nn.Conv2d):
+            continue
+        replacement = Int8Linear(module) if isinstance(module, nn.Linear) else Int8Conv2d(module)
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name) if parent_name else unet, child, replacement)
+        saved += module.weight.numel() * module.weight.element_size() - _nbytes(replacement.weight_int8, replacement.weight_scale)
+        module.weight = None  # drop the float copy now, not when the loop ends
+        count += 1
+    log.info("int8 weights for %d UNet layers in %.1f s (%.2f GiB saved)", count, time.perf_counter() - started, saved / 2**30)
+    return saved
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
