@@ -47,8 +47,10 @@ from ldm.guidance import GuidedDenoiser
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
+from ldm.quantize import quantize_unet
 from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mode
 from ldm.schedule import DiffusionSchedule
+from ldm.token_merging import apply_token_merging
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
 from optimizedSD.arguments import UsageError
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
@@ -136,8 +138,16 @@ def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
         sd = load_stable_diffusion(request.ckpt, inputs.config, dtype=request.dtype, use_ema=request.use_ema)
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
+    speed_up_unet(request, sd)
     residency = make_residency(request, sd, inputs.height, inputs.width)
     return LoadedModel(sd, residency, DiffusionSchedule(sd.alphas_cumprod))
+
+
+def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:
+    """``--quantize`` (int8 weights, before the residency measures and moves them) and ``--tome`` (token merging)."""
+    if request.quantize:
+        quantize_unet(sd.unet, request.quantize)
+    apply_token_merging(sd.unet, request.tome)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
@@ -314,6 +324,7 @@ class RunOutputs:
             prompt, request.negative_prompt if request.guided else "", steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, strength=request.strength, eta=request.eta,
+            token_merging_ratio=request.tome,
         )
         self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
 

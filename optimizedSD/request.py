@@ -51,6 +51,8 @@ class GenerationRequest:
     attention: str  # auto, sdpa or sliced
     vae_tiling: bool
     embedding_cache: Path | None
+    tome: float  # token merging ratio, 0 (off) to 0.75
+    quantize: str | None  # None or "int8": the UNet's weights
     # outputs
     outdir: Path
     image_format: str  # png or jpg
