@@ -36,8 +36,8 @@ KEEP_FLOAT = frozenset({"input_blocks.0.0", "out.2"})
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per output channel (dim 0): ``(q int8, scale in weight.dtype)``."""
     w = weight.detach().float()
-    amax = w.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    scale = amax / 127
+    low, high = torch.aminmax(w.flatten(1), dim=1)  # no |w| copy: max|w| = max(-min, max)
+    scale = torch.maximum(-low, high).clamp_min(torch.finfo(torch.float32).tiny) / 127
     q = (w / scale.view(-1, *[1] * (w.dim() - 1))).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale.to(weight.dtype)
 
