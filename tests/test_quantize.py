@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -111,3 +113,33 @@ def test_fp16_model_keeps_fp16_scales(tiny_checkpoint, tiny_config_path):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="choose int8"):
         quantize_unet(nn.Sequential(), "int4")
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status; the release is Linux-only")
+def test_quantizing_gives_back_the_memory_mapped_float_weights(tmp_path):
+    """An fp32 weight read from a memory-mapped .safetensors is the file's pages: once it is quantized, those
+    pages leave the process (else the float copy would stay resident next to the int8 one)."""
+    from ldm.checkpoint_file import read_checkpoint
+    from ldm.random_checkpoint import save_checkpoint
+
+    weights = {"0.weight": torch.randn(4096, 4096), "0.bias": torch.randn(4096), "keep": torch.randn(1024)}
+    state = read_checkpoint(save_checkpoint(weights, tmp_path / "big.safetensors"))  # 64 MiB, memory-mapped
+    keep = state.pop("keep")  # another tensor of the file stays alive: the mapping stays
+    model = nn.Sequential(nn.Linear(4096, 4096))
+    model.load_state_dict(state, assign=True)
+    del state
+    x = torch.randn(2, 4096)
+    with torch.no_grad():
+        expected = model(x)  # reads every page of the weight
+        before = _rss_file_bytes()
+        quantize_unet(model)
+        after = _rss_file_bytes()
+        assert _relative_error(model(x), expected) < 0.01
+    assert before - after > 60 * 2**20
+    assert torch.equal(keep, weights["keep"])  # the rest of the file reads as before
