@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.token_merging import TokenMerging, plan_merge
+
 
 BACKENDS = ("sdpa", "sliced")
 
@@ -132,7 +134,11 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the text, gated feed-forward; pre-norm residuals."""
+    """Self-attention, cross-attention to the text, gated feed-forward; pre-norm residuals.
+
+    With ``token_merging`` set (:func:`ldm.token_merging.apply_token_merging`) and the token grid's
+    ``size`` given, self-attention runs over merged tokens (ToMe for SD, :mod:`ldm.token_merging`).
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
@@ -142,9 +148,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.token_merging: TokenMerging | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        merge = plan_merge(self.token_merging, x, size)  # matched on the block's input, as tomesd does
+        if merge is None:
+            x = self.attn1(self.norm1(x)) + x
+        else:
+            x = merge.unmerge(self.attn1(merge.merge(self.norm1(x)))) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -167,7 +178,7 @@ class SpatialTransformer(nn.Module):
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, (height, width))
         # contiguous(): the transposed view is channels-last, and every conv after it would run slower.
         h = h.transpose(1, 2).reshape(batch, -1, height, width).contiguous()
         return self.proj_out(h) + x

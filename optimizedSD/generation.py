@@ -50,9 +50,11 @@ from ldm.lora import LoraFile, apply_loras, lora_hashes_text, text_encoder_lora_
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
+from ldm.quantize import quantize_unet
 from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mode
 from ldm.schedule import DiffusionSchedule
 from ldm.textual_inversion import EmbeddingLibrary
+from ldm.token_merging import apply_token_merging
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
 from optimizedSD.arguments import UsageError
 from ldm.messages import escaped
@@ -180,8 +182,16 @@ def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     loras = apply_loras(sd, request.loras)  # on the host copy, before the memory mode moves anything
+    speed_up_unet(request, sd)
     residency = make_residency(request, sd, inputs.height, inputs.width)
     return LoadedModel(sd, residency, sd.schedule, loras)
+
+
+def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:
+    """``--quantize`` (int8 weights, before the residency measures and moves them) and ``--tome`` (token merging)."""
+    if request.quantize:
+        quantize_unet(sd.unet, request.quantize)
+    apply_token_merging(sd.unet, request.tome)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
@@ -396,7 +406,7 @@ class RunOutputs:
             prompt, negative, steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
-            strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes,
+            strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,
             extra=self.encoder.infotext_fields(prompt, negative) if self.encoder is not None else None,
         )
         if not request.skip_grid:

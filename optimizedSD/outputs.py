@@ -110,6 +110,7 @@ def infotext(
     eta: float | None = None,
     lora_hashes: str | None = None,
     extra: Mapping[str, str] | None = None,
+    token_merging_ratio: float | None = None,
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
@@ -135,6 +136,7 @@ def infotext(
         "VAE": vae_name,
         "Denoising strength": None if strength is None else _number(strength),
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
+        "Token merging ratio": None if not token_merging_ratio else _number(token_merging_ratio),
         "Lora hashes": lora_hashes,  # the webui's Lora extension: "name: hash, name: hash" (ldm.lora.lora_hashes_text)
         **(extra or {}),
         "RNG": "CPU",

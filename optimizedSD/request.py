@@ -58,6 +58,8 @@ class GenerationRequest:
     clip_skip: int  # 1: CLIP's last layer; N: the N-th last layer through the final layer norm
     embeddings_dir: Path  # textual-inversion embeddings, usable in prompts by file name
     embeddings_dir_given: bool  # the user named it: then it must exist
+    tome: float  # token merging ratio, 0 (off) to 0.75
+    quantize: str | None  # None or "int8": the UNet's weights
     # outputs
     outdir: Path
     image_format: str  # png or jpg
