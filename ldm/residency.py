@@ -381,7 +381,8 @@ class StreamedUNet:
 
 
 class Residency:
-    """Keeps ``sd``'s three models on the CPU and puts each on ``device`` only while it runs.
+    """Keeps ``sd``'s three models (and any ``extra_models``, e.g. the safety checker) on the CPU and puts
+    each on ``device`` only while it runs.
 
     ``with residency.use(name) as model:`` yields the module on the device (for "unet" in low mode, a
     :class:`StreamedUNet`); :meth:`release` leaves nothing on the device. ``budget_bytes`` (low mode)
@@ -401,11 +402,16 @@ class Residency:
         on_transfer: Callable[[TransferEvent], None] | None = None,
         track_cpu_copies: bool = False,
         pin: bool | None = None,
+        extra_models: dict[str, nn.Module] | None = None,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.models: dict[str, nn.Module] = {"text_encoder": sd.text_encoder, "unet": sd.unet, "vae": sd.vae}
+        for name, model in (extra_models or {}).items():  # e.g. the safety checker: moved as a whole, like the VAE
+            if name in self.models:
+                raise ValueError(f"model name {name!r} is taken")
+            self.models[name] = model
         self.on_transfer = on_transfer
         self.track_cpu_copies = track_cpu_copies
         # Pinned homes pay off only where weights move during a run (medium, low): pinned lazily.
@@ -513,7 +519,7 @@ class Residency:
     def use(self, name: str) -> Iterator[nn.Module | StreamedUNet]:
         """The model ``name`` ready to run on the device for the ``with`` block."""
         if name not in self.models:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(self.models)}")
         if self.mode != "full":
             self._evict_except(name)
         if name == "unet" and self.mode == "low":
@@ -591,12 +597,14 @@ def resolve_mode(
     dtype: torch.dtype = torch.float16,
     free_bytes: int | None = None,
     tiled: bool = False,
+    extra_bytes: int = 0,
 ) -> str:
     """``mode`` itself, or for "auto" the fastest mode whose estimated peak fits the free device memory.
 
     full needs all weights + the largest working memory; medium the largest (model + its working
     memory); anything less streams the UNet (low). Non-CUDA devices get "full". ``tiled``: the VAE will
-    decode in tiles (``--vae_tiling``, or automatically for large images).
+    decode in tiles (``--vae_tiling``, or automatically for large images). ``extra_bytes``: the weights of
+    the ``extra_models`` (the safety checker), on the device with the rest in full mode, alone in medium.
     """
     if mode != "auto":
         if mode not in MODES:
@@ -609,8 +617,8 @@ def resolve_mode(
         free_bytes = torch.cuda.mem_get_info(device)[0]
     weights = model_bytes(sd, dtype)
     work = working_bytes(height, width, batch, dtype, tiled)
-    full = sum(weights.values()) + max(work.values())
-    medium = max(weights[name] + work[name] for name in MODEL_NAMES)
+    full = sum(weights.values()) + extra_bytes + max(work.values())
+    medium = max(max(weights[name] + work[name] for name in MODEL_NAMES), extra_bytes)
     for name, need in (("full", full), ("medium", medium)):
         if need * SAFETY + RESERVE_BYTES <= free_bytes:
             chosen = name

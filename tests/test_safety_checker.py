@@ -185,3 +185,48 @@ def test_censor_modes():
     assert censor(image, "warn") is image
     with pytest.raises(ValueError):
         censor(image, "pink")
+
+
+@pytest.mark.parametrize("mode", ["full", "medium", "low"])
+def test_runs_under_the_residency_and_its_bytes_are_counted(oracle, tiny_checkpoint, tiny_config_path, mode):
+    """On a CPU stand-in device with real copies: in medium and low mode the checker is the only model on the
+    device while it runs and leaves when the UNet comes; its bytes are in the residency's count; same flags."""
+    from ldm.model_loading import load_stable_diffusion
+    from ldm.residency import Residency, model_bytes
+
+    model, processor, root = oracle
+    checker, preprocessor = load_safety_checker(root)
+    checker_bytes = sum(t.numel() * t.element_size() for t in list(checker.parameters()) + list(checker.buffers()))
+    sd = load_stable_diffusion(tiny_checkpoint, tiny_config_path)
+    events = []
+    residency = Residency(sd, "cpu", mode, track_cpu_copies=True, on_transfer=events.append,
+                          extra_models={"safety_checker": checker})
+    images = _images()
+    with residency.use("vae"):
+        pass
+    with residency.use("safety_checker") as on_device:
+        assert on_device is checker
+        if mode != "full":
+            assert residency.on_device() == ["safety_checker"]
+        during = residency.resident_bytes
+        verdicts = check_images(on_device, preprocessor, images)
+    with residency.use("unet"):
+        assert ("safety_checker" in residency.on_device()) == (mode == "full")
+    residency.release()
+    assert residency.on_device() == [] and residency.resident_bytes == 0
+    assert [v.flagged for v in verdicts] == _oracle_flags(model, processor, images)[0]
+    onloads = [e for e in events if e.event == "onload" and e.group == "safety_checker"]
+    assert [e.nbytes for e in onloads] == [checker_bytes]
+    expected = checker_bytes + (model_bytes(sd)["vae"] if mode == "full" else 0)
+    assert during == expected
+
+
+def test_auto_mode_counts_the_checker_weights():
+    """SD v1 fp16 with the real checker's 304M-parameter ViT-L/14 (0.61 GB fp16): free memory that just fits full
+    mode without it picks medium with it."""
+    from ldm.residency import RESERVE_BYTES, SAFETY, model_bytes, resolve_mode, working_bytes
+
+    need = sum(model_bytes().values()) + max(working_bytes(512, 512, 1).values())
+    free = int(need * SAFETY + RESERVE_BYTES) + 1
+    assert resolve_mode("auto", "cuda", 512, 512, 1, free_bytes=free) == "full"
+    assert resolve_mode("auto", "cuda", 512, 512, 1, free_bytes=free, extra_bytes=304_000_000 * 2) == "medium"
