@@ -41,6 +41,8 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
+from ldm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MODES = ("black", "blur", "warn")
@@ -52,7 +54,7 @@ SCORE_DECIMALS = 3
 _LEGACY_PREFIX = "vision_model.vision_model."  # transformers 4.x nested the vision tower once more
 
 
-class SafetyCheckerError(Exception):
+class SafetyCheckerError(UserError):
     """A safety checker folder that cannot be used; the message is one line and names the file."""
 
 

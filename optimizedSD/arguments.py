@@ -19,6 +19,7 @@ import torch
 from ldm.config import DEFAULT_CONFIG
 from ldm.errors import UserError
 from ldm.lora import parse_lora_argument
+from ldm.safety_checker import MODES as SAFETY_MODES
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 from optimizedSD.request import IMG2IMG, TXT2IMG, GenerationRequest
 
@@ -118,6 +119,11 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles (large images in little memory; automatic above 1024 px)")
     add("--embedding_cache", type=str, default=None, metavar="DIR",
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
+    add("--safety_checker", type=str, default=None, metavar="DIR",
+        help="check every image with the diffusers-format safety checker in DIR (its safety_checker/ folder, or the "
+             "pipeline folder holding it); off by default, no weights ship with this repository (README.md)")
+    add("--safety_checker_mode", type=str, choices=SAFETY_MODES, default=None,
+        help="what a flagged image becomes: black (default, as CompVis and diffusers), blur, or warn (kept, reported)")
     return parser
 
 
@@ -204,6 +210,8 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         skip_save=opt.skip_save,
         n_rows=opt.n_rows or opt.n_samples,
         watermark=not opt.no_watermark,
+        safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
+        safety_checker_mode=opt.safety_checker_mode or "black",
     )
 
 
@@ -263,5 +271,7 @@ def check_args(opt: argparse.Namespace) -> None:
             raise UsageError(f"--strength must be between 0 and 1, got {opt.strength}")
         if not opt.init_img:
             raise UsageError("--init-img is required")
+    if opt.safety_checker_mode is not None and opt.safety_checker is None:
+        raise UsageError("--safety_checker_mode needs --safety_checker DIR (the checker is off without it)")
     if opt.from_file is None and opt.prompt is None:
         raise UsageError("give a --prompt or a --from-file")

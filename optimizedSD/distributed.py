@@ -34,6 +34,9 @@ from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
+
+from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,16 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 COLLECTIVE_TIMEOUT = timedelta(days=7)
 
 
-class DistributedError(Exception):
+class DistributedError(UserError):
     """torchrun's environment is inconsistent or the process group cannot start (one line)."""
+
+
+class RankStopped(Exception):
+    """This rank stopped early; its one error line (``line``) is printed already. The scripts exit with 1."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
 
 
 class Terminated(BaseException):
@@ -126,7 +137,7 @@ class RankResult:
     rank: int
     images: int = 0
     flagged: int = 0
-    written: list[tuple[int, str]] = field(default_factory=list)  # (image index, path)
+    written: list[str] = field(default_factory=list)
     grid_images: list[tuple[int, Any]] = field(default_factory=list)  # (image index, [H, W, 3] uint8)
     unfinished: list[int] = field(default_factory=list)  # unit indices
     error: str | None = None
@@ -152,7 +163,7 @@ def merge_results(results: Sequence[RankResult]) -> MergedResults:
     return MergedResults(
         images=sum(result.images for result in results),
         flagged=sum(result.flagged for result in results),
-        written=[path for _, path in sorted(pair for result in results for pair in result.written)],
+        written=[path for result in sorted(results, key=lambda r: r.rank) for path in result.written],
         grid_images=[image for _, image in grid],
         unfinished={result.rank: list(result.unfinished) for result in results if result.unfinished},
     )
@@ -184,8 +195,6 @@ class Distributed:
     def start(self, device: torch.device) -> None:
         """Join the job: NCCL on CUDA, gloo on the CPU, from torchrun's variables; plus the gloo group the
         results travel on."""
-        import torch.distributed as dist
-
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -197,8 +206,6 @@ class Distributed:
         log.info("rank %d of %d on %s (%s)", self.rank, self.world_size, device, backend)
 
     def _objects_group(self):
-        import torch.distributed as dist
-
         if self._results_group is None:
             gloo = dist.get_backend() == "gloo"
             self._results_group = dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
@@ -206,25 +213,41 @@ class Distributed:
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (e.g. the seed when none was given: each rank drew its own)."""
-        import torch.distributed as dist
-
         box = [value if self.is_main else None]
         dist.broadcast_object_list(box, src=0, group=self._objects_group())
         return box[0]
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's ``value``, in rank order, on rank 0 (None on the others)."""
-        import torch.distributed as dist
-
         out = [None] * self.world_size if self.is_main else None
         dist.gather_object(value, out, dst=0, group=self._objects_group())
         return out
 
     def stop(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
+    """False on every torchrun rank but 0 (only rank 0 prints progress and the summary); True without torchrun."""
+    environ = os.environ if environ is None else environ
+    return environ.get("RANK", "0").strip() in ("0", "")
+
+
+def join(request):
+    """``(Distributed, request)`` for a torchrun rank, ``(None, request)`` otherwise.
+
+    The rank's request runs on ``cuda:LOCAL_RANK`` (CUDA) and with rank 0's seed: each rank drew its own
+    random seed when ``--seed`` was not given.
+    """
+    import dataclasses
+
+    job = from_environment()
+    if job is None:
+        return None, request
+    device = job.device(request.device)
+    job.start(device)
+    return job, dataclasses.replace(request, device=device, seed=job.broadcast(request.seed))
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> Distributed | None:
@@ -266,6 +289,22 @@ def run_share(units: Sequence[WorkUnit], run_unit: Callable[[WorkUnit], None]) -
     finally:
         undo()
     return [], None
+
+
+def report_stop(prog: str, job: Distributed, error: BaseException, unfinished: Sequence[WorkUnit], seed: int,
+                fixed_code: bool) -> str:
+    """Print this rank's one error line (after the traceback when the error is a bug) and return it."""
+    import sys
+    import traceback
+
+    from ldm.out_of_memory import is_out_of_memory
+
+    expected = isinstance(error, (UserError, Terminated, KeyboardInterrupt)) or is_out_of_memory(error)
+    if not expected:
+        traceback.print_exception(error)
+    line = unfinished_line(prog, job.rank, job.world_size, describe_error(error), unfinished, seed, fixed_code)
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def describe_error(error: BaseException) -> str:

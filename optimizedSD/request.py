@@ -61,6 +61,8 @@ class GenerationRequest:
     skip_save: bool
     n_rows: int
     watermark: bool
+    safety_checker: Path | None = None  # a diffusers-format safety_checker folder; None: no check
+    safety_checker_mode: str = "black"  # what a flagged image becomes: black, blur or warn
 
     @property
     def img2img(self) -> bool:

@@ -26,12 +26,11 @@ METADATA_KEY = "Safety checker"  # the infotext field of a flagged image: "flagg
 
 @dataclass
 class SafetyStage:
-    """The loaded checker, what to do with a flagged image, and how many were flagged so far."""
+    """The loaded checker and what to do with a flagged image."""
 
     checker: SafetyChecker
     preprocessor: ImagePreprocessor
     mode: str
-    flagged: int = 0
 
     @classmethod
     def load(cls, directory: str | Path, mode: str, dtype: torch.dtype) -> SafetyStage:
@@ -50,7 +49,6 @@ class SafetyStage:
         out = []
         for image, verdict in zip(images, verdicts):
             if verdict.flagged:
-                self.flagged += 1
                 image = censor(image, self.mode)
             out.append((image, verdict))
         if any(v.flagged for v in verdicts):

@@ -15,6 +15,7 @@ from optimizedSD.distributed import (
     RankResult,
     merge_results,
     from_environment,
+    is_main_process,
     planned_file_numbers,
     run_share,
     unfinished_line,
@@ -103,6 +104,10 @@ def test_environment():
     assert ctx.device(torch.device("cpu")) == torch.device("cpu")
 
 
+def test_only_rank_0_reports():
+    assert is_main_process({}) and is_main_process({"RANK": "0"}) and not is_main_process({"RANK": "3"})
+
+
 def test_run_share_stops_at_the_failure_and_names_what_is_left():
     units = work_units(3, 2, 2)[1::2]  # rank 1 of 2
     done = []
@@ -129,9 +134,26 @@ def test_run_share_turns_sigterm_into_a_report():
 
 def test_merge_results_orders_as_a_single_process():
     results = [
-        RankResult(rank=0, images=2, written=[(0, "a0"), (2, "a2")], grid_images=[(0, "p0"), (2, "p2")]),
-        RankResult(rank=1, images=1, flagged=1, written=[(1, "a1")], grid_images=[(1, "p1")], unfinished=[3]),
+        RankResult(rank=1, images=1, flagged=1, written=["a1"], grid_images=[(1, "p1")], unfinished=[3]),
+        RankResult(rank=0, images=2, written=["a0", "a2"], grid_images=[(0, "p0"), (2, "p2")]),
     ]
     merged = merge_results(results)
-    assert merged.written == ["a0", "a1", "a2"] and merged.grid_images == ["p0", "p1", "p2"]
+    assert merged.written == ["a0", "a2", "a1"] and merged.grid_images == ["p0", "p1", "p2"]
     assert (merged.images, merged.flagged, merged.unfinished, merged.failed) == (3, 1, {1: [3]}, True)
+
+
+@pytest.mark.parametrize("fixed_code", [False, True])
+def test_units_are_the_generation_loops_batches(tmp_path, fixed_code):
+    """generate() maps unit ``u`` to ``plan_batches(...)[u]``: same order, same seeds, same first image."""
+    from optimizedSD.arguments import parse_args
+    from optimizedSD.generation import plan_batches
+
+    prompts = ["a", "b", "c"]
+    argv = ["--prompt", "x", "--n_iter", "3", "--n_samples", "2", "--seed", "5", "--device", "cpu"]
+    request = parse_args(argv + (["--fixed_code"] if fixed_code else []), "txt2img")
+    batches = list(plan_batches(request, prompts))
+    units = work_units(len(prompts), 3, 2)
+    assert len(batches) == len(units)
+    for unit, batch in zip(units, batches):
+        assert (batch.iteration, batch.prompt_index, batch.first_image) == (unit.iteration, unit.prompt_index, unit.first_image)
+        assert list(batch.seeds) == unit.noise_seeds(5, fixed_code)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from optimizedSD import optimized_txt2img
@@ -60,7 +61,12 @@ def prompts_file(tmp_path) -> Path:
 def test_two_ranks_write_what_one_process_writes(tiny_checkpoint, prompts_file, tmp_path, capsys):
     flags = ["--n_iter", "2", "--n_samples", "2", "--ddim_steps", "2"]
     single = tmp_path / "single"
-    assert optimized_txt2img.main(_args(tiny_checkpoint, prompts_file, single, *flags)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs (torchrun's OMP_NUM_THREADS=1): other thread counts round otherwise
+    try:
+        assert optimized_txt2img.main(_args(tiny_checkpoint, prompts_file, single, *flags)) == 0
+    finally:
+        torch.set_num_threads(threads)
     capsys.readouterr()
     spread = tmp_path / "spread"
     run = _torchrun(_args(tiny_checkpoint, prompts_file, spread, *flags))
