@@ -13,6 +13,7 @@ from ldm.safety_checker import censor
 from optimizedSD import optimized_txt2img
 from optimizedSD.outputs import read_parameters
 from tests.test_cli_txt2img import TINY_CONFIG, pixels
+from tests.test_safety_checker import clip_processor_class
 
 CONCEPT = 3
 
@@ -35,13 +36,13 @@ def baseline(tiny_checkpoint, tmp_path_factory):
 def checker_dir(baseline, tmp_path_factory):
     """A tiny diffusers checker whose one live threshold splits the baseline images into flagged and not."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
-    from transformers import CLIPConfig, CLIPImageProcessorPil
+    from transformers import CLIPConfig
 
     torch.manual_seed(1)
     vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=4)
     model = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, text_config=dict(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2), projection_dim=16)).eval()
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = clip_processor_class()(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     pixel_values = processor([Image.fromarray(a) for a in baseline.values()], return_tensors="pt").pixel_values
     with torch.no_grad():
         model.concept_embeds.normal_()

@@ -40,6 +40,14 @@ def _images() -> list[np.ndarray]:
     return images
 
 
+def clip_processor_class():
+    """transformers' Pillow-backed CLIP preprocessing: ``CLIPImageProcessorPil`` in 5.x, the slow
+    ``CLIPImageProcessor`` in 4.x (both read images through Pillow and numpy)."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def _gap_threshold(values: np.ndarray) -> float:
     """The midpoint of the widest gap between sorted values (both sides non-empty)."""
     ordered = np.sort(values)
@@ -52,13 +60,13 @@ def _gap_threshold(values: np.ndarray) -> float:
 def oracle(tmp_path_factory):
     """(diffusers checker, transformers processor, pipeline folder) with thresholds set from its own scores."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
-    from transformers import CLIPConfig, CLIPImageProcessorPil
+    from transformers import CLIPConfig
 
     torch.manual_seed(0)
     vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=4)
     text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
     model = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).eval()
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = clip_processor_class()(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     pixels = processor([Image.fromarray(a) for a in _images()], return_tensors="pt").pixel_values
     with torch.no_grad():
         model.concept_embeds.normal_()
@@ -97,13 +105,11 @@ def test_preprocessing_equals_clip_image_processor(oracle):
 
 def test_legacy_preprocessor_config_equals_transformers_reading_of_it():
     """SD v1 repositories' ``feature_extractor/preprocessor_config.json`` uses int sizes (``"size": 224``)."""
-    from transformers import CLIPImageProcessorPil
-
     legacy = {"crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_resize": True,
               "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
               "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
     images = [np.random.default_rng(1).integers(0, 256, (256, 320, 3), dtype=np.uint8)]
-    theirs = CLIPImageProcessorPil.from_dict(legacy)([Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
+    theirs = clip_processor_class().from_dict(legacy)([Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
     assert torch.equal(ImagePreprocessor.from_config(legacy)(images), theirs)
 
 
