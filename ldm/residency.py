@@ -222,7 +222,8 @@ def _check_covered(model: nn.Module, groups: list[ModuleGroup], what: str) -> No
 
 
 class Residency:
-    """Keeps ``sd``'s three models on the CPU and puts each on ``device`` only while it runs.
+    """Keeps ``sd``'s three models (and any ``extra_models``, e.g. the safety checker) on the CPU and puts
+    each on ``device`` only while it runs.
 
     ``with residency.use(name) as model:`` yields the module on the device; ``name`` is a model, or
     ``"vae.decoder"`` / ``"vae.encoder"`` for the half of the VAE a decode / an encode needs (the VAE
@@ -244,11 +245,16 @@ class Residency:
         on_transfer: Callable[[TransferEvent], None] | None = None,
         track_cpu_copies: bool = False,
         pin: bool | None = None,
+        extra_models: dict[str, nn.Module] | None = None,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.models: dict[str, nn.Module] = {"text_encoder": sd.text_encoder, "unet": sd.unet, "vae": sd.vae}
+        for name, model in (extra_models or {}).items():  # e.g. the safety checker: moved as a whole, like the VAE
+            if name in self.models:
+                raise ValueError(f"model name {name!r} is taken")
+            self.models[name] = model
         self.on_transfer = on_transfer
         self.track_cpu_copies = track_cpu_copies
         # Pinned homes pay off only where weights move during a run (medium, low): pinned lazily.
@@ -262,7 +268,10 @@ class Residency:
             "unet": ModuleGroup("unet", [sd.unet], home),
             "vae.encoder": ModuleGroup("vae.encoder", [vae.encoder, vae.quant_conv], home),
             "vae.decoder": ModuleGroup("vae.decoder", [vae.decoder, vae.post_quant_conv], home),
+            **{name: ModuleGroup(name, [model], home) for name, model in (extra_models or {}).items()},
         }
+        # The whole-model groups each name of ``use`` needs: the three models' and the extra models' own.
+        self.needs = {**_NEEDS, **{name: (name,) for name in extra_models or {}}}
         _check_covered(vae, [self.whole["vae.encoder"], self.whole["vae.decoder"]], "VAE")
         self.layout = unet_group_layout(sd.unet)
         self.unet_groups = self._streamed_groups("unet.", dict(unet_parts(sd.unet)), self.layout, home)
@@ -348,7 +357,7 @@ class Residency:
 
     def _evict_except(self, name: str) -> None:
         for key, group in self.whole.items():
-            if key not in _NEEDS[name] and group.on_device:
+            if key not in self.needs[name] and group.on_device:
                 self._offload(group)
         if name != "unet":
             self._streamed = None
@@ -360,8 +369,8 @@ class Residency:
     @contextmanager
     def use(self, name: str) -> Iterator[nn.Module | StreamedUNet | StreamedVAE]:
         """The model ``name`` (or the VAE half it names) ready to run on the device for the ``with`` block."""
-        if name not in _NEEDS:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(USE_NAMES)}")
+        if name not in self.needs:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(self.needs)}")
         if self.mode != "full":
             self._evict_except(name)
         streamed = self._streamer(name) if self.mode == "low" else None
@@ -371,7 +380,7 @@ class Residency:
             finally:
                 streamed.release()
             return
-        for key in _NEEDS[name]:
+        for key in self.needs[name]:
             if not self.whole[key].on_device:
                 self._onload(self.whole[key])
         yield self.models[name.split(".")[0]]
@@ -452,12 +461,14 @@ def resolve_mode(
     dtype: torch.dtype = torch.float16,
     free_bytes: int | None = None,
     tiled: bool = False,
+    extra_bytes: int = 0,
 ) -> str:
     """``mode`` itself, or for "auto" the fastest mode whose estimated peak fits the free device memory.
 
     full needs all weights + the largest working memory; medium the largest (model + its working
     memory); anything less streams the UNet (low). Non-CUDA devices get "full". ``tiled``: the VAE will
-    decode in tiles (``--vae_tiling``, or automatically for large images).
+    decode in tiles (``--vae_tiling``, or automatically for large images). ``extra_bytes``: the weights of
+    the ``extra_models`` (the safety checker), on the device with the rest in full mode, alone in medium.
     """
     if mode != "auto":
         if mode not in MODES:
@@ -470,8 +481,8 @@ def resolve_mode(
         free_bytes = torch.cuda.mem_get_info(device)[0]
     weights = model_bytes(sd, dtype)
     work = working_bytes(height, width, batch, dtype, tiled)
-    full = sum(weights.values()) + max(work.values())
-    medium = max(weights[name] + work[name] for name in MODEL_NAMES)
+    full = sum(weights.values()) + extra_bytes + max(work.values())
+    medium = max(max(weights[name] + work[name] for name in MODEL_NAMES), extra_bytes)
     for name, need in (("full", full), ("medium", medium)):
         if need * SAFETY + RESERVE_BYTES <= free_bytes:
             chosen = name

@@ -20,6 +20,7 @@ import torch
 from ldm.config import DEFAULT_CONFIG
 from ldm.errors import UserError
 from ldm.lora import parse_lora_argument
+from ldm.safety_checker import MODES as SAFETY_MODES
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
 from ldm.textual_inversion import embedding_file_hashes
@@ -148,6 +149,11 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--quantize", type=str, choices=list(QUANTIZE_CHOICES), default=None,
         help="int8: the UNet's weights as int8 with one scale per output channel (half fp16's memory, "
              "a quarter of fp32's; changes the image slightly)")
+    add("--safety_checker", type=str, default=None, metavar="DIR",
+        help="check every image with the diffusers-format safety checker in DIR (its safety_checker/ folder, or the "
+             "pipeline folder holding it); off by default, no weights ship with this repository (README.md)")
+    add("--safety_checker_mode", type=str, choices=SAFETY_MODES, default=None,
+        help="what a flagged image becomes: black (default, as CompVis and diffusers), blur, or warn (kept, reported)")
     return parser
 
 
@@ -245,6 +251,8 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         plan=opt.plan,
         plan_json=opt.json,
         gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
+        safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
+        safety_checker_mode=opt.safety_checker_mode or "black",
     )
 
 
@@ -359,5 +367,7 @@ def check_args(opt: argparse.Namespace) -> None:
             raise UsageError(f"--strength must be between 0 and 1, got {opt.strength}")
         if not opt.init_img:
             raise UsageError("--init-img is required")
+    if opt.safety_checker_mode is not None and opt.safety_checker is None:
+        raise UsageError("--safety_checker_mode needs --safety_checker DIR (the checker is off without it)")
     if opt.from_file is None and opt.prompt is None:
         raise UsageError("give a --prompt or a --from-file")

@@ -16,10 +16,12 @@ from ldm.errors import UserError
 from ldm.messages import one_line
 from optimizedSD.arguments import parse_args
 from optimizedSD.atomic_files import sigterm_as_interrupt
+from optimizedSD.distributed import RankStopped, is_main_process
 
 EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 1
 EXIT_INTERRUPTED = 130
+EXIT_RANK_STOPPED = 1
 OUT_OF_MEMORY_HELP = "try a smaller --H/--W or --n_samples, or --vram low --unet_bs 1"
 
 
@@ -74,6 +76,8 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     except UserError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except RankStopped:  # a torchrun rank that stopped early: its one error line is out already
+        return EXIT_RANK_STOPPED
     except (MemoryError, RuntimeError) as error:
         from ldm.out_of_memory import is_out_of_memory
 
@@ -86,5 +90,6 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (images already written are kept)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(summary.line())
+    if is_main_process():  # torchrun: rank 0 alone reports, for every rank
+        print(summary.line())
     return 0

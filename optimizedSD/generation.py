@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,10 +52,12 @@ from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
 from ldm.quantize import quantize_unet
 from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mode
+from ldm.safety_checker import find_safety_checker_files
 from ldm.schedule import DiffusionSchedule
 from ldm.textual_inversion import EmbeddingLibrary
 from ldm.token_merging import apply_token_merging
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
+from optimizedSD import distributed
 from optimizedSD.arguments import UsageError
 from ldm.messages import escaped
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
@@ -65,6 +67,7 @@ from optimizedSD.input_checks import (
 from optimizedSD.outputs import SampleWriter, Watermarker, infotext, model_hash, prompt_folder_name, to_uint8
 from optimizedSD.prompts import EmbeddingCache, PromptEncoder, checkpoint_fingerprint, distinct, parse_prompt, read_prompts_file
 from optimizedSD.request import GenerationRequest
+from optimizedSD.safety import RESIDENCY_NAME as SAFETY_CHECKER, SafetyStage
 from optimizedSD.webui_syntax import parse_fragments, unsupported_features
 
 log = logging.getLogger(__name__)
@@ -84,10 +87,19 @@ class RunSummary:
     memory_mode: str = ""  # the mode the run started in (out of memory may step it down later)
     first_seed: int = 0
     peak_vram_bytes: int | None = None
+    safety_mode: str | None = None  # --safety_checker_mode when the checker ran
+    flagged: int = 0  # images the safety checker flagged
+    ranks: int = 1  # torchrun processes that shared the run
+    unfinished: dict[int, list[int]] = field(default_factory=dict)  # torchrun: rank -> units it did not finish
 
     def line(self) -> str:
         per_image = self.seconds / self.images if self.images else float("nan")
-        text = f"{self.images} images in {self.seconds:.1f} s ({per_image:.2f} s/image)"
+        rate = f"; {self.images / self.seconds:.2f} images/s over {self.ranks} ranks" if self.ranks > 1 and self.seconds else ""
+        text = f"{self.images} images in {self.seconds:.1f} s ({per_image:.2f} s/image{rate})"
+        if self.safety_mode is not None:
+            text += f", {self.flagged} flagged by the safety checker" + (f" ({self.safety_mode})" if self.flagged else "")
+        for rank, units in sorted(self.unfinished.items()):
+            text += f", rank {rank} stopped with {len(units)} of its units not done"
         if self.written:
             folders = sorted({str(p.parent) for p in self.written})
             text += f", written to {folders[0]}" + (f" and {len(folders) - 1} more folders" if len(folders) > 1 else "")
@@ -141,6 +153,8 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     for path, _ in request.loras:
         if not path.is_file():
             raise UsageError(f"--lora {path}: no such file")
+    if request.safety_checker is not None:
+        find_safety_checker_files(request.safety_checker)  # a wrong folder fails now, not after the model load
     return RunInputs(prompts, init_image, height, width, writer, config)
 
 
@@ -171,6 +185,7 @@ class LoadedModel:
     residency: Residency
     schedule: DiffusionSchedule
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
+    safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
 
 
 def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
@@ -183,8 +198,11 @@ def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     loras = apply_loras(sd, request.loras)  # on the host copy, before the memory mode moves anything
     speed_up_unet(request, sd)
-    residency = make_residency(request, sd, inputs.height, inputs.width)
-    return LoadedModel(sd, residency, sd.schedule, loras)
+    safety = None
+    if request.safety_checker is not None:
+        safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
+    residency = make_residency(request, sd, inputs.height, inputs.width, safety)
+    return LoadedModel(sd, residency, sd.schedule, loras, safety)
 
 
 def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:
@@ -202,17 +220,20 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return "sliced" if device.type == "mps" else "sdpa"
 
 
-def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int, width: int) -> Residency:
-    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``)."""
+def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int, width: int,
+                   safety: SafetyStage | None = None) -> Residency:
+    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``); the safety checker as one more model."""
     device = request.device
     dtype = next(sd.unet.parameters()).dtype
     tiled = should_tile(height, width, request.vae_tiling)
-    mode = resolve_mode(request.vram, device, height, width, request.n_samples, sd=sd, dtype=dtype, tiled=tiled)
+    extra = {SAFETY_CHECKER: safety.checker} if safety is not None else {}
+    mode = resolve_mode(request.vram, device, height, width, request.n_samples, sd=sd, dtype=dtype, tiled=tiled,
+                        extra_bytes=safety.weight_bytes if safety is not None else 0)
     budget = request.vram_budget_bytes
     if budget is None and request.vram == "auto" and mode == "low":
         budget = auto_budget_bytes(device, height, width, request.n_samples, sd=sd, dtype=dtype)
     try:
-        residency = Residency(sd, device, mode=mode, budget_bytes=budget)
+        residency = Residency(sd, device, mode=mode, budget_bytes=budget, extra_models=extra)
     except ValueError as error:  # e.g. a --vram_budget too small for the largest block
         raise UsageError(str(error)) from None
     log.info("memory mode %s on %s", mode, device)
@@ -297,6 +318,7 @@ class Batch:
     prompt_index: int
     prompt: str
     seeds: tuple[int, ...]
+    first_image: int = 0  # the run-wide index of the batch's first image (the order files are written in)
 
 
 def plan_batches(request: GenerationRequest, prompts: list[str]) -> Iterator[Batch]:
@@ -306,7 +328,7 @@ def plan_batches(request: GenerationRequest, prompts: list[str]) -> Iterator[Bat
     for iteration in range(request.n_iter):
         for index, prompt in enumerate(prompts):
             start = request.seed + (0 if request.fixed_code else first_image)
-            yield Batch(iteration, index, prompt, tuple(start + k for k in range(size)))
+            yield Batch(iteration, index, prompt, tuple(start + k for k in range(size)), first_image)
             first_image += size
 
 
@@ -346,7 +368,8 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
 
     def progress(step: int, total: int, x: torch.Tensor) -> None:
         nonlocal bar
-        bar = bar or tqdm(total=total, desc=f"Sampling ({request.sampler})", leave=False, unit="step")
+        bar = bar or tqdm(total=total, desc=f"Sampling ({request.sampler})", leave=False, unit="step",
+                          disable=not distributed.is_main_process())
         bar.update(1)
 
     try:
@@ -392,42 +415,64 @@ class RunOutputs:
         self.size = (inputs.width, inputs.height)
         self.model_hash = None if request.skip_save and request.skip_grid else weights_hash(request.ckpt)
         self.vae_hash = None if request.skip_save and request.skip_grid else weights_hash(request.vae)
-        self.grid_images: list[np.ndarray] = []
+        self.grid_images: list[tuple[int, np.ndarray]] = []  # (image index, pixels)
         self.grid_text: str | None = None  # the grid carries its first image's parameters
         self.encoder: PromptEncoder | None = None  # set once the prompts are encoded (their metadata fields)
+        self.file_numbers: list[int] | None = None  # torchrun: each image's number in a single process's naming
 
-    def add(self, prompt: str, seed: int, decoded: torch.Tensor) -> None:
-        """Take one decoded image (``[1, 3, H, W]`` in [-1, 1] on the device): to 8 bits, written, kept."""
-        image = to_uint8(decoded)[0]
+    def add(self, batch: Batch, k: int, decoded: torch.Tensor, safety: str | None = None) -> None:
+        """Image ``k`` of ``batch`` as decoded (``[1, 3, H, W]`` in [-1, 1] on the device): to 8 bits, on."""
+        self.add_pixels(batch, k, to_uint8(decoded)[0], safety)
+
+    def add_pixels(self, batch: Batch, k: int, image: np.ndarray, safety: str | None = None) -> None:
+        """Image ``k`` of ``batch`` in 8 bits; ``safety``: the safety checker's mark for its metadata."""
+        request, seed, index = self.request, batch.seeds[k], batch.first_image + k
+        text = self._infotext(batch.prompt, seed, safety)
+        if not request.skip_save:
+            number = None if self.file_numbers is None else self.file_numbers[index]
+            self.summary.written.append(self.writer.write_sample(prompt_folder_name(batch.prompt), seed, image, text, number))
+        self.summary.images += 1  # after the write: a rank stopped while writing counts only what is on disk
+        self.summary.flagged += safety is not None
+        if not request.skip_grid:
+            self.grid_images.append((index, image))
+            self.grid_text = self.grid_text or text
+
+    def _infotext(self, prompt: str, seed: int, safety: str | None) -> str:
         request = self.request
-        self.summary.images += 1
         negative = request.negative_prompt if request.guided else ""
-        text = infotext(
+        return infotext(
             prompt, negative, steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
             strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,
             extra=self.encoder.infotext_fields(prompt, negative) if self.encoder is not None else None,
+            safety_checker=safety,
         )
-        if not request.skip_grid:
-            self.grid_images.append(image)
-            self.grid_text = self.grid_text or text
-        if not request.skip_save:
-            self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
 
-    def finish(self) -> None:
-        if self.grid_images:
-            self.summary.grid = self.writer.write_grid(self.grid_images, self.request.n_rows, self.grid_text)
+    def finish(self, images: list[np.ndarray] | None = None) -> None:
+        """The grid of the run's images, in their order (torchrun: rank 0 passes every rank's)."""
+        images = [image for _, image in self.grid_images] if images is None else images
+        if images:
+            self.summary.grid = self.writer.write_grid(images, self.request.n_rows, self.grid_text)
 
 
 def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, tiled: bool, outputs: RunOutputs) -> None:
-    """Decode the batch one image at a time (each with its own out-of-memory ladder) and hand it on."""
-    for k, seed in enumerate(batch.seeds):
+    """Decode the batch one image at a time (each with its own out-of-memory ladder) and hand it on; with the
+    safety checker, the batch's images go through it together (it comes onto the device once per batch)."""
+    decoded_images = []
+    for k in range(len(batch.seeds)):
         latent = latents[k : k + 1]
         decoded = decode_with_retry(
             model.residency, lambda tiled, tile: decode_image(model.residency, latent, model.sd.scale_factor, tiled, tile), tiled
         )
-        outputs.add(batch.prompt, seed, decoded)
+        if model.safety is None:
+            outputs.add(batch, k, decoded)
+        else:
+            decoded_images.append(to_uint8(decoded)[0])
+    if model.safety is not None:
+        checked = retry_lower(model.residency, lambda: model.safety.check(model.residency, decoded_images))
+        for k, (image, verdict) in enumerate(checked):
+            outputs.add_pixels(batch, k, image, model.safety.metadata(verdict))
 
 
 def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) -> bool:
@@ -451,31 +496,79 @@ def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) ->
 def generate(request: GenerationRequest) -> RunSummary:
     """Run the scripts' job for a parsed and checked request (see :func:`optimizedSD.arguments.parse_args`)."""
     started = time.perf_counter()
+    job, request = distributed.join(request)  # torchrun: this rank's device and rank 0's seed; else (None, request)
     inputs = check_inputs(request)
-    print(f"Seed: {request.seed}" + (" (fixed code: every batch starts from the first batch's noise)" if request.fixed_code else ""))
+    if job is None or job.is_main:
+        print(f"Seed: {request.seed}" + (" (fixed code: every batch starts from the first batch's noise)" if request.fixed_code else ""))
     model = load_model(request, inputs)
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
-                         memory_mode=model.residency.mode)
+                         memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
+                         safety_mode=request.safety_checker_mode if model.safety is not None else None)
     device = request.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # The backend for this run only (the out-of-memory ladders may switch to slices inside it).
     with attention_backend(resolve_attention(request.attention, device)):
         try:
-            outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
-            encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
-            init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
-            cfg = inputs.config
-            latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
-            tiled = decode_in_tiles(request, inputs, model.residency.mode)
-            batches = list(plan_batches(request, inputs.prompts))
-            for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
-                latents = sample_batch(request, model, encoder, init, batch, latent_shape)
-                decode_and_write(model, batch, latents, tiled, outputs)
-            outputs.finish()
+            run_batches(request, inputs, model, summary, job)
         finally:
             model.residency.release()
+            if job is not None:
+                job.stop()
     summary.seconds = time.perf_counter() - started
     if device.type == "cuda":
         summary.peak_vram_bytes = torch.cuda.max_memory_allocated(device)
     return summary
+
+
+def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedModel, summary: RunSummary,
+                job: distributed.Distributed | None) -> None:
+    """Prompts, the input preparer, then every batch (under torchrun, this rank's share) and the grid."""
+    outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
+    encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
+    init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
+    cfg = inputs.config
+    latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
+    tiled = decode_in_tiles(request, inputs, model.residency.mode)
+    batches = list(plan_batches(request, inputs.prompts))
+
+    def run_batch(batch: Batch) -> None:
+        decode_and_write(model, batch, sample_batch(request, model, encoder, init, batch, latent_shape), tiled, outputs)
+
+    if job is not None:
+        run_rank_share(job, request, inputs, batches, run_batch, outputs)
+        return
+    for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
+        run_batch(batch)
+    outputs.finish()
+
+
+def run_rank_share(job: distributed.Distributed, request: GenerationRequest, inputs: RunInputs, batches: list[Batch],
+                   run_batch: Callable[[Batch], None], outputs: RunOutputs) -> None:
+    """torchrun: this rank's batches (see :mod:`optimizedSD.distributed`), then rank 0 gathers every rank's
+    results for the grid and the summary. A rank that stops early prints its one error line, still joins the
+    gather (so the others finish), then raises :class:`~optimizedSD.distributed.RankStopped`."""
+    folders = [prompt_folder_name(prompt) for prompt in inputs.prompts]
+    # Rank 0 reads the folders' next free numbers before anyone writes; every rank names its files from them.
+    starts = job.broadcast({f: inputs.writer.next_number(f) for f in set(folders)} if job.is_main else None)
+    outputs.file_numbers = distributed.planned_file_numbers(folders, request.n_iter, request.n_samples, starts)
+    units = distributed.work_units(len(inputs.prompts), request.n_iter, request.n_samples)
+    mine = distributed.units_for_rank(units, job.rank, job.world_size)
+    bar = tqdm(total=len(mine), desc=f"Batches (rank 0 of {job.world_size})", disable=not job.is_main)
+    unfinished, error = distributed.run_share(mine, lambda unit: (run_batch(batches[unit.index]), bar.update(1)))
+    bar.close()
+    line = None
+    if error is not None:
+        line = distributed.report_stop(f"optimized_{request.mode}.py", job, error, unfinished, request.seed, request.fixed_code)
+    summary = outputs.summary
+    results = job.gather(distributed.RankResult(
+        job.rank, images=summary.images, flagged=summary.flagged, written=[str(p) for p in summary.written],
+        grid_images=outputs.grid_images, unfinished=[unit.index for unit in unfinished],
+    ))
+    if job.is_main:
+        merged = distributed.merge_results(results)
+        summary.images, summary.flagged, summary.unfinished = merged.images, merged.flagged, merged.unfinished
+        summary.written = [Path(p) for p in merged.written]
+        outputs.finish(merged.grid_images)
+    if line is not None:
+        raise distributed.RankStopped(line)

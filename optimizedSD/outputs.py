@@ -111,6 +111,7 @@ def infotext(
     lora_hashes: str | None = None,
     extra: Mapping[str, str] | None = None,
     token_merging_ratio: float | None = None,
+    safety_checker: str | None = None,
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
@@ -138,6 +139,7 @@ def infotext(
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
         "Token merging ratio": None if not token_merging_ratio else _number(token_merging_ratio),
         "Lora hashes": lora_hashes,  # the webui's Lora extension: "name: hash, name: hash" (ldm.lora.lora_hashes_text)
+        "Safety checker": safety_checker,  # "flagged (black)" etc. on images the checker flagged
         **(extra or {}),
         "RNG": "CPU",
     }
@@ -273,14 +275,20 @@ class SampleWriter:
     def postprocess(self, image: np.ndarray) -> np.ndarray:
         return self.watermark(image) if self.watermark is not None else image
 
-    def write_sample(self, folder_name: str, seed: int, image: np.ndarray, text: str | None) -> Path:
-        """Watermark (if on) and write one ``[H, W, 3]`` uint8 image; returns its path."""
+    def next_number(self, folder_name: str) -> int:
+        """One past the highest file number in the folder now (where this run's numbering starts)."""
+        return _highest(self.outdir / folder_name, _SAMPLE_NAME) + 1
+
+    def write_sample(self, folder_name: str, seed: int, image: np.ndarray, text: str | None, number: int | None = None) -> Path:
+        """Watermark (if on) and write one ``[H, W, 3]`` uint8 image; returns its path. ``number``: the file
+        number to use (torchrun ranks use a single process's); by default the next one in the folder."""
         folder = self.prepare(folder_name)
         if folder not in self._next:
-            self._next[folder] = _highest(folder, _SAMPLE_NAME) + 1
+            self._next[folder] = self.next_number(folder_name)
         pil, kwargs = _encode_image(self.postprocess(image), self.fmt, text)
-        path, index = _write_exclusive(folder, lambda n: f"seed_{seed}_{n:05}.{self.fmt}", self._next[folder], pil, kwargs)
-        self._next[folder] = index + 1
+        start = self._next[folder] if number is None else number
+        path, index = _write_exclusive(folder, lambda n: f"seed_{seed}_{n:05}.{self.fmt}", start, pil, kwargs)
+        self._next[folder] = max(self._next[folder], index + 1)
         return path
 
     def write_grid(self, images: Sequence[np.ndarray], per_row: int, text: str | None) -> Path:

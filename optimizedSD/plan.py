@@ -43,7 +43,7 @@ def gpu_bytes(request_bytes: int | None) -> int | None:
 class _Discard:
     """Where the plan's decoded images go: nowhere (a simulated image has no pixels to write)."""
 
-    def add(self, prompt: str, seed: int, decoded) -> None:
+    def add(self, batch, k: int, decoded, safety: str | None = None) -> None:
         pass
 
 

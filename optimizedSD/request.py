@@ -71,6 +71,8 @@ class GenerationRequest:
     plan: bool = False
     plan_json: bool = False
     gpu_memory_bytes: int | None = None  # --gpu_memory: the card --vram auto is asked about in the plan
+    safety_checker: Path | None = None  # a diffusers-format safety_checker folder; None: no check
+    safety_checker_mode: str = "black"  # what a flagged image becomes: black, blur or warn
 
     @property
     def img2img(self) -> bool:
