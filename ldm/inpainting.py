@@ -20,7 +20,6 @@ interpolation (diffusers ``prepare_mask_latents``: ``F.interpolate`` with its de
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -118,21 +117,22 @@ class InpaintingUNet:
 class LatentBlend:
     """The known region of the latent replaced, after each step, by the init latent noised to that level.
 
-    After step ``i`` the sampler's latent is ``c_x0[i] * x0 + c_noise[i] * eps`` in law; the blend is::
+    After step ``i`` the sampler's latent is at ``levels[i + 1]`` of its grid; the blend is::
 
-        x = mask * x + (1 - mask) * (c_x0[i] * init_latent + c_noise[i] * noise)
+        x = mask * x + (1 - mask) * grid.noised(init_latent, noise, levels[i + 1])
 
-    with ``noise`` the run's initial noise (diffusers re-uses it: ``scheduler.add_noise(image_latents, noise,
-    timesteps[i + 1])``). The pairs come from :meth:`for_ddim_levels` (DDPM form ``sqrt(a), sqrt(1 - a)``)
-    or :meth:`for_sigmas` (k-diffusion form ``1, sigma``); the last pair is always ``(1, 0)``: after the final
-    step the known region is the clean init latent, as diffusers leaves it.
+    (``sqrt(a) x0 + sqrt(1 - a) noise`` on the timestep grid, ``x0 + sigma noise`` on the sigma grid), with
+    ``noise`` the run's initial noise, which diffusers re-uses too (``scheduler.add_noise(image_latents, noise,
+    timesteps[i + 1])``). After the last step the known region is the clean init latent, as diffusers leaves
+    it (on the timestep grid the walk ends at ``alphas_cumprod[0]``, not at 1).
 
-    Call it as ``blend(step, total, x) -> x``, the samplers' callback signature.
+    ``levels`` is the walk the sampler runs (already cut by ``strength``); call the blend as
+    ``blend(step, total, x) -> x``, the samplers' callback signature.
     """
 
-    def __init__(self, init_latent: Tensor, mask: Tensor, noise: Tensor, levels: Sequence[tuple[float, float]]) -> None:
-        if not levels:
-            raise ValueError("a blend needs at least one step")
+    def __init__(self, init_latent: Tensor, mask: Tensor, noise: Tensor, schedule, grid, levels: Sequence[float]) -> None:
+        if len(levels) < 2:
+            raise ValueError("a blend needs a walk of at least one step")
         if init_latent.shape != noise.shape:
             raise ValueError(f"init latent {tuple(init_latent.shape)} and noise {tuple(noise.shape)} differ in shape")
         if mask.shape[-2:] != init_latent.shape[-2:]:
@@ -140,29 +140,23 @@ class LatentBlend:
         self.init_latent = init_latent
         self.mask = _per_image(mask, init_latent.shape[0], "mask")
         self.noise = noise
-        # The last step always ends clean (DDIM's final level is alphas_cumprod[0], not 1: diffusers blends x0).
-        self.levels = [(float(a), float(b)) for a, b in levels[:-1]] + [(1.0, 0.0)]
+        self.schedule = schedule
+        self.grid = grid
+        self.levels = list(levels)
 
-    @classmethod
-    def for_ddim_levels(cls, init_latent: Tensor, mask: Tensor, noise: Tensor, schedule, levels: Sequence[int]) -> "LatentBlend":
-        """For ``ddim``/``plms``: step ``i`` ends at DDPM timestep ``levels[i + 1]`` (``x = sqrt(a) x0 + sqrt(1-a) eps``)."""
-        pairs = [(math.sqrt(a), math.sqrt(1 - a)) for a in (schedule.alpha_bar(t) for t in levels[1:])]
-        return cls(init_latent, mask, noise, pairs)
-
-    @classmethod
-    def for_sigmas(cls, init_latent: Tensor, mask: Tensor, noise: Tensor, sigmas: Sequence[float]) -> "LatentBlend":
-        """For the k-diffusion samplers: step ``i`` ends at ``sigmas[i + 1]`` (``x = x0 + sigma eps``)."""
-        return cls(init_latent, mask, noise, [(1.0, float(s)) for s in sigmas[1:]])
+    @property
+    def steps(self) -> int:
+        return len(self.levels) - 1
 
     def known(self, step: int) -> Tensor:
         """The known region's latent after ``step`` (0-based)."""
-        c_x0, c_noise = self.levels[step]
-        x0 = self.init_latent
-        return x0 if c_noise == 0 and c_x0 == 1 else c_x0 * x0 + c_noise * self.noise
+        if step == self.steps - 1:
+            return self.init_latent
+        return self.grid.noised(self.schedule, self.init_latent, self.noise, self.levels[step + 1])
 
     def __call__(self, step: int, total: int, x: Tensor) -> Tensor:
-        if total != len(self.levels):
-            raise ValueError(f"blend built for {len(self.levels)} steps, sampler runs {total}")
+        if total != self.steps:
+            raise ValueError(f"blend built for {self.steps} steps, sampler runs {total}")
         mask = self.mask.to(device=x.device, dtype=x.dtype)
         # Not lerp: with a binary mask this form keeps both regions bit-exact (x where 1, known where 0).
         return mask * x + (1 - mask) * self.known(step).to(device=x.device, dtype=x.dtype)
@@ -188,17 +182,16 @@ def blend_in_place(blend: LatentBlend, callback: StepCallback | None = None) -> 
 def sampler_blend(
     name: str, schedule, steps: int, strength: float, init_latent: Tensor, mask: Tensor, noise: Tensor
 ) -> LatentBlend | None:
-    """The blend for ``samplers.sample(name, ..., steps, strength=strength)``: the same walk (grid, and the
-    last ``int(strength * steps)`` steps of it), None when that walk has no step."""
-    from ldm import samplers
+    """The blend for ``samplers.sample(name, ..., steps, strength=strength)``: the same walk (the sampler's
+    grid, cut to its last ``int(strength * steps)`` steps as :func:`ldm.samplers.sample` cuts it), None when
+    that walk has no step."""
+    from ldm.samplers import SAMPLERS
 
-    grid = samplers._SAMPLERS[name][0]  # phase 1: the sampler table's grid; the seam will hand the walk over
-    levels = schedule.ddim_levels(steps) if grid == "ddim" else schedule.get_sigmas(steps).tolist()
+    grid = SAMPLERS[name].grid
+    levels = grid.levels(schedule, steps)
     if strength < 1:
         run = min(int(strength * steps), len(levels) - 1)
         if run == 0:
             return None
         levels = levels[-(run + 1):]
-    if grid == "ddim":
-        return LatentBlend.for_ddim_levels(init_latent, mask, noise, schedule, levels)
-    return LatentBlend.for_sigmas(init_latent, mask, noise, levels)
+    return LatentBlend(init_latent, mask, noise, schedule, grid, levels)

@@ -130,27 +130,28 @@ def test_every_sampler_keeps_the_known_region_at_the_init_latent_noised_to_each_
     x = samplers.sample(name, _toy_eps, schedule, noise, steps, eta=eta, init_latent=init_latent, strength=strength,
                         noise_sampler=ancestral_noise, callback=blend_in_place(blend, record))
     total = seen[0][1]
-    assert [s for s, _, _ in seen] == list(range(total)) == list(range(len(blend.levels)))
-    for step, _, latent in seen[:-1]:  # each step's known region: c_x0 * init + c_noise * noise, exactly
-        c_x0, c_noise = blend.levels[step]
-        assert c_noise > 0
-        assert torch.equal(latent[known], (c_x0 * init_latent + c_noise * noise)[known])
+    assert [s for s, _, _ in seen] == list(range(total)) == list(range(blend.steps))
+    grid = samplers.SAMPLERS[name].grid
+    for step, _, latent in seen[:-1]:  # each step's known region: the init latent noised to the step's level
+        level = blend.levels[step + 1]
+        assert level > 0
+        assert torch.equal(latent[known], grid.noised(schedule, init_latent, noise, level)[known])
     assert torch.equal(x[known], init_latent[known])  # clean after the last step
     assert not torch.allclose(x[~known], init_latent[~known], atol=1e-2)  # the masked part was repainted
 
 
-def test_blend_levels_follow_the_samplers_grids():
+def test_blend_walks_the_samplers_grids():
     schedule = DiffusionSchedule.from_config(load_model_config(SD_V1_CONFIG).schedule)
-    z = torch.zeros(1, 4, 2, 2)
-    ddim = sampler_blend("ddim", schedule, 10, 1.0, z, z[:, :1], z)
-    a = schedule.alpha_bar(801)  # DDIM 10 steps: 901 -> 801 -> ... -> 1 -> 0
-    assert ddim.levels[0] == pytest.approx((math.sqrt(a), math.sqrt(1 - a)))
-    assert len(ddim.levels) == 10 and ddim.levels[-1] == (1.0, 0.0)
+    z = torch.ones(1, 4, 2, 2)
+    ddim = sampler_blend("ddim", schedule, 10, 1.0, z, z[:, :1] * 0, z * 2)
+    assert ddim.levels == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1, 0] and ddim.steps == 10
+    a = schedule.alpha_bar(801)
+    torch.testing.assert_close(ddim.known(0), (math.sqrt(a) + 2 * math.sqrt(1 - a)) * z)
+    assert torch.equal(ddim.known(9), z)  # clean, not noised to alphas_cumprod[0]
     euler = sampler_blend("euler", schedule, 10, 0.5, z, z[:, :1], z)
-    sigmas = schedule.get_sigmas(10).tolist()[-6:]
-    assert euler.levels == [(1.0, s) for s in sigmas[1:]]
+    assert euler.levels == schedule.get_sigmas(10).tolist()[-6:]
     assert sampler_blend("lms", schedule, 10, 0.05, z, z[:, :1], z) is None  # int(0.05 * 10) = 0 steps
     with pytest.raises(ValueError, match="built for 10 steps"):
         ddim(0, 7, z)
     with pytest.raises(ValueError, match="differ in shape"):
-        LatentBlend(z, z[:, :1], torch.zeros(2, 4, 2, 2), [(1.0, 0.0)])
+        LatentBlend(z, z[:, :1], torch.zeros(2, 4, 2, 2), schedule, samplers.SAMPLERS["ddim"].grid, [1, 0])
