@@ -20,6 +20,7 @@ interpolation (diffusers ``prepare_mask_latents``: ``F.interpolate`` with its de
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 INPAINTING_IN_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent
+INPAINTING_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml"
 UNET_FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
 UNet = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -47,6 +49,14 @@ def unet_in_channels(state: Mapping[str, Tensor]) -> int | None:
 def is_inpainting_checkpoint(state: Mapping[str, Tensor]) -> bool:
     """True for an inpainting checkpoint (UNet with 9 input channels: latent, mask, masked-image latent)."""
     return unet_in_channels(state) == INPAINTING_IN_CHANNELS
+
+
+def checkpoint_unet_in_channels(path: str | Path) -> int | None:
+    """:func:`unet_in_channels` of a file. Cheap: ``read_checkpoint`` memory-maps, and only one tensor's
+    shape is looked at (its data is never paged in). Raises ``CheckpointError`` as reading does."""
+    from ldm.checkpoint_file import read_checkpoint
+
+    return unet_in_channels(read_checkpoint(path))
 
 
 # ---- mask and masked image, at pixel and latent size ---------------------------------------------------------

@@ -15,6 +15,7 @@ from ldm.inpainting import (
     InpaintingUNet,
     LatentBlend,
     blend_in_place,
+    checkpoint_unet_in_channels,
     is_inpainting_checkpoint,
     latent_mask,
     masked_image,
@@ -57,6 +58,8 @@ def test_9_channel_random_checkpoint_loads_and_is_detected(tmp_path, tiny_state_
     assert unet_in_channels(tiny_state_dict) == 4 and not is_inpainting_checkpoint(tiny_state_dict)
     assert unet_in_channels({}) is None
     ckpt = save_checkpoint(state, tmp_path / "inpainting.ckpt")
+    assert checkpoint_unet_in_channels(ckpt) == 9
+    assert checkpoint_unet_in_channels(save_checkpoint(tiny_state_dict, tmp_path / "plain.safetensors")) == 4
     sd = load_stable_diffusion(ckpt, config)
     assert sd.unet.input_blocks[0][0].weight.shape[1] == 9
     torch.testing.assert_close(sd.unet.input_blocks[0][0].weight, state["model.diffusion_model.input_blocks.0.0.weight"])
