@@ -22,6 +22,8 @@ Modes, fastest first:
   for good and only the rest are streamed. Peak = budget (or, without one, the two largest of the 25
   block groups: 0.35 GB of SD v1's 1.6 GB of fp16 UNet weights) + working memory; costs a copy of the
   streamed part of the UNet at every step.
+- ``use("vae_encoder")`` (encoding an init image: img2img, inpainting): in medium and low mode only the VAE's
+  encoder half (34 of SD v1's 84 M VAE parameters) goes to the device; in full mode the whole VAE.
 - ``auto`` (:func:`resolve_mode`): picks one of the above from the free device memory, the image size
   and the batch; on a CPU it is ``full`` (nothing to save).
 
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 MODES = ("full", "medium", "low")
 VRAM_CHOICES = ("auto",) + MODES
 MODEL_NAMES = ("text_encoder", "unet", "vae")
+VAE_ENCODER = "vae_encoder"  # use(VAE_ENCODER): only the VAE's encoder half on the device (img2img, inpainting)
 GRANULARITIES = ("blocks", "stages")
 
 # SD v1 parameter counts (exact, tests/test_sd_v1_shapes.py), for estimates made before a model is loaded.
@@ -412,6 +415,8 @@ class Residency:
         self.pin = self.device.type == "cuda" if pin is None else pin
         self.pinned_bytes = 0
         self.whole = {name: ModuleGroup(name, [model]) for name, model in self.models.items()}
+        # Encoding an image needs no decoder weights: outside full mode the encoder half moves on its own.
+        self.whole[VAE_ENCODER] = ModuleGroup(VAE_ENCODER, [sd.vae.encoder, sd.vae.quant_conv])
         self.layout = unet_group_layout(sd.unet, granularity)
         parts = dict(unet_parts(sd.unet))
         self.unet_groups = [
@@ -511,9 +516,12 @@ class Residency:
     # -- public -----------------------------------------------------------------------------------------
     @contextmanager
     def use(self, name: str) -> Iterator[nn.Module | StreamedUNet]:
-        """The model ``name`` ready to run on the device for the ``with`` block."""
-        if name not in self.models:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        """The model ``name`` ready to run on the device for the ``with`` block. ``"vae_encoder"`` yields the
+        VAE with only its encoder on the device (call only ``encode``); in full mode, the whole VAE."""
+        if name not in self.models and name != VAE_ENCODER:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES + (VAE_ENCODER,))}")
+        if name == VAE_ENCODER and self.mode == "full":
+            name = "vae"  # full mode keeps the whole VAE anyway; its groups must not overlap on the device
         if self.mode != "full":
             self._evict_except(name)
         if name == "unet" and self.mode == "low":
@@ -527,7 +535,7 @@ class Residency:
         group = self.whole[name]
         if not group.on_device:
             self._onload(group)
-        yield self.models[name]
+        yield self.models["vae" if name == VAE_ENCODER else name]
 
     def release(self) -> None:
         """Offload everything: no weight of any model is left on the device."""

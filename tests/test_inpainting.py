@@ -158,3 +158,47 @@ def test_blend_walks_the_samplers_grids():
         ddim(0, 7, z)
     with pytest.raises(ValueError, match="differ in shape"):
         LatentBlend(z, z[:, :1], torch.zeros(2, 4, 2, 2), schedule, samplers.SAMPLERS["ddim"].grid, [1, 0])
+
+
+@pytest.mark.parametrize("mode", ["medium", "low"])
+def test_images_are_encoded_with_the_vae_encoder_alone_on_the_device(tiny_checkpoint, tiny_config, mode):
+    from ldm.residency import Residency
+
+    sd = load_stable_diffusion(tiny_checkpoint, tiny_config)
+    events = []
+    residency = Residency(sd, "cpu", mode, track_cpu_copies=True, on_transfer=events.append)
+    home = {id(t): t.data_ptr() for t in sd.vae.parameters()}
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        reference = sd.vae.encode(pixels).mean
+        with residency.use("text_encoder"):
+            pass
+        with residency.use("vae_encoder") as vae:
+            on_device = {n for n, t in sd.vae.named_parameters() if t.data_ptr() != home[id(t)]}
+            encoded = vae.encode(pixels).mean
+        with residency.use("unet"):  # sampling evicts the encoder
+            assert not any(t.data_ptr() != home[id(t)] for t in sd.vae.parameters())
+        with residency.use("vae") as vae:  # decoding loads the whole VAE
+            assert all(t.data_ptr() != home[id(t)] for t in sd.vae.parameters())
+    residency.release()
+    assert on_device and all(n.startswith(("encoder.", "quant_conv.")) for n in on_device)
+    assert len(on_device) == sum(1 for n, _ in sd.vae.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
+    assert torch.equal(encoded, reference)
+    onloads = [(e.group, e.nbytes) for e in events if e.event == "onload"]
+    encoder_bytes = dict(onloads)["vae_encoder"]
+    assert [g for g, _ in onloads][:2] == ["text_encoder", "vae_encoder"] and encoder_bytes < dict(onloads)["vae"]
+    assert residency.on_device() == []
+
+
+def test_full_mode_encodes_with_the_whole_vae_loaded_once(tiny_checkpoint, tiny_config):
+    from ldm.residency import Residency
+
+    sd = load_stable_diffusion(tiny_checkpoint, tiny_config)
+    events = []
+    residency = Residency(sd, "cpu", "full", track_cpu_copies=True, on_transfer=events.append)
+    with torch.no_grad(), residency.use("vae_encoder") as vae:
+        vae.encode(torch.zeros(1, 3, 64, 64))
+    with residency.use("vae"):
+        pass
+    assert [(e.event, e.group) for e in events] == [("onload", "vae")]
+    residency.release()
