@@ -52,11 +52,21 @@ def is_inpainting_checkpoint(state: Mapping[str, Tensor]) -> bool:
 
 
 def checkpoint_unet_in_channels(path: str | Path) -> int | None:
-    """:func:`unet_in_channels` of a file. Cheap: ``read_checkpoint`` memory-maps, and only one tensor's
-    shape is looked at (its data is never paged in). Raises ``CheckpointError`` as reading does."""
+    """:func:`unet_in_channels` of a file, without reading its weights: a safetensors header, or the
+    memory-mapped tensors of a ``.ckpt`` (only one shape is looked at). Raises ``CheckpointError`` as
+    :func:`ldm.checkpoint_file.read_checkpoint` does for a file it cannot read."""
     from ldm.checkpoint_file import read_checkpoint
 
-    return unet_in_channels(read_checkpoint(path))
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if UNET_FIRST_CONV not in handle.keys():
+                return None
+            shape = handle.get_slice(UNET_FIRST_CONV).get_shape()
+        return int(shape[1]) if len(shape) == 4 else None
+    except Exception:  # not safetensors (or damaged): the checked reader says what is wrong
+        return unet_in_channels(read_checkpoint(path))
 
 
 # ---- mask and masked image, at pixel and latent size ---------------------------------------------------------

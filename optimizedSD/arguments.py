@@ -1,4 +1,4 @@
-"""Command-line flags of ``optimized_txt2img.py`` / ``optimized_img2img.py`` and their checks.
+"""Command-line flags of ``optimized_txt2img.py`` / ``optimized_img2img.py`` / ``optimized_inpaint.py`` and their checks.
 
 Names and defaults follow the optimizedSD fork (basujindal/stable-diffusion ``optimizedSD/optimized_*.py``)
 where it has them: ``--n_samples 5``, ``--ddim_steps 50``, ``--scale 7.5``, ``--precision autocast``,
@@ -19,7 +19,7 @@ import torch
 from ldm.config import DEFAULT_CONFIG
 from ldm.errors import UserError
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
-from optimizedSD.request import IMG2IMG, TXT2IMG, GenerationRequest
+from optimizedSD.request import IMG2IMG, INPAINT, TXT2IMG, GenerationRequest, MaskOptions
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_CONFIG_ARG = "configs/stable-diffusion/v1-inference.yaml"
@@ -49,12 +49,13 @@ def _positive_multiple(name: str, value: int) -> None:
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
-    """The flags of one script (``mode`` is ``"txt2img"`` or ``"img2img"``)."""
-    img2img = mode == IMG2IMG
+    """The flags of one script (``mode`` is ``"txt2img"``, ``"img2img"`` or ``"inpaint"``: img2img's and the mask's)."""
+    img2img = mode in (IMG2IMG, INPAINT)
     parser = _Parser(
         prog=f"optimized_{mode}.py",
         description=(
-            "Generate images from a text prompt" + (" and an initial image" if img2img else "")
+            ("Repaint the masked part of an image from a text prompt" if mode == INPAINT else
+             "Generate images from a text prompt" + (" and an initial image" if img2img else ""))
             + " with Stable Diffusion v1.x in little GPU memory. See docs/cli.md."
         ),
     )
@@ -67,8 +68,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--outdir", type=str, nargs="?", default=f"outputs/{mode}-samples", help="dir to write results to")
     if img2img:
         add("--init-img", dest="init_img", type=str, default=None, help="path to the input image (required)")
-        add("--strength", type=float, default=0.75,
+        add("--strength", type=float, default=1.0 if mode == INPAINT else 0.75,
             help="how much of the init image to destroy: 0 keeps it (VAE round trip), 1 starts from pure noise")
+    if mode == INPAINT:
+        add("--mask", type=str, default=None, help="the mask (required): white = repaint, black = keep; any image")
+        add("--invert_mask", action="store_true", help="repaint the black part of the mask instead")
+        add("--mask_blur", type=float, default=4, metavar="PX",
+            help="Gaussian blur of the mask, standard deviation in pixels (the webui's Mask blur)")
+        add("--no_overlay", action="store_true",
+            help="return the decoded image as is (by default the kept pixels are laid back through the blurred mask)")
     add("--H", type=int, default=None if img2img else 512,
         help="image height in pixels, a multiple of 64" + (" (default: the init image's, floored to 64)" if img2img else ""))
     add("--W", type=int, default=None if img2img else 512,
@@ -161,8 +169,8 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         prompt=opt.prompt,
         negative_prompt=opt.negative_prompt,
         from_file=Path(opt.from_file) if opt.from_file else None,
-        init_img=Path(opt.init_img) if mode == IMG2IMG else None,
-        strength=opt.strength if mode == IMG2IMG else None,
+        init_img=Path(opt.init_img) if mode in (IMG2IMG, INPAINT) else None,
+        strength=opt.strength if mode in (IMG2IMG, INPAINT) else None,
         height=opt.H,
         width=opt.W,
         seed=random.randint(0, SEED_MAX) if opt.seed is None else opt.seed,
@@ -174,7 +182,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         scale=opt.scale,
         fixed_code=opt.fixed_code,
         ckpt=Path(opt.ckpt),
-        config=resolve_config(opt.config),
+        config=None if opt.config is None else resolve_config(opt.config),
         use_ema=opt.use_ema,
         device=resolve_device(opt.device),
         precision=opt.precision,
@@ -190,6 +198,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         skip_save=opt.skip_save,
         n_rows=opt.n_rows or opt.n_samples,
         watermark=not opt.no_watermark,
+        mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
     )
 
 
@@ -234,7 +243,12 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     if opt.seed is not None and not 0 <= opt.seed < 2**63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
-    if opt.mode == IMG2IMG:
+    if opt.mode == INPAINT:
+        if not opt.mask:
+            raise UsageError("--mask is required")
+        if not 0 <= opt.mask_blur <= 512:
+            raise UsageError(f"--mask_blur must be between 0 and 512 px, got {opt.mask_blur}")
+    if opt.mode in (IMG2IMG, INPAINT):
         if not 0.0 <= opt.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {opt.strength}")
         if not opt.init_img:

@@ -1,4 +1,5 @@
-"""The generation loop shared by ``optimized_txt2img.py`` and ``optimized_img2img.py``, as a list of stages.
+"""The generation loop shared by ``optimized_txt2img.py``, ``optimized_img2img.py`` and ``optimized_inpaint.py``,
+as a list of stages.
 
 :func:`generate` reads like diffusers' ``__call__``::
 
@@ -6,6 +7,7 @@
     model = load_model(request, inputs)         # the checkpoint, once; its memory mode
     encoder = encode_prompts(...)               # every distinct (sub-)prompt once
     init = InitImage(...).encode(...)           # img2img's input preparer: the init image's posterior, once
+                                                # (inpainting's: InpaintingInputs, optimizedSD/inpaint_inputs.py)
     for batch in plan_batches(...):             # per (iteration, prompt): the seeds
         latents = sample_batch(...)             #   noise, then the guided UNet under the sampler
         decode_and_write(...)                   #   one image at a time: decode, write, keep for the grid
@@ -31,7 +33,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,14 +46,16 @@ from ldm.autoencoder import DiagonalGaussian
 from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
 from ldm.guidance import GuidedDenoiser
+from ldm.inpainting import INPAINTING_CONFIG, INPAINTING_IN_CHANNELS, blend_in_place, checkpoint_unet_in_channels
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
 from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mode
 from ldm.schedule import DiffusionSchedule
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
-from optimizedSD.arguments import UsageError
+from optimizedSD.arguments import UsageError, resolve_config
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
+from optimizedSD.inpaint_inputs import InpaintingInputs
 from optimizedSD.outputs import SampleWriter, Watermarker, infotext, model_hash, prompt_folder_name, to_uint8
 from optimizedSD.prompts import EmbeddingCache, PromptEncoder, checkpoint_fingerprint, distinct, parse_prompt, read_prompts_file
 from optimizedSD.request import GenerationRequest
@@ -98,6 +102,7 @@ class RunInputs:
     width: int
     writer: SampleWriter
     config: ModelConfig
+    inpainting: InpaintingInputs | None = None  # inpaint: the mask read and sized, and the init image's pixels
 
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
@@ -107,16 +112,38 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
         parse_prompt(text)  # weights summing to zero fail now, not after loading
     init_image = load_init_image(request.init_img) if request.img2img else None
     height, width = output_size(request, init_image)
+    inpainting = None
+    if request.inpaint:
+        mask = request.mask
+        inpainting = InpaintingInputs.prepare(init_image, mask.path, width, height, invert=mask.invert, blur=mask.blur,
+                                              overlay=mask.overlay)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
-    config = load_model_config(request.config)
-    if request.steps > config.schedule.timesteps:
-        raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
+    if request.config is not None:
+        load_model_config(request.config)  # a bad --config fails before the checkpoint is looked at
     if not request.ckpt.exists():
         raise UsageError(f"checkpoint not found: {request.ckpt}; {WEIGHTS_HELP}")
     if not request.ckpt.is_file():
         raise UsageError(f"checkpoint is not a file: {request.ckpt}; {WEIGHTS_HELP}")
-    return RunInputs(prompts, init_image, height, width, writer, config)
+    config = load_model_config(model_config_path(request))
+    if request.steps > config.schedule.timesteps:
+        raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
+    return RunInputs(prompts, init_image, height, width, writer, config, inpainting)
+
+
+def model_config_path(request: GenerationRequest) -> Path:
+    """``--config``, or without it the config the file's UNet needs: v1-inpainting-inference.yaml for 9 input
+    channels, else v1-inference.yaml. txt2img and img2img refuse an inpainting file (its UNet needs a mask)."""
+    try:
+        channels = checkpoint_unet_in_channels(request.ckpt)
+    except CheckpointError as error:
+        raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
+    if channels == INPAINTING_IN_CHANNELS and not request.inpaint:
+        raise UsageError(f"{request.ckpt} is an inpainting checkpoint (its UNet takes a mask and a masked image): "
+                         "use optimizedSD/optimized_inpaint.py --init-img IMAGE --mask MASK")
+    if request.config is not None:
+        return request.config
+    return INPAINTING_CONFIG if channels == INPAINTING_IN_CHANNELS else resolve_config(None)
 
 
 # ---- 2. the model, once ----------------------------------------------------------------------------------------
@@ -194,13 +221,40 @@ class InitImage:
     @classmethod
     def encode(cls, image: Image.Image, width: int, height: int, model: LoadedModel, dtype: torch.dtype) -> InitImage:
         pixels = image_to_tensor(image, width, height)
-        with model.residency.use("vae") as vae, torch.no_grad():
+        with model.residency.use("vae_encoder") as vae, torch.no_grad():
             posterior = vae.encode(pixels.to(device=model.residency.device, dtype=dtype))
         return cls(posterior, model.sd.scale_factor)
 
     def latent(self, noise: SeededNoise, x_T: torch.Tensor) -> torch.Tensor:
         """The images' init latents; each image's generator draws its posterior sample right after its x_T."""
         return self.scale_factor * self.posterior.sample(noise(x_T)).float()
+
+    def start(self, noise: SeededNoise, x_T: torch.Tensor, scale_factor: float, **walk) -> BatchStart:
+        return BatchStart(self.latent(noise, x_T))
+
+
+@dataclass(frozen=True)
+class BatchStart:
+    """What an input preparer (``InitImage``, ``InpaintingInputs``) gives one batch: the init latent, a wrapper
+    around the (chunked) UNet (the inpainting UNet's extra channels) and a per-step hook on the latent,
+    ``after_step(step, total, x) -> x`` (the known region's blend)."""
+
+    init_latent: torch.Tensor | None = None
+    wrap_unet: Callable = lambda unet: unet
+    after_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+
+
+def prepare_init(request: GenerationRequest, inputs: RunInputs, model: LoadedModel) -> InitImage | InpaintingInputs | None:
+    """The run's input preparer, its images encoded once: img2img's ``InitImage``, inpainting's ``InpaintingInputs``
+    (the init image where it is used, the masked image for a 9-channel UNet), or None (txt2img)."""
+    if inputs.inpainting is not None:
+        nine = inputs.config.unet.in_channels == INPAINTING_IN_CHANNELS
+        inputs.inpainting.encode(model.residency, request.device, request.dtype, nine_channel=nine,
+                                 needs_init=not nine or request.strength < 1)
+        return inputs.inpainting
+    if request.img2img:
+        return InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype)
+    return None
 
 
 # ---- 5. batches: sample, decode, write ---------------------------------------------------------------------------
@@ -226,8 +280,8 @@ def plan_batches(request: GenerationRequest, prompts: list[str]) -> Iterator[Bat
             first_image += size
 
 
-def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, init: InitImage | None,
-                 batch: Batch, latent_shape: tuple[int, ...]) -> torch.Tensor:
+def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder,
+                 init: InitImage | InpaintingInputs | None, batch: Batch, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """One batch's latents, run again one memory mode lower after out of memory (with the same noise)."""
     device, dtype, size = request.device, request.dtype, len(batch.seeds)
     cond = encoder.batch(batch.prompt, size, device, dtype)
@@ -236,8 +290,11 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
     def attempt() -> torch.Tensor:
         noise = SeededNoise(batch.seeds)  # fresh generators on every try: a retry draws the same noise
         x_T = noise.initial(latent_shape, device=device)
-        init_latent = init.latent(noise, x_T) if init is not None else None
-        return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, init_latent, noise)
+        start = BatchStart()
+        if init is not None:  # each image's generator draws its posterior samples right after its x_T
+            start = init.start(noise, x_T, model.sd.scale_factor, sampler=request.sampler, schedule=model.schedule,
+                               steps=request.steps, strength=request.strength)
+        return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, start, noise)
 
     return retry_lower(model.residency, attempt)
 
@@ -251,7 +308,7 @@ class GuidedInputs:
 
 
 def run_sampler(request: GenerationRequest, residency: Residency, schedule: DiffusionSchedule, guided: GuidedInputs,
-                x_T: torch.Tensor, init_latent: torch.Tensor | None, noise: SeededNoise) -> torch.Tensor:
+                x_T: torch.Tensor, start: BatchStart, noise: SeededNoise) -> torch.Tensor:
     """The guided UNet under the chosen sampler, with a tqdm bar over the steps."""
     bar = None
 
@@ -262,10 +319,12 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
 
     try:
         with residency.use("unet") as unet, torch.no_grad():
-            eps_model = GuidedDenoiser(chunked_unet(unet, request.unet_bs), guided.cond, guided.uncond, request.scale)
+            unet = start.wrap_unet(chunked_unet(unet, request.unet_bs))
+            eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
+            callback = progress if start.after_step is None else blend_in_place(start.after_step, progress)
             return samplers.sample(
-                request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta, init_latent=init_latent,
-                strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=progress,
+                request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta, init_latent=start.init_latent,
+                strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,
             )
     finally:
         if bar is not None:
@@ -302,9 +361,12 @@ class RunOutputs:
         self.size = (inputs.width, inputs.height)
         self.model_hash = None if request.skip_save else model_hash(request.ckpt)  # sha256 of the whole file
         self.grid_images: list[np.ndarray] = []
+        self.inpainting = inputs.inpainting
 
     def add(self, prompt: str, seed: int, image: np.ndarray) -> None:
         request = self.request
+        if self.inpainting is not None:
+            image = self.inpainting.finish(image)  # the kept pixels laid back (unless --no_overlay)
         self.summary.images += 1
         if not request.skip_grid:
             self.grid_images.append(image)
@@ -314,6 +376,7 @@ class RunOutputs:
             prompt, request.negative_prompt if request.guided else "", steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, strength=request.strength, eta=request.eta,
+            extra=self.inpainting.metadata() if self.inpainting is not None else None,
         )
         self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
 
@@ -347,7 +410,7 @@ def generate(request: GenerationRequest) -> RunSummary:
     try:
         outputs = RunOutputs(request, inputs, summary)
         encoder = encode_prompts(request, inputs.prompts, model.residency)
-        init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
+        init = prepare_init(request, inputs, model)
         cfg = inputs.config
         latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
         tiled = should_tile(inputs.height, inputs.width, request.vae_tiling)

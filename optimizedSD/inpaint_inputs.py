@@ -4,7 +4,7 @@
   (:mod:`optimizedSD.masks`), so a bad mask fails in a second, not after the load;
 - once per run (:meth:`InpaintingInputs.encode`): the init image, and for a 9-channel UNet the masked image,
   through the VAE's encoder alone (``residency.use("vae_encoder")``: in low mode nothing else is on the device);
-- per batch (:meth:`InpaintingInputs.batch`): the posterior samples drawn from each image's own generator (the
+- per batch (:meth:`InpaintingInputs.start`): the posterior samples drawn from each image's own generator (the
   init image's where it is used, then the masked image's), and what the sampler needs: the UNet wrapped to take
   9 channels, or the per-step blend of the known region (:mod:`ldm.inpainting`);
 - per image (:meth:`InpaintingInputs.finish`): the overlay of the init image's kept pixels (unless ``no_overlay``).
@@ -18,7 +18,6 @@ the ancestral samplers' fresh noise. With ``latents=`` and that generator, diffu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +25,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm.inpainting import InpaintingUNet, blend_in_place, latent_mask, masked_image, sampler_blend
+from ldm.inpainting import InpaintingUNet, latent_mask, masked_image, sampler_blend
 from optimizedSD.masks import apply_overlay, init_pixels, load_mask, mask_tensor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InpaintBatch:
-    """One batch's inpainting inputs: the sampler's init latent, and the UNet wrapper or the step callback."""
-
-    init_latent: Tensor | None
-    wrap_unet: object  # unet -> unet (the 9-channel concatenation, or the UNet itself)
-    callback: object  # (progress callback | None) -> sampler callback (the 4-channel blend, or progress itself)
 
 
 class InpaintingInputs:
@@ -78,19 +68,21 @@ class InpaintingInputs:
             if nine_channel:
                 self.masked_posterior = vae.encode(masked_image(image, mask).to(device=device, dtype=dtype))
 
-    def batch(self, noise, x_T: Tensor, scale_factor: float, *, sampler: str, schedule, steps: int,
-              strength: float) -> InpaintBatch:
-        """Draw this batch's posterior samples (in the documented order) and bind the model-side pieces."""
+    def start(self, noise, x_T: Tensor, scale_factor: float, *, sampler: str, schedule, steps: int, strength: float):
+        """One batch's :class:`~optimizedSD.generation.BatchStart`: the posterior samples drawn from each image's
+        generator (init image first, where used, then masked image), the 9-channel UNet's extra inputs bound to
+        it, or the 4-channel per-step blend over the sampler's walk."""
+        from optimizedSD.generation import BatchStart
+
         small_mask = latent_mask(mask_tensor(self.mask)).to(x_T.device)
         init_latent = None
         if self.image_posterior is not None:
             init_latent = scale_factor * self.image_posterior.sample(noise(x_T)).float()
         if self.nine_channel:
             masked_latent = scale_factor * self.masked_posterior.sample(noise(x_T))
-            return InpaintBatch(init_latent, lambda unet: InpaintingUNet(unet, small_mask, masked_latent), lambda cb: cb)
+            return BatchStart(init_latent, wrap_unet=lambda unet: InpaintingUNet(unet, small_mask, masked_latent))
         blend = sampler_blend(sampler, schedule, steps, strength, init_latent, small_mask, x_T)
-        callback = (lambda cb: cb) if blend is None else (lambda cb: blend_in_place(blend, cb))
-        return InpaintBatch(init_latent, lambda unet: unet, callback)
+        return BatchStart(init_latent, after_step=blend)
 
     def finish(self, image: np.ndarray) -> np.ndarray:
         """One decoded uint8 image, with the init image's pixels laid back through the blurred mask."""
@@ -98,4 +90,4 @@ class InpaintingInputs:
 
     def metadata(self) -> dict[str, object]:
         """The webui's infotext fields for inpainting."""
-        return {"Mask blur": self.blur}
+        return {"Mask blur": int(self.blur) if float(self.blur).is_integer() else self.blur}

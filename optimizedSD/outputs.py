@@ -99,6 +99,7 @@ def infotext(
     model_name: str | None = None,
     strength: float | None = None,
     eta: float | None = None,
+    extra: dict[str, object] | None = None,
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
@@ -116,6 +117,7 @@ def infotext(
         "Model": model_name,
         "Denoising strength": None if strength is None else _number(strength),
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
+        **(extra or {}),  # a script's own fields, e.g. inpainting's "Mask blur"
     }
     params_text = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""

@@ -15,19 +15,30 @@ import torch
 
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
+INPAINT = "inpaint"
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Inpainting's mask: the file (white = repaint), ``--invert_mask``, ``--mask_blur`` px, overlay on/off."""
+
+    path: Path
+    invert: bool
+    blur: float
+    overlay: bool
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One run: what to draw, how, from which model, and where the images go."""
 
-    mode: str  # TXT2IMG or IMG2IMG
+    mode: str  # TXT2IMG, IMG2IMG or INPAINT
     # what to draw
     prompt: str
     negative_prompt: str
     from_file: Path | None  # prompts file, one a line (replaces ``prompt``)
-    init_img: Path | None  # img2img
-    strength: float | None  # img2img: how much of the init image to redo
+    init_img: Path | None  # img2img, inpaint
+    strength: float | None  # img2img, inpaint: how much of the init image to redo
     height: int | None  # None (img2img): the init image's, floored to a multiple of SIZE_MULTIPLE
     width: int | None
     # how
@@ -41,7 +52,7 @@ class GenerationRequest:
     fixed_code: bool
     # the model and the machine
     ckpt: Path
-    config: Path
+    config: Path | None  # None: v1-inference.yaml, or v1-inpainting-inference.yaml for a 9-channel UNet
     use_ema: bool
     device: torch.device
     precision: str  # "autocast" (fp16 on CUDA) or "full"
@@ -58,10 +69,16 @@ class GenerationRequest:
     skip_save: bool
     n_rows: int
     watermark: bool
+    mask: MaskOptions | None = None  # inpaint
 
     @property
     def img2img(self) -> bool:
-        return self.mode == IMG2IMG
+        """Starts from an init image: img2img and inpainting."""
+        return self.mode in (IMG2IMG, INPAINT)
+
+    @property
+    def inpaint(self) -> bool:
+        return self.mode == INPAINT
 
     @property
     def guided(self) -> bool:
