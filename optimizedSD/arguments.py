@@ -71,12 +71,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         add("--strength", type=float, default=1.0 if mode == INPAINT else 0.75,
             help="how much of the init image to destroy: 0 keeps it (VAE round trip), 1 starts from pure noise")
     if mode == INPAINT:
-        add("--mask", type=str, default=None, help="the mask (required): white = repaint, black = keep; any image")
-        add("--invert_mask", action="store_true", help="repaint the black part of the mask instead")
-        add("--mask_blur", type=float, default=4, metavar="PX",
-            help="Gaussian blur of the mask, standard deviation in pixels (the webui's Mask blur)")
-        add("--no_overlay", action="store_true",
-            help="return the decoded image as is (by default the kept pixels are laid back through the blurred mask)")
+        _add_mask_flags(add)
     add("--H", type=int, default=None if img2img else 512,
         help="image height in pixels, a multiple of 64" + (" (default: the init image's, floored to 64)" if img2img else ""))
     add("--W", type=int, default=None if img2img else 512,
@@ -118,6 +113,16 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--embedding_cache", type=str, default=None, metavar="DIR",
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
     return parser
+
+
+def _add_mask_flags(add) -> None:
+    """optimized_inpaint.py's own flags (optimizedSD/masks.py reads the mask)."""
+    add("--mask", type=str, default=None, help="the mask (required): white = repaint, black = keep; any image")
+    add("--invert_mask", action="store_true", help="repaint the black part of the mask instead")
+    add("--mask_blur", type=float, default=4, metavar="PX",
+        help="Gaussian blur of the mask, standard deviation in pixels (the webui's Mask blur)")
+    add("--no_overlay", action="store_true",
+        help="return the decoded image as is (by default the kept pixels are laid back through the blurred mask)")
 
 
 def default_device() -> str:
