@@ -20,6 +20,6 @@ setup(
         "invisible-watermark",
     ],
     extras_require={
-        "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil"],
+        "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3"],
     },
 )

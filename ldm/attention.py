@@ -12,34 +12,55 @@ VAE's attention block (:func:`attention`):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.token_merging import TokenMerging, plan_merge
 
-@dataclass
+
+BACKENDS = ("sdpa", "sliced")
+
+
+@dataclass(frozen=True)
 class AttentionBackend:
     name: str = "sdpa"
     slice_size: int | None = None  # query rows per slice for "sliced"; None picks by size
 
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.name!r}; choose sdpa or sliced")
+        if self.slice_size is not None and self.slice_size < 1:
+            raise ValueError("attention slice size must be at least 1")
 
-_backend = AttentionBackend()
+
+# A context variable, not a module global: a ``with attention_backend(...)`` block sets it for its own
+# code only, and leaves it as it was on the way out, an exception included.
+_backend: ContextVar[AttentionBackend] = ContextVar("attention_backend", default=AttentionBackend())
+
+
+@contextmanager
+def attention_backend(name: str, slice_size: int | None = None) -> Iterator[AttentionBackend]:
+    """Every attention inside the block (UNet and VAE) computes with ``name`` (``"sdpa"`` or ``"sliced"``)."""
+    token = _backend.set(AttentionBackend(name, slice_size))
+    try:
+        yield _backend.get()
+    finally:
+        _backend.reset(token)
 
 
 def set_attention_backend(name: str, slice_size: int | None = None) -> None:
-    """Choose how every CrossAttention computes: ``"sdpa"`` (default) or ``"sliced"``."""
-    if name not in ("sdpa", "sliced"):
-        raise ValueError(f"unknown attention backend {name!r}; choose sdpa or sliced")
-    if slice_size is not None and slice_size < 1:
-        raise ValueError("attention slice size must be at least 1")
-    _backend.name = name
-    _backend.slice_size = slice_size
+    """Choose the backend for the rest of this context (prefer :func:`attention_backend`, which undoes it)."""
+    _backend.set(AttentionBackend(name, slice_size))
 
 
 def get_attention_backend() -> AttentionBackend:
-    return AttentionBackend(_backend.name, _backend.slice_size)
+    return _backend.get()
 
 
 def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int | None) -> torch.Tensor:
@@ -59,9 +80,10 @@ def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_s
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over [B, heads, N, d] tensors, with the backend chosen for the process."""
-    if _backend.name == "sliced":
-        return _sliced_attention(q, k, v, _backend.slice_size)
+    """softmax(q k^T / sqrt(d)) v over [B, heads, N, d] tensors, with the backend of the current context."""
+    backend = _backend.get()
+    if backend.name == "sliced":
+        return _sliced_attention(q, k, v, backend.slice_size)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -112,7 +134,11 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the text, gated feed-forward; pre-norm residuals."""
+    """Self-attention, cross-attention to the text, gated feed-forward; pre-norm residuals.
+
+    With ``token_merging`` set (:func:`ldm.token_merging.apply_token_merging`) and the token grid's
+    ``size`` given, self-attention runs over merged tokens (ToMe for SD, :mod:`ldm.token_merging`).
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
@@ -122,9 +148,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.token_merging: TokenMerging | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        merge = plan_merge(self.token_merging, x, size)  # matched on the block's input, as tomesd does
+        if merge is None:
+            x = self.attn1(self.norm1(x)) + x
+        else:
+            x = merge.unmerge(self.attn1(merge.merge(self.norm1(x)))) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -147,7 +178,7 @@ class SpatialTransformer(nn.Module):
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, (height, width))
         # contiguous(): the transposed view is channels-last, and every conv after it would run slower.
         h = h.transpose(1, 2).reshape(batch, -1, height, width).contiguous()
         return self.proj_out(h) + x

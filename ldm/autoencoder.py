@@ -7,12 +7,15 @@ attention blocks use 1x1 convolutions (``decoder.mid.attn_1.q.weight`` is [C, C,
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.attention import attention
 from ldm.config import VAEConfig
+from ldm.unet import PartHook, call_part
 
 
 def normalize(channels: int) -> nn.GroupNorm:
@@ -31,8 +34,9 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        # In-place SiLU on the norm's fresh output: the same numbers, one full-size tensor fewer at a time.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -52,8 +56,13 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         h = self.norm(x)
-        # [B, C, H, W] -> [B, 1, H*W, C]: one head of width C.
+        # [B, C, H, W] -> [B, 1, H*W, C]: one head of width C. On a GPU (and on meta, which stands for one)
+        # made contiguous, so that the last dimension has stride 1: CUDA's fused kernels need it, and without
+        # them the whole (H*W)^2 score matrix is built. The CPU's kernel takes the strides as they are, and a
+        # copy there would only move the last bit of some results (and the pinned pixels of the tests).
         q, k, v = (proj(h).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
+        if h.device.type != "cpu":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         h = attention(q, k, v)[:, 0]
         h = h.transpose(1, 2).reshape(batch, channels, height, width).contiguous()  # NCHW for the conv
         return x + self.proj_out(h)
@@ -78,16 +87,17 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-def _mid(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
-    return mid
+class MidBlock(nn.Module):
+    """ResNet block, attention, ResNet block at the lowest resolution (CompVis' ``mid``)."""
 
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
 
-def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
 
 
 def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -119,7 +129,7 @@ class Encoder(nn.Module):
                 down.downsample = Downsample(block_in)
                 resolution //= 2
             self.down.append(down)
-        self.mid = _mid(block_in)
+        self.mid = MidBlock(block_in)
         self.norm_out = normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
@@ -129,7 +139,7 @@ class Encoder(nn.Module):
             h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = _run_mid(self.mid, h)
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -140,7 +150,7 @@ class Decoder(nn.Module):
         block_in = cfg.ch * cfg.ch_mult[-1]
         resolution = cfg.resolution // 2 ** (levels - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in)
+        self.mid = MidBlock(block_in)
         self.up = nn.ModuleList()
         for level in reversed(range(levels)):
             block_out = cfg.ch * cfg.ch_mult[level]
@@ -159,13 +169,28 @@ class Decoder(nn.Module):
         self.norm_out = normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
-        for level in reversed(self.up):
-            h = _run_level(level, h)
+    def parts(self) -> list[tuple[str, nn.Module]]:
+        """The parts :meth:`forward` hands to its hook, in the order it runs them (CompVis attribute paths)."""
+        parts: list[tuple[str, nn.Module]] = [("conv_in", self.conv_in), ("mid", self.mid)]
+        for i in reversed(range(len(self.up))):
+            level = self.up[i]
+            for j, block in enumerate(level.block):
+                parts.append((f"up.{i}.block.{j}", block))
+                if len(level.attn):
+                    parts.append((f"up.{i}.attn.{j}", level.attn[j]))
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                parts.append((f"up.{i}.upsample", level.upsample))
+        return parts + [("norm_out", self.norm_out), ("conv_out", self.conv_out)]
+
+    def forward(self, z: torch.Tensor, hook: PartHook = call_part) -> torch.Tensor:
+        # Block by block, ``h`` rebound after each: a level's input (the full-resolution 256-channel tensor
+        # from the upsampling before the last level) is freed once its first block has read it.
+        h = z
+        for name, module in self.parts():
+            h = hook(name, module, h)
+            if name == "norm_out":
+                h = F.silu(h, inplace=True)
+        return h
 
 
 class DiagonalGaussian:
@@ -197,5 +222,15 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.dtype))))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+    def decode(self, z: torch.Tensor, hook: PartHook = call_part) -> torch.Tensor:
+        """Unscaled latents -> images; ``hook`` runs each of the decoder's parts (see :meth:`decoder_parts`)."""
+        z = hook("post_quant_conv", self.post_quant_conv, z.to(self.dtype))
+        return self.decoder(z, lambda name, module, *args: hook("decoder." + name, module, *args))
+
+    def decoder_parts(self) -> list[tuple[str, nn.Module]]:
+        """What :meth:`decode` runs, in order, under the names it gives its hook."""
+        return [("post_quant_conv", self.post_quant_conv)] + [("decoder." + n, m) for n, m in self.decoder.parts()]
+
+    def fp32_copy(self, device: torch.device) -> "AutoencoderKL":
+        """A float32 copy of the whole model on ``device`` (the fp16 overflow retry)."""
+        return copy.deepcopy(self).to(device=device, dtype=torch.float32)

@@ -1,16 +1,27 @@
-"""Build the three SD v1 models from a CompVis-layout checkpoint, strictly.
+"""Build the three SD v1 models from a checkpoint file or a diffusers folder, strictly.
 
-A checkpoint is split by prefix: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
-``cond_stage_model.transformer.*`` (CLIP text), plus the DDPM schedule buffers. Every key must land:
-missing, unexpected and mis-shaped keys are reported by name (CompVis loaded with ``strict=False``, and a
-broken file produced noise instead of an error). Models are built on the meta device and the file's
-tensors are assigned in the requested dtype one at a time, so no second full copy of the weights is held.
+Steps, each its own function:
+
+1. read the weights: a ``.ckpt`` / ``.safetensors`` (:func:`ldm.checkpoint_file.read_checkpoint`) or a
+   diffusers folder mapped to the CompVis layout in memory (:mod:`ldm.diffusers_layout`);
+2. decide what the file is from its keys and shapes (:mod:`ldm.checkpoint_kinds`) and refuse, in one line
+   that says what to do, an SD 2.x / SDXL model, a VAE, a LoRA, an inpainting model for a 4-channel config,
+   a file without VAE when no ``--vae`` is given;
+3. split the keys by prefix (:mod:`ldm.checkpoint_layout`): UNet, its EMA copy, VAE, text encoder, schedule
+   buffers; training leftovers are dropped, and keys that belong to none of the models are ignored with
+   one warning line that counts them;
+4. build each model on the meta device and assign the file's tensors in the run's dtype one at a time, so
+   no second full copy of the weights is held (a file already in that dtype stays memory-mapped). Missing,
+   unexpected and mis-shaped keys of a model are errors naming them (CompVis loaded with ``strict=False``,
+   and a broken file produced noise instead of an error);
+5. the noise schedule comes from the config, computed in float64 as diffusers and ComfyUI do; the file's
+   buffers are only compared with it (one warning line when they disagree beyond their dtype's rounding).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,21 +29,24 @@ from torch import nn
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.checkpoint_file import CheckpointError, read_checkpoint
+from ldm.checkpoint_kinds import inspect_checkpoint, refusal
+from ldm.checkpoint_layout import (
+    EMA_PREFIX,
+    SCHEDULE_BUFFERS,
+    TEXT_PREFIX,
+    TRAINING_LEFTOVER_KEYS,
+    UNET_PREFIX,
+    VAE_LOSS_PREFIX,
+    VAE_PREFIX,
+    ema_key,
+    is_unused_text_key,
+)
 from ldm.config import DEFAULT_CONFIG, ModelConfig, load_model_config
 from ldm.schedule import DiffusionSchedule
-from ldm.random_checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ddpm_schedule_buffers
 from ldm.text_encoder import CLIPTextEncoder, normalize_text_encoder_keys
 from ldm.unet import UNetModel
 
 log = logging.getLogger(__name__)
-
-EMA_PREFIX = "model_ema."
-SCHEDULE_KEYS = frozenset(ddpm_schedule_buffers(ModelConfig().schedule))
-# Keys real files carry that inference has no use for: EMA bookkeeping, the training loss (VAE
-# fine-tunes ship their discriminator), learned-logvar and conditioning-schedule leftovers.
-IGNORED_KEYS = frozenset({"model_ema.decay", "model_ema.num_updates", "logvar", "cond_ids", "scale_factor", "lvlb_weights"})
-IGNORED_PREFIXES = ("first_stage_model.loss.",)
-
 
 @dataclass
 class StableDiffusion:
@@ -41,22 +55,50 @@ class StableDiffusion:
     unet: UNetModel
     vae: AutoencoderKL
     text_encoder: CLIPTextEncoder
-    alphas_cumprod: torch.Tensor  # float64 [timesteps]
+    schedule: DiffusionSchedule
     scale_factor: float
     config: ModelConfig
     checkpoint_path: Path | None = None
     used_ema: bool = False
+    vae_path: Path | None = None  # the --vae file or folder, when the VAE did not come from the checkpoint
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """float64 [timesteps], from the config (see the module docstring)."""
+        return self.schedule.alphas_cumprod
 
 
-def _ema_key(unet_key: str) -> str:
-    """LitEma's name for a UNet weight: dots removed (``model_ema.diffusion_modelinput_blocks00weight``)."""
-    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+@dataclass
+class CheckpointParts:
+    """A flat CompVis state dict split by model; keys have their model's prefix stripped."""
+
+    unet: dict[str, torch.Tensor] = field(default_factory=dict)
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # LitEma names, "model_ema." stripped
+    vae: dict[str, torch.Tensor] = field(default_factory=dict)
+    text: dict[str, torch.Tensor] = field(default_factory=dict)
+    schedule_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)  # belong to no model: warned about, not loaded
 
 
-def _take_prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Remove and return the entries under ``prefix``, with the prefix stripped."""
-    keys = [k for k in state if k.startswith(prefix)]
-    return {k[len(prefix):]: state.pop(k) for k in keys}
+def split_checkpoint(state: dict[str, torch.Tensor]) -> CheckpointParts:
+    """Sort every key of a CompVis-layout state dict into :class:`CheckpointParts` (nothing is copied)."""
+    parts = CheckpointParts()
+    for key, value in state.items():
+        if key in SCHEDULE_BUFFERS:
+            parts.schedule_buffers[key] = value
+        elif key in TRAINING_LEFTOVER_KEYS or key.startswith(VAE_PREFIX + VAE_LOSS_PREFIX):
+            continue
+        elif key.startswith(UNET_PREFIX):
+            parts.unet[key[len(UNET_PREFIX):]] = value
+        elif key.startswith(EMA_PREFIX):
+            parts.ema[key[len(EMA_PREFIX):]] = value
+        elif key.startswith(VAE_PREFIX):
+            parts.vae[key[len(VAE_PREFIX):]] = value
+        elif key.startswith(TEXT_PREFIX) and not is_unused_text_key(key[len(TEXT_PREFIX):]):
+            parts.text[key[len(TEXT_PREFIX):]] = value
+        else:
+            parts.ignored.append(key)
+    return parts
 
 
 def _describe(names: list[str], limit: int = 5) -> str:
@@ -86,7 +128,7 @@ def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str,
     for key in list(weights):
         tensor = weights.pop(key)
         if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(dtype)  # no copy when the file is already in this dtype (stays memory-mapped)
         weights[key] = tensor
     module.load_state_dict(weights, strict=True, assign=True)
     for name, buffer in module.named_buffers():
@@ -102,32 +144,51 @@ def _rebuild_position_ids(text_encoder: nn.Module) -> None:
             module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand(ids.shape).clone()
 
 
-def split_checkpoint(state: dict[str, torch.Tensor], path: Path, use_ema: bool = False):
-    """Split a flat CompVis state dict into (unet, vae, text, alphas_cumprod or None, used_ema)."""
-    state = {
-        k: v
-        for k, v in state.items()
-        if k not in SCHEDULE_KEYS or k == "alphas_cumprod"
-        if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)
-    }
-    alphas_cumprod = state.pop("alphas_cumprod", None)
-    unet = _take_prefixed(state, UNET_PREFIX)
-    ema = _take_prefixed(state, EMA_PREFIX)
-    used_ema = False
-    if use_ema and ema:
-        ema_weights = {k: ema.get(_ema_key(k)[len(EMA_PREFIX):]) for k in unet}
-        absent = [k for k, v in ema_weights.items() if v is None]
-        if absent:
-            raise CheckpointError(f"{path}: EMA weights incomplete (no EMA copy of {_describe(absent)})")
-        unet, used_ema = ema_weights, True
-        log.info("using the checkpoint's EMA weights for the UNet")
-    vae = _take_prefixed(state, VAE_PREFIX)
-    text = _take_prefixed(state, TEXT_PREFIX)
-    if not unet:
-        raise CheckpointError(f"{path}: no UNet weights (model.diffusion_model.*): not an SD v1 checkpoint")
-    if state:
-        raise CheckpointError(f"{path}: unexpected {len(state)} keys ({_describe(sorted(state))})")
-    return unet, vae, text, alphas_cumprod, used_ema
+def choose_unet_weights(
+    parts: CheckpointParts, unet_keys: list[str], use_ema: bool, path: Path
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """The UNet's weights and whether they are LitEma's copy.
+
+    The plain weights unless ``use_ema`` and the file has an EMA copy; a file with only the EMA copy
+    is loaded with it either way, and says so.
+    """
+    if parts.unet and not (use_ema and parts.ema):
+        if use_ema:
+            log.info("%s has no EMA weights: using its plain UNet weights", path)
+        return parts.unet, False
+    ema = {key: parts.ema.get(ema_key(key)[len(EMA_PREFIX):]) for key in unet_keys}
+    absent = [key for key, value in ema.items() if value is None]
+    if absent:
+        raise CheckpointError(f"{path}: EMA weights incomplete (no EMA copy of {_describe(absent)})")
+    if parts.unet:
+        log.info("using the EMA weights of %s for the UNet", path)
+    else:
+        log.warning("%s holds only EMA weights for the UNet (model_ema.*): using them", path)
+    return ema, True
+
+
+def _schedule(cfg: ModelConfig, buffers: dict[str, torch.Tensor], path: Path) -> DiffusionSchedule:
+    """The config's schedule; a stored ``alphas_cumprod`` that is not the same up to rounding is reported."""
+    schedule = DiffusionSchedule.from_config(cfg.schedule)
+    stored = buffers.get("alphas_cumprod")
+    if stored is not None and not schedule.matches_buffer(stored):
+        log.warning(
+            "%s: its alphas_cumprod buffer differs from the schedule the config describes; "
+            "sampling with the config's (as diffusers and ComfyUI do)", path
+        )
+    return schedule
+
+
+def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's flat state dict, or a diffusers folder's weights in the CompVis layout."""
+    from ldm.diffusers_layout import is_diffusers_folder, read_diffusers_folder
+
+    if is_diffusers_folder(checkpoint):
+        return read_diffusers_folder(checkpoint)
+    if checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: a folder without model_index.json: --ckpt takes a checkpoint file "
+                              "or a diffusers model folder")
+    return read_checkpoint(checkpoint)
 
 
 def load_stable_diffusion(
@@ -135,40 +196,57 @@ def load_stable_diffusion(
     config: str | Path | ModelConfig = DEFAULT_CONFIG,
     dtype: torch.dtype = torch.float32,
     use_ema: bool = False,
+    vae: str | Path | None = None,
 ) -> StableDiffusion:
-    """Load an SD v1.x ``.ckpt`` / ``.safetensors`` into CPU modules of ``dtype``, in eval mode.
+    """Load an SD v1.x ``.ckpt`` / ``.safetensors`` file or diffusers folder into CPU modules of ``dtype``.
 
     ``use_ema``: take the UNet from the file's ``model_ema.*`` copy when it has one. Off by default:
     CompVis' scripts (``use_ema: False`` in v1-inference.yaml), diffusers' ``from_single_file`` and
     AUTOMATIC1111 all sample with the plain weights, so the same seed gives the same picture.
+    ``vae``: a VAE file or diffusers VAE folder used instead of the checkpoint's own
+    (:func:`ldm.vae_loading.read_vae_weights`). Raises :class:`CheckpointError` with a one-line message.
     """
     path = Path(checkpoint)
     cfg = config if isinstance(config, ModelConfig) else load_model_config(config)
-    unet_w, vae_w, text_w, alphas_cumprod, used_ema = split_checkpoint(read_checkpoint(path), path, use_ema)
+    state = read_model_weights(path)
+    reason = refusal(inspect_checkpoint(state), cfg.unet.in_channels, vae_given=vae is not None)
+    if reason:
+        raise CheckpointError(f"{path}: {reason}")
+    parts = split_checkpoint(state)
+    del state
+    if parts.ignored:
+        log.warning("%s: ignored %d keys that belong to none of the three models (%s)",
+                    path, len(parts.ignored), _describe(sorted(parts.ignored), 3))
+    vae_path = Path(vae) if vae is not None else None
+    if vae_path is not None:
+        from ldm.vae_loading import read_vae_weights
+
+        parts.vae = read_vae_weights(vae_path)
+        log.info("using the VAE of %s instead of the checkpoint's", vae_path)
 
     with torch.device("meta"):
-        unet, vae = UNetModel(cfg.unet), AutoencoderKL(cfg.vae)
-    _load_strict(unet, unet_w, "UNet", path, dtype)
-    _load_strict(vae, vae_w, "VAE", path, dtype)
+        unet = UNetModel(cfg.unet)
+    unet_weights, used_ema = choose_unet_weights(parts, list(unet.state_dict()), use_ema, path)
+    _load_strict(unet, unet_weights, "UNet", path, dtype)
+    with torch.device("meta"):
+        autoencoder = AutoencoderKL(cfg.vae)
+    _load_strict(autoencoder, parts.vae, "VAE", vae_path or path, dtype)
     with torch.device("meta"):
         text_encoder = CLIPTextEncoder(cfg.text)
     _rebuild_position_ids(text_encoder)
     expected = list(text_encoder.transformer.state_dict())
-    _load_strict(text_encoder.transformer, normalize_text_encoder_keys(text_w, expected), "text encoder", path, dtype)
+    _load_strict(text_encoder.transformer, normalize_text_encoder_keys(parts.text, expected), "text encoder", path, dtype)
 
-    if alphas_cumprod is None:
-        alphas_cumprod = DiffusionSchedule.from_config(cfg.schedule).alphas_cumprod
-    elif alphas_cumprod.shape != (cfg.schedule.timesteps,):
-        raise CheckpointError(f"{path}: alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, config says {cfg.schedule.timesteps} steps")
-    for module in (unet, vae, text_encoder):
+    for module in (unet, autoencoder, text_encoder):
         module.eval().requires_grad_(False)
     return StableDiffusion(
         unet=unet,
-        vae=vae,
+        vae=autoencoder,
         text_encoder=text_encoder,
-        alphas_cumprod=alphas_cumprod.to(torch.float64),
+        schedule=_schedule(cfg, parts.schedule_buffers, path),
         scale_factor=cfg.scale_factor,
         config=cfg,
         checkpoint_path=path,
         used_ema=used_ema,
+        vae_path=vae_path,
     )

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from ldm.autoencoder import AutoencoderKL
+from ldm.checkpoint_layout import SCHEDULE_BUFFERS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.config import ModelConfig, ScheduleConfig
 from ldm.schedule import make_betas
 from ldm.text_encoder import CLIPTextEncoder
 from ldm.unet import UNetModel
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
+__all__ = ["UNET_PREFIX", "VAE_PREFIX", "TEXT_PREFIX", "ddpm_schedule_buffers", "compvis_state_dict",
+           "random_state_dict", "save_checkpoint"]
 
 
 def ddpm_schedule_buffers(cfg: ScheduleConfig) -> dict[str, torch.Tensor]:
@@ -42,6 +42,7 @@ def ddpm_schedule_buffers(cfg: ScheduleConfig) -> dict[str, torch.Tensor]:
         "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
         "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
     }
+    assert tuple(buffers) == SCHEDULE_BUFFERS
     return {name: values.float() for name, values in buffers.items()}
 
 

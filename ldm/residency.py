@@ -11,19 +11,19 @@ Modes, fastest first:
 
 - ``full``: all three models stay on the device from their first use until :meth:`Residency.release`.
   Needs about 2.2 GB of weights in fp16 for SD v1 plus the working memory; no transfer after warm-up.
-- ``medium``: one model on the device at a time (the optimizedSD fork's ``--turbo``). A model stays
+- ``medium``: one model on the device at a time (the optimizedSD fork's ``--turbo``); of the VAE only the
+  half in use (decoder and ``post_quant_conv`` to decode, encoder and ``quant_conv`` to encode). A model stays
   until another is asked for, so the UNet is copied once per batch and kept for all its steps.
   Peak = the largest model (the UNet, 1.7 GB in fp16) + working memory; costs a UNet copy per batch.
-- ``low``: the text encoder and the VAE as in ``medium``; the UNet runs through :class:`StreamedUNet`,
-  which walks the UNet's parts in execution order (time embedding, input blocks, middle block, output
-  blocks, ``out``) at every step and copies each group of blocks in just before it runs. On CUDA the
-  next group is copied on a side stream from pinned memory while the current one computes. With a
-  budget (``budget_bytes``, the CLI's ``--vram_budget``), as many groups as fit stay on the device
-  for good and only the rest are streamed. Peak = budget (or, without one, the two largest of the 25
-  block groups: 0.35 GB of SD v1's 1.6 GB of fp16 UNet weights) + working memory; costs a copy of the
-  streamed part of the UNet at every step.
-- ``use("vae_encoder")`` (encoding an init image: img2img, inpainting): in medium and low mode only the VAE's
-  encoder half (34 of SD v1's 84 M VAE parameters) goes to the device; in full mode the whole VAE.
+- ``low``: the text encoder as in ``medium``; the UNet runs through :class:`StreamedUNet`, which runs
+  ``UNetModel.forward`` itself with a part hook (:mod:`ldm.streaming`) that copies each group of blocks
+  in just before it runs, at every step. On CUDA the next group is copied on a side stream from pinned
+  memory while the current one computes. With a budget (``budget_bytes``, the CLI's ``--vram_budget``),
+  as many groups as fit stay on the device for good and only the rest are streamed. Peak = budget (or,
+  without one, the two largest of the 25 block groups: 0.35 GB of SD v1's 1.6 GB of fp16 UNet weights)
+  + working memory; costs a copy of the streamed part of the UNet at every step. A decode
+  (``use("vae.decoder")``) streams the VAE's decoder level by level (:class:`StreamedVAE`): at the
+  full-resolution level, where the decode's activations peak, 2.4 MB of its 99 MB of weights are there.
 - ``auto`` (:func:`resolve_mode`): picks one of the above from the free device memory, the image size
   and the batch; on a CPU it is ``full`` (nothing to save).
 
@@ -49,14 +49,20 @@ import torch
 from torch import nn
 
 from ldm.out_of_memory import is_out_of_memory  # noqa: F401  (the one detector; re-exported for callers)
+from ldm.streaming import StreamedUNet, StreamedVAE, StreamPlan, decoder_group_layout, plan_streaming, unet_group_layout
+
+__all__ = ["MODES", "ModuleGroup", "Residency", "StreamPlan", "StreamedUNet", "StreamedVAE", "TransferEvent",
+           "VRAM_CHOICES", "auto_budget_bytes", "is_out_of_memory", "model_bytes", "next_lower_mode",
+           "pin_together", "plan_streaming", "resolve_mode", "streaming_window_bytes", "unet_group_layout",
+           "unet_parts", "working_bytes"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("full", "medium", "low")
 VRAM_CHOICES = ("auto",) + MODES
 MODEL_NAMES = ("text_encoder", "unet", "vae")
-VAE_ENCODER = "vae_encoder"  # use(VAE_ENCODER): only the VAE's encoder half on the device (img2img, inpainting)
-GRANULARITIES = ("blocks", "stages")
+# What ``Residency.use`` hands out: a model, or the VAE's half that a decode or an encode needs.
+USE_NAMES = MODEL_NAMES + ("vae.encoder", "vae.decoder")
 
 # SD v1 parameter counts (exact, tests/test_sd_v1_shapes.py), for estimates made before a model is loaded.
 SD_V1_PARAMETERS = {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863}
@@ -97,11 +103,11 @@ class ModuleGroup:
     at a fresh device copy, :meth:`offload` points it back at the home copy and drops the device one.
     """
 
-    def __init__(self, name: str, modules: list[nn.Module]):
+    def __init__(self, name: str, modules: list[nn.Module], home: str = "cpu"):
         self.name = name
         self.tensors = _tensors_of(modules)
         for tensor in self.tensors:
-            if tensor.device.type != "cpu":
+            if tensor.device.type != home:
                 raise ValueError(f"{name}: models must be on the CPU when handed to Residency (found {tensor.device})")
         self.refresh_home()
         self.on_device = False
@@ -132,8 +138,8 @@ class ModuleGroup:
                     tensor.data = home.to(device, non_blocking=True)
                 self.ready = torch.cuda.Event()
                 self.ready.record(stream)
-        elif device.type == "cpu":
-            if copy:  # a stand-in device for tests: a real, separate copy
+        elif device.type in ("cpu", "meta"):
+            if copy:  # a stand-in device (CPU for tests, meta for the VRAM ledger): a real, separate copy
                 for tensor, home in zip(self.tensors, self.home):
                     tensor.data = home.clone()
         else:
@@ -198,199 +204,34 @@ def pin_together(
 
 def unet_parts(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """The UNet's parts in the order ``UNetModel.forward`` runs them (CompVis attribute paths)."""
-    parts: list[tuple[str, nn.Module]] = [("time_embed", unet.time_embed)]
-    parts += [(f"input_blocks.{i}", block) for i, block in enumerate(unet.input_blocks)]
-    parts.append(("middle_block", unet.middle_block))
-    parts += [(f"output_blocks.{i}", block) for i, block in enumerate(unet.output_blocks)]
-    parts.append(("out", unet.out))
-    return parts
+    return unet.parts()
 
 
-def unet_group_layout(unet: nn.Module, granularity: str = "blocks") -> list[list[str]]:
-    """Part names per streamed group, in execution order.
-
-    ``stages``: three groups (time embedding + input blocks, middle block, output blocks + ``out``).
-    ``blocks``: one group per block; the small time embedding rides with ``input_blocks.0`` and ``out``
-    with the last output block (25 groups for SD v1).
-    """
-    names = [name for name, _ in unet_parts(unet)]
-    if granularity == "stages":
-        return [
-            [n for n in names if n == "time_embed" or n.startswith("input_blocks.")],
-            ["middle_block"],
-            [n for n in names if n.startswith("output_blocks.") or n == "out"],
-        ]
-    if granularity == "blocks":
-        groups = [[n] for n in names[1:-1]]
-        groups[0].insert(0, "time_embed")
-        groups[-1].append("out")
-        return groups
-    raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+# The whole-model groups each name of ``Residency.use`` needs on the device.
+_NEEDS = {
+    "text_encoder": ("text_encoder",), "unet": ("unet",), "vae": ("vae.encoder", "vae.decoder"),
+    "vae.encoder": ("vae.encoder",), "vae.decoder": ("vae.decoder",),
+}
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """Which UNet groups stay on the device (``resident``), whether the next group is prefetched, and the
-    most UNet weight bytes on the device at once (resident groups + the streaming window)."""
-
-    resident: frozenset[int]
-    prefetch: bool
-    limit_bytes: int
-
-
-def plan_streaming(sizes: list[int], budget_bytes: int | None) -> StreamPlan:
-    """Fit the groups (byte ``sizes`` in execution order) into ``budget_bytes`` of device memory.
-
-    Streaming needs the running group and the next one at once (the two largest groups bound that);
-    what the budget leaves beyond this window goes to groups kept resident for good, largest first,
-    since each of those saves its copy at every step. ``None`` means the least memory: stream all.
-    """
-    if not sizes:
-        raise ValueError("nothing to stream")
-    total = sum(sizes)
-    largest = sorted(sizes, reverse=True)
-    window = largest[0] + (largest[1] if len(largest) > 1 else 0)
-    if budget_bytes is None:
-        return StreamPlan(frozenset(), True, window)
-    if budget_bytes >= total:
-        return StreamPlan(frozenset(range(len(sizes))), False, total)
-    if budget_bytes < largest[0]:
-        raise ValueError(
-            f"vram budget {budget_bytes / 2**30:.2f} GB is smaller than the largest UNet group "
-            f"({largest[0] / 2**30:.2f} GB); raise it or leave it unset"
-        )
-    prefetch = budget_bytes >= window
-    room = budget_bytes - (window if prefetch else largest[0])
-    resident = set()
-    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        if sizes[index] <= room:
-            resident.add(index)
-            room -= sizes[index]
-    return StreamPlan(frozenset(resident), prefetch, budget_bytes - room)
-
-
-class StreamedUNet:
-    """``unet(x, t, context) -> eps`` with the UNet's weights streamed to the device group by group.
-
-    Replicates ``UNetModel.forward``'s dataflow over its parts (time embedding, input blocks with their
-    skips, middle block, output blocks concatenating the skips, ``out``). Entering a group: onload it
-    unless a prefetch already did (then wait for that copy). Once its first part's kernels are queued:
-    start copying the next streamed group (wrapping to the next step) if it fits the plan's memory limit,
-    after waiting for the GPU to finish the previously offloaded group. Leaving a group's last part:
-    offload it unless the plan keeps it resident.
-    """
-
-    def __init__(self, residency: Residency, unet: nn.Module, groups: list[ModuleGroup], layout: list[list[str]], plan: StreamPlan):
-        self.residency = residency
-        self.unet = unet
-        self.groups = groups
-        self.plan = plan
-        self.modules = dict(unet_parts(unet))
-        self.first_part = {names[0]: index for index, names in enumerate(layout)}
-        self.last_part = {names[-1]: index for index, names in enumerate(layout)}
-        self.streamed = [i for i in range(len(groups)) if i not in plan.resident]
-        self._last_offload_done: torch.cuda.Event | None = None  # compute-stream point after the last offload
-        # The streamed group to prefetch when group i starts: the next streamed one in execution order.
-        self.next_streamed = {
-            i: next((j for j in self.streamed if j > i), self.streamed[0] if self.streamed else None)
-            for i in range(len(groups))
-        }
-
-    def _on_device_bytes(self) -> int:
-        return sum(group.nbytes for group in self.groups if group.on_device)
-
-    def _enter(self, part: str) -> nn.Module:
-        index = self.first_part.get(part)
-        if index is not None:
-            group = self.groups[index]
-            if not group.on_device:
-                self.residency._onload(group)
-            group.wait()
-        return self.modules[part]
-
-    def _prefetch_after(self, part: str) -> None:
-        """Once the kernels of a group's first part are queued, start copying the next streamed group."""
-        index = self.first_part.get(part)
-        if index is None or not self.plan.prefetch:
-            return
-        following = self.next_streamed[index]
-        if following is None or following == index:
-            return
-        nxt = self.groups[following]
-        if nxt.on_device or self._on_device_bytes() + nxt.nbytes > self.plan.limit_bytes:
-            return
-        # The host queues kernels far ahead of the GPU, and a streamed group's device memory is reusable only
-        # once the kernels reading it have run: without this wait every step would leave copies pending and
-        # the allocator would grow past the plan's window. The GPU still has this group's kernels queued.
-        if self._last_offload_done is not None:
-            self._last_offload_done.synchronize()
-            self._last_offload_done = None
-        self.residency._onload(nxt, side_stream=True)
-
-    def _leave(self, part: str) -> None:
-        index = self.last_part.get(part)
-        if index is not None and index not in self.plan.resident:
-            self.residency._offload(self.groups[index])
-            device = self.residency.device
-            if device.type == "cuda":
-                self._last_offload_done = torch.cuda.Event()
-                self._last_offload_done.record(torch.cuda.current_stream(device))
-
-    def _run(self, part: str, fn: Callable[[nn.Module], list[torch.Tensor]]) -> list[torch.Tensor]:
-        module = self._enter(part)
-        result = fn(module)
-        self._prefetch_after(part)
-        self._leave(part)
-        return result
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """One UNet evaluation; ``chunk`` (the fork's ``--unet_bs``) runs each part on at most that many
-        latents at a time, all chunks through a group before the next group comes: one pass of weights per
-        call whatever the chunk, where calling the UNet once per chunk would stream it once per chunk. The
-        chunks' skip connections are all alive at once (about 17 MB per 512 px latent in fp16); what a
-        chunk bounds is the attention and feed-forward memory of each block."""
-        from ldm.unet import timestep_embedding
-
-        unet = self.unet
-        dtype = unet.out[2].weight.dtype
-        if not x.shape[0] == timesteps.shape[0] == context.shape[0]:
-            raise ValueError(f"batch sizes differ: x {x.shape[0]}, timesteps {timesteps.shape[0]}, context {context.shape[0]}")
-        size = chunk or x.shape[0]
-        pieces = [slice(i, i + size) for i in range(0, x.shape[0], size)]
-        t_emb = [timestep_embedding(timesteps[p], unet.model_channels).to(dtype) for p in pieces]
-        emb = self._run("time_embed", lambda m: [m(e) for e in t_emb])
-        h = [x[p].to(dtype) for p in pieces]
-        ctx = [context[p].to(dtype) for p in pieces]
-        skips = []
-        for i in range(len(unet.input_blocks)):
-            h = self._run(f"input_blocks.{i}", lambda m: [m(*args) for args in zip(h, emb, ctx)])
-            skips.append(h)
-        h = self._run("middle_block", lambda m: [m(*args) for args in zip(h, emb, ctx)])
-        for i in range(len(unet.output_blocks)):
-            skip = skips.pop()
-            h = self._run(
-                f"output_blocks.{i}",
-                lambda m: [m(torch.cat([hc, sc], dim=1), ec, cc) for hc, sc, ec, cc in zip(h, skip, emb, ctx)],
-            )
-        return torch.cat(self._run("out", lambda m: [m(hc) for hc in h])).to(x.dtype)
-
-    def release(self) -> None:
-        """Offload the streamed groups (a prefetched one included); resident groups stay."""
-        for index in self.streamed:
-            if self.groups[index].on_device:
-                self.residency._offload(self.groups[index])
-        self._last_offload_done = None
+def _check_covered(model: nn.Module, groups: list[ModuleGroup], what: str) -> None:
+    covered = {id(t) for group in groups for t in group.tensors}
+    stray = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if id(t) not in covered]
+    if stray:
+        raise ValueError(f"{what} tensors outside the streamed parts: {', '.join(stray[:5])}")
 
 
 class Residency:
     """Keeps ``sd``'s three models on the CPU and puts each on ``device`` only while it runs.
 
-    ``with residency.use(name) as model:`` yields the module on the device (for "unet" in low mode, a
-    :class:`StreamedUNet`); :meth:`release` leaves nothing on the device. ``budget_bytes`` (low mode)
-    is the UNet weight memory allowed on the device at once. ``track_cpu_copies`` makes onloads to a
-    CPU device real copies (a stand-in device for tests); otherwise a CPU device moves nothing. ``pin``
-    (default: on CUDA) puts the CPU copies in pinned memory once the mode is medium or low.
+    ``with residency.use(name) as model:`` yields the module on the device; ``name`` is a model, or
+    ``"vae.decoder"`` / ``"vae.encoder"`` for the half of the VAE a decode / an encode needs (the VAE
+    module, with only that half on the device). In low mode "unet" yields a :class:`StreamedUNet` and
+    "vae.decoder" a :class:`StreamedVAE`. :meth:`release` leaves nothing on the device. ``budget_bytes``
+    (low mode) is the UNet weight memory allowed on the device at once. ``track_cpu_copies`` makes
+    onloads to a CPU or meta device real copies (a stand-in device for tests and the VRAM ledger);
+    otherwise a CPU device moves nothing. ``pin`` (default: on CUDA) puts the CPU copies in pinned
+    memory once the mode is medium or low.
     """
 
     def __init__(
@@ -400,7 +241,6 @@ class Residency:
         mode: str = "full",
         budget_bytes: int | None = None,
         *,
-        granularity: str = "blocks",
         on_transfer: Callable[[TransferEvent], None] | None = None,
         track_cpu_copies: bool = False,
         pin: bool | None = None,
@@ -414,25 +254,32 @@ class Residency:
         # Pinned homes pay off only where weights move during a run (medium, low): pinned lazily.
         self.pin = self.device.type == "cuda" if pin is None else pin
         self.pinned_bytes = 0
-        self.whole = {name: ModuleGroup(name, [model]) for name, model in self.models.items()}
-        # Encoding an image needs no decoder weights: outside full mode the encoder half moves on its own.
-        self.whole[VAE_ENCODER] = ModuleGroup(VAE_ENCODER, [sd.vae.encoder, sd.vae.quant_conv])
-        self.layout = unet_group_layout(sd.unet, granularity)
-        parts = dict(unet_parts(sd.unet))
-        self.unet_groups = [
-            ModuleGroup("unet." + "+".join(names), [parts[n] for n in names]) for names in self.layout
-        ]
-        covered = {id(t) for group in self.unet_groups for t in group.tensors}
-        stray = [n for n, t in list(sd.unet.named_parameters()) + list(sd.unet.named_buffers()) if id(t) not in covered]
-        if stray:
-            raise ValueError(f"UNet tensors outside the streamed parts: {', '.join(stray[:5])}")
+        # Weights live on the CPU; a simulated run (the VRAM ledger, compute device meta) keeps them on meta.
+        home = "meta" if self.device.type == "meta" else "cpu"
+        vae = sd.vae
+        self.whole = {
+            "text_encoder": ModuleGroup("text_encoder", [sd.text_encoder], home),
+            "unet": ModuleGroup("unet", [sd.unet], home),
+            "vae.encoder": ModuleGroup("vae.encoder", [vae.encoder, vae.quant_conv], home),
+            "vae.decoder": ModuleGroup("vae.decoder", [vae.decoder, vae.post_quant_conv], home),
+        }
+        _check_covered(vae, [self.whole["vae.encoder"], self.whole["vae.decoder"]], "VAE")
+        self.layout = unet_group_layout(sd.unet)
+        self.unet_groups = self._streamed_groups("unet.", dict(unet_parts(sd.unet)), self.layout, home)
+        _check_covered(sd.unet, self.unet_groups, "UNet")
+        self.decoder_layout = decoder_group_layout(vae)
+        self.decoder_groups = self._streamed_groups("vae.", dict(vae.decoder_parts()), self.decoder_layout, home)
+        _check_covered(vae, self.decoder_groups + [self.whole["vae.encoder"]], "VAE")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._streamed: StreamedUNet | None = None
         self.resident_bytes = 0
-        self.peak_resident_bytes = 0
         self.mode = ""
         self.budget_bytes: int | None = None
         self.set_mode(mode, budget_bytes)
+
+    @staticmethod
+    def _streamed_groups(prefix: str, parts: dict[str, nn.Module], layout: list[list[str]], home: str) -> list[ModuleGroup]:
+        return [ModuleGroup(prefix + "+".join(names), [parts[n] for n in names], home) for names in layout]
 
     # -- modes ------------------------------------------------------------------------------------------
     def set_mode(self, mode: str, budget_bytes: int | None = None) -> None:
@@ -470,7 +317,7 @@ class Residency:
     def _pin_homes(self) -> None:
         """All three models' CPU copies into pinned slabs (everything is offloaded when this runs). Where
         the host cannot pin that much, the copies stay pageable: slower, synchronous copies, same results."""
-        groups = list(self.whole.values()) + self.unet_groups
+        groups = self.groups()
         for group in groups:
             group.home = []  # hold no reference to the old storage, so it is freed as each tensor moves
         try:
@@ -492,7 +339,6 @@ class Residency:
     def _onload(self, group: ModuleGroup, side_stream: bool = False) -> None:
         group.onload(self.device, self.track_cpu_copies, self._copy_stream if side_stream else None)
         self.resident_bytes += group.nbytes
-        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         self._report("onload", group)
 
     def _offload(self, group: ModuleGroup) -> None:
@@ -500,57 +346,64 @@ class Residency:
         self.resident_bytes -= group.nbytes
         self._report("offload", group)
 
-    def _evict_except(self, keep: str) -> None:
-        for name, group in self.whole.items():
-            if name != keep and group.on_device:
+    def _evict_except(self, name: str) -> None:
+        for key, group in self.whole.items():
+            if key not in _NEEDS[name] and group.on_device:
                 self._offload(group)
-        if keep != "unet":
-            self._release_unet_groups()
-
-    def _release_unet_groups(self) -> None:
-        self._streamed = None
-        for group in self.unet_groups:
-            if group.on_device:
+        if name != "unet":
+            self._streamed = None
+        for group in self.unet_groups + self.decoder_groups:
+            if group.on_device and not (name == "unet" and group in self.unet_groups):
                 self._offload(group)
 
     # -- public -----------------------------------------------------------------------------------------
     @contextmanager
-    def use(self, name: str) -> Iterator[nn.Module | StreamedUNet]:
-        """The model ``name`` ready to run on the device for the ``with`` block. ``"vae_encoder"`` yields the
-        VAE with only its encoder on the device (call only ``encode``); in full mode, the whole VAE."""
-        if name not in self.models and name != VAE_ENCODER:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES + (VAE_ENCODER,))}")
-        if name == VAE_ENCODER and self.mode == "full":
-            name = "vae"  # full mode keeps the whole VAE anyway; its groups must not overlap on the device
+    def use(self, name: str) -> Iterator[nn.Module | StreamedUNet | StreamedVAE]:
+        """The model ``name`` (or the VAE half it names) ready to run on the device for the ``with`` block."""
+        if name not in _NEEDS:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(USE_NAMES)}")
         if self.mode != "full":
             self._evict_except(name)
-        if name == "unet" and self.mode == "low":
+        streamed = self._streamer(name) if self.mode == "low" else None
+        if streamed is not None:
+            try:
+                yield streamed
+            finally:
+                streamed.release()
+            return
+        for key in _NEEDS[name]:
+            if not self.whole[key].on_device:
+                self._onload(self.whole[key])
+        yield self.models[name.split(".")[0]]
+
+    def _streamer(self, name: str) -> StreamedUNet | StreamedVAE | None:
+        """Low mode: what streams ``name`` (the UNet, or the VAE's decoder for a decode); None for the rest."""
+        if name == "unet":
             if self._streamed is None:
                 self._streamed = StreamedUNet(self, self.models["unet"], self.unet_groups, self.layout, self.plan)
-            try:
-                yield self._streamed
-            finally:
-                self._streamed.release()
-            return
-        group = self.whole[name]
-        if not group.on_device:
-            self._onload(group)
-        yield self.models["vae" if name == VAE_ENCODER else name]
+            return self._streamed
+        if name == "vae.decoder":
+            return StreamedVAE(self, self.models["vae"], self.decoder_groups, self.decoder_layout)
+        return None
 
     def release(self) -> None:
         """Offload everything: no weight of any model is left on the device."""
-        for group in self.whole.values():
+        for group in self.groups():
             if group.on_device:
                 self._offload(group)
-        self._release_unet_groups()
+        self._streamed = None
         if self.device.type == "cuda":  # no copy or kernel still reading or writing what was just dropped
             torch.cuda.current_stream(self.device).synchronize()
             self._copy_stream.synchronize()
 
+    def groups(self) -> list[ModuleGroup]:
+        """Every group whose weights this manager moves (whole models, the UNet's and the decoder's
+        streamed groups)."""
+        return list(self.whole.values()) + self.unet_groups + self.decoder_groups
+
     def on_device(self) -> list[str]:
         """Names of the groups whose weights are on the device now."""
-        groups = list(self.whole.values()) + self.unet_groups
-        return [group.name for group in groups if group.on_device]
+        return [group.name for group in self.groups() if group.on_device]
 
 
 # -- choosing a mode ----------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ One object, :class:`DiffusionSchedule`, holds ``alphas_cumprod`` (float64) and d
 
 * **betas** as CompVis ``make_beta_schedule`` builds them (``"linear"`` is
   ``linspace(sqrt(start), sqrt(end), T) ** 2`` in float64, which diffusers calls ``scaled_linear``).
-  A checkpoint carries its own ``alphas_cumprod`` buffer; :meth:`DiffusionSchedule.from_alphas_cumprod`
-  takes it as is, so sampling uses exactly what the model was trained with.
+  The schedule is computed from the config in float64 (:meth:`DiffusionSchedule.from_config`), as diffusers
+  and ComfyUI do; the ``alphas_cumprod`` buffer a checkpoint carries is only compared with it
+  (:meth:`DiffusionSchedule.matches_buffer`): fp16 and bf16 files store it rounded (bf16 rounds
+  ``alphas_cumprod[0] = 0.99915`` to 1.0), and sampling from the rounded copy changes the image.
 * **DDIM timesteps** (the grid of the ``ddim`` and ``plms`` samplers), as CompVis
   ``make_ddim_timesteps(ddim_discr_method="uniform")``: ``range(0, T, T // K) + 1``. We follow CompVis and
   not diffusers because ``ddim``/``plms`` are CompVis' sampler names and their output is the reference.
@@ -73,10 +75,18 @@ class DiffusionSchedule:
         betas = make_betas(cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end)
         return cls(torch.cumprod(1 - betas, dim=0))
 
-    @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "DiffusionSchedule":
-        """The schedule stored in a checkpoint's ``alphas_cumprod`` buffer (float32 there; kept as float64 here)."""
-        return cls(alphas_cumprod)
+    def matches_buffer(self, buffer: Tensor) -> bool:
+        """Whether a checkpoint's stored ``alphas_cumprod`` is this schedule up to the rounding of its dtype.
+
+        Both sides are rounded to the buffer's dtype and may then differ by one unit in the last place
+        (CompVis stores float32 computed in float64; converters cast that again to fp16 or bf16).
+        """
+        if buffer.shape != self.alphas_cumprod.shape or not buffer.is_floating_point():
+            return False
+        stored = buffer.detach().to(device="cpu", dtype=torch.float64)
+        expected = self.alphas_cumprod.to(buffer.dtype).to(torch.float64)
+        ulp = torch.finfo(buffer.dtype).eps * expected.abs()
+        return bool(((stored - expected).abs() <= ulp).all())
 
     @property
     def num_timesteps(self) -> int:

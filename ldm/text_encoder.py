@@ -12,6 +12,12 @@ The conditioning is ``last_hidden_state`` (after ``final_layer_norm``) for promp
 as SD v1 was trained (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision"; Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
 
+Prompts longer than 75 tokens: :meth:`CLIPTextEncoder.encode_chunks` encodes 77-token chunks
+(:mod:`ldm.token_chunks`, cut as AUTOMATIC1111's webui cuts them), each on its own, with per-token emphasis
+weights applied to the hidden states and each chunk's mean restored (:func:`apply_emphasis`), textual-inversion
+vectors placed at the token embedding, and the webui's "clip skip" (the N-th last layer's output through
+``final_layer_norm``). A prompt of at most 75 tokens without weights gives exactly :meth:`encode`'s result.
+
 Checkpoint keys: SD v1 files store the text model under ``cond_stage_model.transformer.text_model.*``
 (some merged files leave out ``text_model.``, many carry ``embeddings.position_ids``). The loader strips
 ``cond_stage_model.transformer.`` and passes the rest through :func:`normalize_text_encoder_keys`.
@@ -19,13 +25,14 @@ Checkpoint keys: SD v1 files store the text model under ``cond_stage_model.trans
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import ftfy
 import regex
@@ -34,13 +41,15 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.config import ConfigError, TextEncoderConfig
+from ldm.token_chunks import FindEmbedding, Fragment, TokenChunk, build_chunks
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "models" / "tokenizer"
 START_TOKEN_ID = 49406  # <|startoftext|>
 END_TOKEN_ID = 49407  # <|endoftext|>; also SD v1's padding id
 TEXT_MODEL_PREFIX = "text_model."
+PlacedVectors = tuple[int, int, torch.Tensor]  # (batch row, token offset, vectors [n, D])
 
 _WHITESPACE = regex.compile(r"\s+")
 
@@ -86,7 +95,11 @@ def _load_tokenizer(tokenizer_dir: str, max_length: int) -> CLIPTokenizer:
     return tokenizer
 
 
-def _text_config(config: TextEncoderConfig) -> CLIPTextConfig:
+def clip_text_config(config: TextEncoderConfig) -> CLIPTextConfig:
+    """The ``transformers.CLIPTextConfig`` of ``config``: the one place this project builds one.
+
+    Start, end and padding ids are CLIP's (``<|endoftext|>`` pads, as SD v1 was trained).
+    """
     return CLIPTextConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -106,10 +119,10 @@ def _text_config(config: TextEncoderConfig) -> CLIPTextConfig:
 @functools.lru_cache(maxsize=1)
 def _installed_clip_keys() -> frozenset[str]:
     """State-dict keys of a 1-layer ``CLIPTextModel`` in the installed transformers (the key layout)."""
-    tiny = CLIPTextConfig(vocab_size=8, hidden_size=4, intermediate_size=4, num_hidden_layers=1,
-                          num_attention_heads=1, max_position_embeddings=4, projection_dim=4,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return frozenset(CLIPTextModel(tiny).state_dict())
+    tiny = TextEncoderConfig(hidden_size=4, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
+                             projection_dim=4)
+    with torch.device("meta"):
+        return frozenset(CLIPTextModel(clip_text_config(tiny)).state_dict())
 
 
 def normalize_text_encoder_keys(
@@ -161,7 +174,8 @@ class CLIPTextEncoder(nn.Module):
             raise ConfigError(
                 f"text encoder vocab_size {config.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)}"
             )
-        self.transformer = CLIPTextModel(_text_config(config))
+        self.comma_id: int | None = self.tokenizer.get_vocab().get(",</w>")
+        self.transformer = CLIPTextModel(clip_text_config(config))
         self.eval()
         self.requires_grad_(False)
 
@@ -182,14 +196,102 @@ class CLIPTextEncoder(nn.Module):
         )
         return batch["input_ids"].long()
 
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """``last_hidden_state`` (after the final layer norm) for ``token_ids`` ``[B, L]``, L <= 77."""
+    def tokenize_fragment(self, text: str) -> list[int]:
+        """BPE ids of ``text`` (cleaned as :func:`clean_prompt`), without start/end tokens, not truncated."""
+        return list(self.tokenizer(clean_prompt(text), add_special_tokens=False, truncation=False,
+                                   verbose=False)["input_ids"])
+
+    def chunk_prompt(self, fragments: Sequence[Fragment], find_embedding: FindEmbedding | None = None) -> list[TokenChunk]:
+        """A prompt's weighted fragments as 77-token chunks (:mod:`ldm.token_chunks`, the webui's cutting)."""
+        tokenized = [(f, [] if f.breaks_chunk else self.tokenize_fragment(f.text)) for f in fragments]
+        return build_chunks(tokenized, start_id=START_TOKEN_ID, end_id=END_TOKEN_ID, comma_id=self.comma_id,
+                            find_embedding=find_embedding)
+
+    def forward(
+        self, token_ids: torch.Tensor, clip_skip: int = 1, embeddings: Sequence[PlacedVectors] = ()
+    ) -> torch.Tensor:
+        """Hidden states ``[B, L, D]`` for ``token_ids`` ``[B, L]``, L <= 77.
+
+        ``clip_skip`` 1 is ``last_hidden_state``; N > 1 is the output of the N-th layer from the end put
+        through ``final_layer_norm`` (the webui's "Clip skip"; ``hidden_states[-N]``). ``embeddings``:
+        ``(row, offset, vectors [n, D])`` written over the token embeddings of ``row`` from ``offset``
+        (textual inversion), before the position embeddings are added.
+        """
         if token_ids.dim() != 2 or token_ids.shape[1] > self.max_length:
             raise ValueError(f"token_ids must be [batch, <= {self.max_length}], got {tuple(token_ids.shape)}")
-        return self.transformer(input_ids=token_ids).last_hidden_state
+        layers = self.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip must be between 1 and {layers} (the text encoder's layers), got {clip_skip}")
+        with self._vectors_placed(embeddings):
+            if clip_skip == 1:
+                return self.transformer(input_ids=token_ids).last_hidden_state
+            hidden = self.transformer(input_ids=token_ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return self._final_layer_norm(hidden)
+
+    @property
+    def _final_layer_norm(self) -> nn.Module:
+        # transformers < 5.6 nests the layers under .text_model
+        return getattr(self.transformer, "text_model", self.transformer).final_layer_norm
+
+    @contextlib.contextmanager
+    def _vectors_placed(self, embeddings: Sequence[PlacedVectors]) -> Iterator[None]:
+        """A forward hook on the token embedding that overwrites the given rows (the webui's EmbeddingsWithFixes)."""
+        if not embeddings:
+            yield
+            return
+
+        def place(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            output = output.clone()
+            for row, offset, vectors in embeddings:
+                output[row, offset : offset + vectors.shape[0]] = vectors.to(output)
+            return output
+
+        handle = self.transformer.get_input_embeddings().register_forward_hook(place)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Tokenize ``prompts`` and encode them on the module's device: ``[B, 77, hidden]``."""
         device = self.transformer.get_input_embeddings().weight.device
         return self(self.tokenize(prompts).to(device))
+
+    @torch.no_grad()
+    def encode_chunks(self, chunks: Sequence[TokenChunk], clip_skip: int = 1) -> torch.Tensor:
+        """``[len(chunks), 77, D]``: the chunks in one batch, embeddings placed, emphasis applied."""
+        device = self.transformer.get_input_embeddings().weight.device
+        ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long, device=device)
+        placed = [(row, offset, emb.vectors) for row, chunk in enumerate(chunks) for offset, emb in chunk.embeddings]
+        hidden = self(ids, clip_skip, placed)
+        return apply_emphasis(hidden, [chunk.weights for chunk in chunks])
+
+    @torch.no_grad()
+    def encode_prompt(
+        self, fragments: Sequence[Fragment], clip_skip: int = 1, find_embedding: FindEmbedding | None = None
+    ) -> torch.Tensor:
+        """One prompt of any length: ``[77 * chunks, D]``, the chunks' encodings concatenated."""
+        encoded = self.encode_chunks(self.chunk_prompt(fragments, find_embedding), clip_skip)
+        return encoded.reshape(-1, encoded.shape[-1])
+
+
+def apply_emphasis(hidden: torch.Tensor, weights: Sequence[Sequence[float]]) -> torch.Tensor:
+    """The webui's "Original" emphasis on chunk encodings ``hidden`` ``[B, 77, D]``.
+
+    Each token's hidden state is multiplied by its weight, then the chunk is rescaled so that its mean
+    (over all 77 x D values) is the mean it had before (``sd_emphasis.EmphasisOriginal``). Computed in
+    float32. Chunks whose weights are all 1 are returned bit for bit.
+    """
+    emphasised = [any(w != 1.0 for w in row) for row in weights]  # on the host: no device read-back
+    if not any(emphasised):
+        return hidden
+    factors = torch.tensor(weights, dtype=torch.float32, device=hidden.device)
+    weighted = torch.tensor(emphasised, device=hidden.device)
+    rows = hidden[weighted].float()
+    original_mean = rows.mean(dim=(1, 2), keepdim=True)
+    rows = rows * factors[weighted].unsqueeze(-1)
+    rows = rows * (original_mean / rows.mean(dim=(1, 2), keepdim=True))
+    out = hidden.clone()
+    out[weighted] = rows.to(hidden.dtype)
+    return out

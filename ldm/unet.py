@@ -8,6 +8,7 @@ exactly, placeholder slots included, so ``model.diffusion_model.*`` keys load wi
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,16 @@ from torch import nn
 
 from ldm.attention import SpatialTransformer
 from ldm.config import UNetConfig
+
+
+PartHook = Callable[..., torch.Tensor]
+"""``hook(name, module, *args) -> module(*args)``: how a model's forward runs each of its named parts. The
+default, :func:`call_part`, just calls it; the low-VRAM streamer (:mod:`ldm.residency`) puts the part's
+weights on the device first. One forward, whoever drives it."""
+
+
+def call_part(name: str, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    return module(*args)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -148,18 +159,27 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
-    def time_embedding(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+    def parts(self) -> list[tuple[str, nn.Module]]:
+        """The parts :meth:`forward` hands to its hook, in the order it runs them (CompVis attribute paths)."""
+        parts: list[tuple[str, nn.Module]] = [("time_embed", self.time_embed)]
+        parts += [(f"input_blocks.{i}", block) for i, block in enumerate(self.input_blocks)]
+        parts.append(("middle_block", self.middle_block))
+        parts += [(f"output_blocks.{i}", block) for i, block in enumerate(self.output_blocks)]
+        parts.append(("out", self.out))
+        return parts
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, hook: PartHook = call_part
+    ) -> torch.Tensor:
+        """eps for noisy latents ``x`` at ``timesteps`` given the text ``context``; ``hook`` runs each part."""
         dtype = self.out[2].weight.dtype
-        emb = self.time_embedding(timesteps, dtype)
+        emb = hook("time_embed", self.time_embed, timestep_embedding(timesteps, self.model_channels).to(dtype))
         h, context = x.to(dtype), context.to(dtype)
         skips = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            h = hook(f"input_blocks.{i}", block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        h = hook("middle_block", self.middle_block, h, emb, context)
+        for i, block in enumerate(self.output_blocks):
+            h = hook(f"output_blocks.{i}", block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return hook("out", self.out, h).to(x.dtype)

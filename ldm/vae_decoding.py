@@ -17,12 +17,12 @@ latent it is identical.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 
 from ldm.autoencoder import AutoencoderKL
+from ldm.streaming import StreamedVAE
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +85,30 @@ def should_tile(height: int, width: int, requested: bool) -> bool:
     return requested or max(height, width) > AUTO_TILING_PIXELS
 
 
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool = False, tile: int = DEFAULT_TILE) -> torch.Tensor:
+def overflowed(images: torch.Tensor) -> bool:
+    """True if any value is inf or NaN. A ``meta`` tensor (the VRAM ledger's simulated run) has no values:
+    it counts as finite, the case of every run that does not overflow; the check's own memory is counted."""
+    finite = torch.isfinite(images).all()
+    return not finite.is_meta and not bool(finite)
+
+
+def decode_latents(vae: AutoencoderKL | StreamedVAE, latents: torch.Tensor, tiled: bool = False, tile: int = DEFAULT_TILE) -> torch.Tensor:
     """Unscaled ``latents`` -> images in [-1, 1] (tiled when asked, in tiles of ``tile`` latents); a
-    half-precision VAE that overflows is retried in fp32 (a temporary fp32 copy on the same device), so the
-    result is always finite."""
+    half-precision VAE that overflows is retried in fp32 (a temporary fp32 copy on the latents' device), so
+    the result is always finite. ``vae`` is the model, or low mode's :class:`StreamedVAE`."""
     if tiled:
         overlap = min(DEFAULT_OVERLAP, tile // 4)
 
         def decode(model, z):
             return decode_tiled(model, z, tile, overlap)
     else:
-        decode = AutoencoderKL.decode
+
+        def decode(model, z):
+            return model.decode(z)
+
     images = decode(vae, latents)
-    if vae.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(images).all():
+    if vae.dtype in (torch.float16, torch.bfloat16) and overflowed(images):
         log.warning("the %s VAE overflowed; decoding this image again in fp32", vae.dtype)
-        images = decode(copy.deepcopy(vae).float(), latents.float())
+        del images
+        images = decode(vae.fp32_copy(latents.device), latents.float())
     return images

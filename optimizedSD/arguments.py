@@ -9,6 +9,7 @@ here, before any model is loaded, and reported as a :class:`UsageError` (one lin
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 from pathlib import Path
@@ -18,12 +19,22 @@ import torch
 
 from ldm.config import DEFAULT_CONFIG
 from ldm.errors import UserError
+from ldm.lora import parse_lora_argument
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
+from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
+from ldm.textual_inversion import embedding_file_hashes
+from ldm.quantize import QUANTIZE_CHOICES
+from ldm.token_merging import MAX_RATIO
 from optimizedSD.request import IMG2IMG, INPAINT, TXT2IMG, GenerationRequest, MaskOptions
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_CONFIG_ARG = "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_LORA_DIR = "models/lora"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+DEFAULT_EMBEDDINGS_DIR = "models/embeddings"
+PROMPT_SYNTAXES = ("fork", "webui")
 VRAM_MODES = ("auto", "full", "medium", "low")
 SEED_MAX = 1_000_000  # the fork draws random seeds from [0, 1e6]
 SIZE_MULTIPLE = 64  # H and W must be multiples of this (the UNet halves 8x8-downsampled latents 3 times)
@@ -88,11 +99,18 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: fp16 weights on CUDA (fp32 elsewhere); full: fp32 everywhere")
     add("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: cuda, else mps, else cpu)")
-    add("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors)")
+    add("--ckpt", type=str, default=DEFAULT_CKPT,
+        help="the SD v1 checkpoint: a .ckpt / .safetensors file or a diffusers model folder (model_index.json)")
+    add("--vae", type=str, default=None, metavar="FILE",
+        help="a VAE to use instead of the checkpoint's: .ckpt / .pt / .safetensors, or a diffusers VAE folder")
     add("--use_ema", action="store_true",
         help="sample with the file's EMA weights (model_ema.*) when it has them; by default the plain weights, "
              "as CompVis, diffusers and AUTOMATIC1111 do")
     add("--config", type=str, default=None, help=f"model config (default {DEFAULT_CONFIG_ARG})")
+    add("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+        help="merge a LoRA / LoHa / LoKr file (kohya, webui or diffusers layout) at WEIGHT (default 1.0, may be "
+             "negative) into the weights after loading: no extra VRAM or time per step; repeatable")
+    add("--lora_dir", type=str, default=DEFAULT_LORA_DIR, metavar="DIR", help="where <lora:NAME> prompt tags are looked up")
     add("--format", type=str, choices=["png", "jpg"], default="png", help="output image format")
     add("--turbo", action="store_true", help="faster, about 1 GB more VRAM (the same as --vram medium)")
     add("--unet_bs", type=int, default=None,
@@ -112,6 +130,27 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles (large images in little memory; automatic above 1024 px)")
     add("--embedding_cache", type=str, default=None, metavar="DIR",
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
+    add("--prompt_syntax", type=str, choices=PROMPT_SYNTAXES, default="fork",
+        help="fork: 'a:0.3 b:0.7' weights sub-prompts; webui: AUTOMATIC1111's '(word:1.3)', '[word]', BREAK")
+    add("--clip_skip", type=int, default=1, metavar="N",
+        help="condition on the N-th last layer of the text encoder (1: the last; 2: the webui's 'Clip skip 2')")
+    add("--embeddings_dir", type=str, default=None, metavar="DIR",
+        help=f"textual-inversion embeddings (.pt, .bin, .safetensors), used in prompts by file name (default {DEFAULT_EMBEDDINGS_DIR})")
+    add("--from_png", type=str, default=None, metavar="FILE",
+        help="take prompt, negative prompt, seed, sampler, steps, CFG scale, size, clip skip, strength from the "
+             "parameters of a PNG/JPEG written by this tool or the webui; flags given here win")
+    add("--plan", action="store_true",
+        help="print the simulated peak GPU memory of each --vram mode for this run and the mode auto picks, "
+             "then exit (reads no checkpoint)")
+    add("--json", action="store_true", help="with --plan: print one JSON object")
+    add("--gpu_memory", type=float, default=None, metavar="GB",
+        help="with --plan: the free GPU memory --vram auto is asked about (default: the detected GPU's)")
+    add("--tome", type=float, default=0.0, metavar="RATIO",
+        help="token merging: merge this share of the tokens before the UNet's full-resolution self-attention "
+             "(0 to 0.75; 0.5 is tomesd's default; faster on large images, changes the image slightly)")
+    add("--quantize", type=str, choices=list(QUANTIZE_CHOICES), default=None,
+        help="int8: the UNet's weights as int8 with one scale per output channel (half fp16's memory, "
+             "a quarter of fp32's; changes the image slightly)")
     return parser
 
 
@@ -166,13 +205,18 @@ def resolve_config(value: str | None) -> Path:
 def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
     """Parse and check the flags into a :class:`GenerationRequest`: the seed drawn when absent, the device and
     config resolved, ``--turbo`` and ``--vram_budget`` folded into the memory mode."""
-    opt = build_parser(mode).parse_args(argv)
+    parser = build_parser(mode)
+    opt = parser.parse_args(argv)
     opt.mode = mode
+    require_values(parser, opt)
+    if opt.from_png:
+        apply_from_png(opt, given_flags(mode, argv))
     check_args(opt)
     return GenerationRequest(
         mode=mode,
         prompt=opt.prompt,
         negative_prompt=opt.negative_prompt,
+        prompt_syntax=opt.prompt_syntax,
         from_file=Path(opt.from_file) if opt.from_file else None,
         init_img=Path(opt.init_img) if mode in (IMG2IMG, INPAINT) else None,
         strength=opt.strength if mode in (IMG2IMG, INPAINT) else None,
@@ -187,8 +231,11 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         scale=opt.scale,
         fixed_code=opt.fixed_code,
         ckpt=Path(opt.ckpt),
+        vae=Path(opt.vae) if opt.vae else None,
         config=None if opt.config is None else resolve_config(opt.config),
         use_ema=opt.use_ema,
+        loras=tuple((Path(path), weight) for path, weight in map(parse_lora_argument, opt.lora)),
+        lora_dir=Path(opt.lora_dir),
         device=resolve_device(opt.device),
         precision=opt.precision,
         vram=resolve_vram(opt),
@@ -197,14 +244,69 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         attention=opt.attention,
         vae_tiling=opt.vae_tiling,
         embedding_cache=Path(opt.embedding_cache) if opt.embedding_cache else None,
+        clip_skip=opt.clip_skip,
+        embeddings_dir=Path(opt.embeddings_dir or DEFAULT_EMBEDDINGS_DIR),
+        embeddings_dir_given=opt.embeddings_dir is not None,
+        tome=opt.tome,
+        quantize=opt.quantize,
         outdir=Path(opt.outdir),
         image_format=opt.format,
         skip_grid=opt.skip_grid,
         skip_save=opt.skip_save,
         n_rows=opt.n_rows or opt.n_samples,
         watermark=not opt.no_watermark,
+        plan=opt.plan,
+        plan_json=opt.json,
+        gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
         mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
     )
+
+
+def given_flags(mode: str, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the flags on the command line (abbreviations and ``--flag=value`` included)."""
+    parser = build_parser(mode)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+# --from_png's settings (optimizedSD/from_png.py) -> flag destinations
+_FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "prompt_syntax": "prompt_syntax",
+                   "steps": "ddim_steps", "sampler": "sampler", "scale": "scale", "seed": "seed", "width": "W",
+                   "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta"}
+
+
+def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
+    """``--from_png``: the image's parameters replace the defaults of the flags not given; what cannot be
+    honoured is named in one warning line."""
+    from optimizedSD.from_png import FromPngError, restore_settings  # noqa: PLC0415 - only with --from_png
+    from optimizedSD.infotext import parse_infotext, read_parameters
+    from optimizedSD.outputs import model_hash
+
+    source = Path(opt.from_png)
+    try:
+        text = read_parameters(source)
+    except (OSError, ValueError) as error:  # missing, not an image, damaged
+        raise UsageError(f"--from_png {source}: cannot read it ({error})") from None
+    if not text:
+        raise UsageError(f"--from_png {source}: no generation parameters in it (PNG 'parameters' chunk or JPEG EXIF UserComment)")
+    ckpt = Path(opt.ckpt)
+    try:
+        restored = restore_settings(
+            parse_infotext(text), img2img=opt.mode == IMG2IMG,
+            sampler_labels={record.label: name for name, record in SAMPLER_RECORDS.items()},
+            model_hash=model_hash(ckpt) if ckpt.is_file() else None,
+            embedding_hashes=embedding_file_hashes(Path(opt.embeddings_dir or DEFAULT_EMBEDDINGS_DIR)),
+            size_multiple=SIZE_MULTIPLE,
+        )
+    except FromPngError as error:
+        raise UsageError(str(error)) from None
+    for key, value in restored.values.items():
+        dest = _FROM_PNG_DESTS[key]
+        if dest not in given and hasattr(opt, dest):
+            setattr(opt, dest, value)
+    if restored.warning():
+        log.warning("%s", restored.warning())
 
 
 def resolve_vram(opt: argparse.Namespace) -> str:
@@ -218,6 +320,13 @@ def resolve_vram(opt: argparse.Namespace) -> str:
     if vram != "low":
         raise UsageError(f"--vram_budget applies to --vram low, not {vram}" + (" (--turbo)" if opt.turbo else ""))
     return vram
+
+
+def require_values(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
+    """The fork declares some flags ``nargs="?"``: given bare (``--outdir`` at the end of a line) they hold None."""
+    for action in parser._actions:
+        if action.nargs == "?" and action.default is not None and getattr(opt, action.dest, None) is None:
+            raise UsageError(f"{action.option_strings[0]} needs a value")
 
 
 def check_args(opt: argparse.Namespace) -> None:
@@ -246,6 +355,17 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
+    for value in opt.lora:
+        if not math.isfinite(parse_lora_argument(value)[1]):
+            raise UsageError(f"--lora {value}: the weight must be a finite number")
+    if opt.clip_skip < 1:
+        raise UsageError(f"--clip_skip must be at least 1, got {opt.clip_skip}")
+    if (opt.json or opt.gpu_memory is not None) and not opt.plan:
+        raise UsageError("--json and --gpu_memory go with --plan")
+    if opt.gpu_memory is not None and not 0 < opt.gpu_memory < 1e6:
+        raise UsageError(f"--gpu_memory must be a positive number of GB, got {opt.gpu_memory}")
+    if not 0 <= opt.tome <= MAX_RATIO:
+        raise UsageError(f"--tome must be between 0 and {MAX_RATIO}, got {opt.tome}")
     if opt.seed is not None and not 0 <= opt.seed < 2**63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
     if opt.mode == INPAINT:

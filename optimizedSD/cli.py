@@ -8,16 +8,50 @@ keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Sequence
 
 from ldm.errors import UserError
+from ldm.messages import one_line
 from optimizedSD.arguments import parse_args
+from optimizedSD.atomic_files import sigterm_as_interrupt
 
 EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 1
 EXIT_INTERRUPTED = 130
 OUT_OF_MEMORY_HELP = "try a smaller --H/--W or --n_samples, or --vram low --unet_bs 1"
+
+
+class _StdoutThatNeverFails:
+    """``sys.stdout`` for a run: a closed pipe (``| head``, ``| true``) or a full disk drops the progress lines
+    instead of failing the run; the descriptor is then pointed at /dev/null so Python's exit flush is quiet."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._give_up()
+        return len(text)
+
+    def flush(self) -> None:
+        self.write("")
+
+    def _give_up(self) -> None:
+        self._broken = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def main(argv: Sequence[str] | None, mode: str) -> int:
@@ -27,11 +61,18 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
         logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(message)s")
     try:
         request = parse_args(argv, mode)
+        if request.plan:  # answered from the config alone: no checkpoint is read
+            from optimizedSD.plan import plan_text
+
+            print(plan_text(request))
+            return 0
         from optimizedSD.generation import generate  # after parsing: --help and flag errors need no model code
 
-        summary = generate(request)
+        sys.stdout = _StdoutThatNeverFails(sys.stdout)
+        with sigterm_as_interrupt():  # a scheduler's SIGTERM cleans up as Ctrl-C does: no partial image
+            summary = generate(request)
     except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except (MemoryError, RuntimeError) as error:
         from ldm.out_of_memory import is_out_of_memory

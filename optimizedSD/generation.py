@@ -29,6 +29,7 @@ Memory: which model sits on the device when is :class:`ldm.residency.Residency`'
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,24 +42,34 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm import samplers
-from ldm.attention import set_attention_backend
+from ldm.attention import attention_backend
 from ldm.autoencoder import DiagonalGaussian
 from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
+from ldm.diffusers_layout import is_diffusers_folder, weight_files
 from ldm.guidance import GuidedDenoiser
 from ldm.inpainting import INPAINTING_CONFIG, INPAINTING_IN_CHANNELS, blend_in_place, checkpoint_unet_in_channels
+from ldm.lora import LoraFile, apply_loras, lora_hashes_text, text_encoder_lora_key
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
+from ldm.quantize import quantize_unet
 from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mode
 from ldm.schedule import DiffusionSchedule
+from ldm.textual_inversion import EmbeddingLibrary
+from ldm.token_merging import apply_token_merging
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
 from optimizedSD.arguments import UsageError, resolve_config
+from ldm.messages import escaped
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
+from optimizedSD.input_checks import (
+    MAX_PROMPTS_FILE, check_conditioning, check_finite, check_input_file, check_prompt_weights, check_text,
+)
 from optimizedSD.inpaint_inputs import InpaintingInputs
 from optimizedSD.outputs import SampleWriter, Watermarker, infotext, model_hash, prompt_folder_name, to_uint8
 from optimizedSD.prompts import EmbeddingCache, PromptEncoder, checkpoint_fingerprint, distinct, parse_prompt, read_prompts_file
 from optimizedSD.request import GenerationRequest
+from optimizedSD.webui_syntax import parse_fragments, unsupported_features
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +118,12 @@ class RunInputs:
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
     """Read and check everything the user gave, so that mistakes surface before the (slow) model load."""
-    prompts = read_prompts_file(request.from_file) if request.from_file else [request.prompt]
-    for text in (*distinct(prompts), request.negative_prompt):
-        parse_prompt(text)  # weights summing to zero fail now, not after loading
+    if request.from_file:
+        check_input_file(request.from_file, "prompts file", MAX_PROMPTS_FILE)  # not /dev/zero, a FIFO, 1 GB
+    prompts = read_prompts_file(request.from_file) if request.from_file else [check_text(request.prompt, "--prompt")]
+    check_text(request.negative_prompt, "--negative_prompt")
+    check_finite(request.scale, "--scale")
+    check_prompts(request, prompts)
     init_image = load_init_image(request.init_img) if request.img2img else None
     height, width = output_size(request, init_image)
     inpainting = None
@@ -119,13 +133,24 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
                                               overlay=mask.overlay)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
+    for prompt in distinct(prompts) if not request.skip_save else ():  # every prompt's folder now, not after sampling
+        writer.prepare(prompt_folder_name(prompt))
     if request.config is not None:
         load_model_config(request.config)  # a bad --config fails before the checkpoint is looked at
     if not request.ckpt.exists():
         raise UsageError(f"checkpoint not found: {request.ckpt}; {WEIGHTS_HELP}")
-    if not request.ckpt.is_file():
-        raise UsageError(f"checkpoint is not a file: {request.ckpt}; {WEIGHTS_HELP}")
+    if not request.ckpt.is_file() and not is_diffusers_folder(request.ckpt):
+        raise UsageError(f"checkpoint is neither a file nor a diffusers model folder (with model_index.json): "
+                         f"{request.ckpt}; {WEIGHTS_HELP}")
+    if request.vae is not None and not request.vae.exists():
+        raise UsageError(f"--vae not found: {request.vae}")
+    for path, _ in request.loras:
+        if not path.is_file():
+            raise UsageError(f"--lora {path}: no such file")
     config = load_model_config(model_config_path(request))
+    if request.clip_skip > config.text.num_hidden_layers:
+        raise UsageError(f"--clip_skip must be at most {config.text.num_hidden_layers} (the text encoder's layers), "
+                         f"got {request.clip_skip}")
     if request.steps > config.schedule.timesteps:
         raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
     return RunInputs(prompts, init_image, height, width, writer, config, inpainting)
@@ -134,8 +159,8 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
 def model_config_path(request: GenerationRequest) -> Path:
     """``--config``, or without it the config the file's UNet needs: v1-inpainting-inference.yaml for 9 input
     channels, else v1-inference.yaml. txt2img and img2img refuse an inpainting file (its UNet needs a mask)."""
-    try:
-        channels = checkpoint_unet_in_channels(request.ckpt)
+    try:  # a diffusers folder is not looked into here (its loader reads unet/config.json)
+        channels = None if is_diffusers_folder(request.ckpt) else checkpoint_unet_in_channels(request.ckpt)
     except CheckpointError as error:
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     if channels == INPAINTING_IN_CHANNELS and not request.inpaint:
@@ -146,25 +171,54 @@ def model_config_path(request: GenerationRequest) -> Path:
     return INPAINTING_CONFIG if channels == INPAINTING_IN_CHANNELS else resolve_config(None)
 
 
+def check_prompts(request: GenerationRequest, prompts: list[str]) -> None:
+    """Prompts that cannot be encoded in the chosen syntax fail now, not after loading (fork: weights summing
+    to zero; webui: a weight that is no number); webui features read as plain text are named once."""
+    checker = PromptEncoder(syntax=request.prompt_syntax)
+    unsupported: set[str] = set()
+    for text in (*distinct(prompts), request.negative_prompt):
+        checker.check(text)  # fork: weights summing to zero; webui: a weight that is no number
+        if request.prompt_syntax == "fork":
+            check_prompt_weights([weight for _, weight in parse_prompt(text).parts], text)
+        else:
+            check_prompt_weights([f.weight for f in parse_fragments(text) if not f.breaks_chunk], text)
+            unsupported.update(unsupported_features(text))
+    if unsupported:
+        log.warning("not implemented, read as plain text: %s", ", ".join(sorted(unsupported)))
+    if request.embeddings_dir_given and not request.embeddings_dir.is_dir():
+        raise UsageError(f"--embeddings_dir {request.embeddings_dir}: no such folder")
+
+
 # ---- 2. the model, once ----------------------------------------------------------------------------------------
 @dataclass
 class LoadedModel:
-    """The loaded checkpoint, its memory mode and its noise schedule."""
+    """The loaded checkpoint (with its LoRAs merged), its memory mode and its noise schedule."""
 
     sd: StableDiffusion
     residency: Residency
     schedule: DiffusionSchedule
+    loras: list[tuple[LoraFile, float]] = field(default_factory=list)
 
 
 def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype and put it under a memory mode."""
     log.info("loading %s", request.ckpt)
     try:
-        sd = load_stable_diffusion(request.ckpt, inputs.config, dtype=request.dtype, use_ema=request.use_ema)
+        sd = load_stable_diffusion(request.ckpt, inputs.config, dtype=request.dtype, use_ema=request.use_ema,
+                                   vae=request.vae)
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
+    loras = apply_loras(sd, request.loras)  # on the host copy, before the memory mode moves anything
+    speed_up_unet(request, sd)
     residency = make_residency(request, sd, inputs.height, inputs.width)
-    return LoadedModel(sd, residency, DiffusionSchedule(sd.alphas_cumprod))
+    return LoadedModel(sd, residency, sd.schedule, loras)
+
+
+def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:
+    """``--quantize`` (int8 weights, before the residency measures and moves them) and ``--tome`` (token merging)."""
+    if request.quantize:
+        quantize_unet(sd.unet, request.quantize)
+    apply_token_merging(sd.unet, request.tome)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
@@ -176,9 +230,8 @@ def resolve_attention(name: str, device: torch.device) -> str:
 
 
 def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int, width: int) -> Residency:
-    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``) and attention backend (``--attention``)."""
+    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``)."""
     device = request.device
-    set_attention_backend(resolve_attention(request.attention, device))
     dtype = next(sd.unet.parameters()).dtype
     tiled = should_tile(height, width, request.vae_tiling)
     mode = resolve_mode(request.vram, device, height, width, request.n_samples, sd=sd, dtype=dtype, tiled=tiled)
@@ -194,20 +247,51 @@ def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int,
 
 
 # ---- 3. prompts ----------------------------------------------------------------------------------------------
-def encode_prompts(request: GenerationRequest, prompts: list[str], residency: Residency) -> PromptEncoder:
-    """Every distinct (sub-)prompt through the text encoder once; from ``--embedding_cache`` when there."""
+def load_embeddings(request: GenerationRequest, sd: StableDiffusion) -> EmbeddingLibrary | None:
+    """The textual-inversion embeddings of ``--embeddings_dir`` (none when the default folder is absent)."""
+    if not request.embeddings_dir.is_dir():
+        return None
+    text_encoder = sd.text_encoder
+    library = EmbeddingLibrary.from_directory(request.embeddings_dir, text_encoder.tokenize_fragment,
+                                              text_encoder.config.hidden_size)
+    log.info("%d textual-inversion embeddings from %s", len(library), request.embeddings_dir)
+    return library
+
+
+def encode_prompts(request: GenerationRequest, prompts: list[str], model: LoadedModel) -> PromptEncoder:
+    """Every distinct (sub-)prompt through the text encoder once; from ``--embedding_cache`` when there.
+
+    The cache key names the LoRAs merged into the text encoder (:func:`ldm.lora.text_encoder_lora_key`), so
+    encodings cached without them (or with others) are not reused."""
+    residency = model.residency
+    lora_key = text_encoder_lora_key(model.loras)
     cache = None
     if request.embedding_cache is not None:
         try:
-            cache = EmbeddingCache(request.embedding_cache, checkpoint_fingerprint(request.ckpt), request.dtype)
-        except OSError as error:
-            raise UsageError(f"cannot use --embedding_cache {request.embedding_cache}: {error}") from None
-    encoder = PromptEncoder(cache)
+            key = " ".join(filter(None, (text_encoder_fingerprint(request.ckpt), lora_key)))
+            cache = EmbeddingCache(request.embedding_cache, key, request.dtype)
+        except OSError as error:  # the cache only saves time: never fail a run over it
+            log.warning("not using --embedding_cache %s: %s", escaped(request.embedding_cache),
+                        escaped(error.strerror or error))
+    encoder = PromptEncoder(cache, syntax=request.prompt_syntax, clip_skip=request.clip_skip,
+                            embeddings=load_embeddings(request, model.sd))
     needed = distinct(prompts) + ([request.negative_prompt] if request.guided else [])
     if encoder.missing(needed):
         with residency.use("text_encoder") as text_encoder:
-            encoder.encode_missing(needed, text_encoder.encode)
+            encoder.encode_missing(needed, text_encoder)
     return encoder
+
+
+def text_encoder_fingerprint(ckpt: Path) -> str:
+    """What keys cached encodings: the checkpoint file, or a diffusers folder's text-encoder weight files."""
+    if not ckpt.is_dir():
+        return checkpoint_fingerprint(ckpt)
+    return hashlib.sha256("".join(checkpoint_fingerprint(f) for f in weight_files(ckpt / "text_encoder")).encode()).hexdigest()
+
+
+def weights_hash(path: Path | None) -> str | None:
+    """A1111's shorthash (sha256 of the whole file, 10 digits); a diffusers folder has none."""
+    return model_hash(path) if path is not None and path.is_file() else None
 
 
 # ---- 4. img2img's input preparer -------------------------------------------------------------------------------
@@ -221,7 +305,7 @@ class InitImage:
     @classmethod
     def encode(cls, image: Image.Image, width: int, height: int, model: LoadedModel, dtype: torch.dtype) -> InitImage:
         pixels = image_to_tensor(image, width, height)
-        with model.residency.use("vae_encoder") as vae, torch.no_grad():
+        with model.residency.use("vae.encoder") as vae, torch.no_grad():
             posterior = vae.encode(pixels.to(device=model.residency.device, dtype=dtype))
         return cls(posterior, model.sd.scale_factor)
 
@@ -284,8 +368,13 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
                  init: InitImage | InpaintingInputs | None, batch: Batch, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """One batch's latents, run again one memory mode lower after out of memory (with the same noise)."""
     device, dtype, size = request.device, request.dtype, len(batch.seeds)
-    cond = encoder.batch(batch.prompt, size, device, dtype)
-    uncond = encoder.batch(request.negative_prompt, size, device, dtype) if request.guided else None
+    negative = request.negative_prompt if request.guided else None
+    length = encoder.context_length(batch.prompt, *([negative] if negative is not None else []))
+    cond = encoder.batch(batch.prompt, size, device, dtype, length)  # long prompts: 77 tokens a chunk
+    uncond = encoder.batch(negative, size, device, dtype, length) if negative is not None else None
+    check_conditioning(cond, "prompt")  # NaN here (fp16 overflow, a bad cache entry) is a black image
+    if uncond is not None:
+        check_conditioning(uncond, "negative prompt")
 
     def attempt() -> torch.Tensor:
         noise = SeededNoise(batch.seeds)  # fresh generators on every try: a retry draws the same noise
@@ -301,7 +390,7 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
 
 @dataclass(frozen=True)
 class GuidedInputs:
-    """The conditioning of a batch: prompt and (when guided) negative prompt, ``[B, 77, D]`` each."""
+    """The conditioning of a batch: prompt and (when guided) negative prompt, ``[B, 77 * chunks, D]`` each."""
 
     cond: torch.Tensor
     uncond: torch.Tensor | None
@@ -349,40 +438,55 @@ def chunked_unet(unet, chunk: int | None):
 def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float, tiled: bool, tile: int | None) -> torch.Tensor:
     """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
     and again in fp32 if the fp16 VAE overflows."""
-    with residency.use("vae") as vae, torch.no_grad():
+    with residency.use("vae.decoder") as vae, torch.no_grad():
         return decode_latents(vae, latent / scale_factor, tiled, tile or DEFAULT_TILE)
 
 
 class RunOutputs:
     """Where finished images go: each written at once with its metadata, and kept for the grid."""
 
-    def __init__(self, request: GenerationRequest, inputs: RunInputs, summary: RunSummary) -> None:
+    def __init__(self, request: GenerationRequest, inputs: RunInputs, summary: RunSummary, lora_hashes: str | None = None) -> None:
         self.request, self.writer, self.summary = request, inputs.writer, summary
+        self.lora_hashes = lora_hashes
         self.size = (inputs.width, inputs.height)
-        self.model_hash = None if request.skip_save else model_hash(request.ckpt)  # sha256 of the whole file
+        self.model_hash = None if request.skip_save and request.skip_grid else weights_hash(request.ckpt)
+        self.vae_hash = None if request.skip_save and request.skip_grid else weights_hash(request.vae)
         self.grid_images: list[np.ndarray] = []
+        self.grid_text: str | None = None  # the grid carries its first image's parameters
+        self.encoder: PromptEncoder | None = None  # set once the prompts are encoded (their metadata fields)
         self.inpainting = inputs.inpainting
 
-    def add(self, prompt: str, seed: int, image: np.ndarray) -> None:
+    def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
+        """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``)."""
+        fields = dict(self.encoder.infotext_fields(prompt, negative)) if self.encoder is not None else {}
+        if self.inpainting is not None:
+            fields.update(self.inpainting.metadata())
+        return fields
+
+    def add(self, prompt: str, seed: int, decoded: torch.Tensor) -> None:
+        """Take one decoded image (``[1, 3, H, W]`` in [-1, 1] on the device): to 8 bits, written, kept."""
+        image = to_uint8(decoded)[0]
         request = self.request
         if self.inpainting is not None:
             image = self.inpainting.finish(image)  # the kept pixels laid back (unless --no_overlay)
         self.summary.images += 1
+        negative = request.negative_prompt if request.guided else ""
+        text = infotext(
+            prompt, negative, steps=request.steps, sampler=request.sampler,
+            scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
+            model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
+            strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,
+            extra=self.infotext_fields(prompt, negative),
+        )
         if not request.skip_grid:
             self.grid_images.append(image)
-        if request.skip_save:
-            return
-        text = infotext(
-            prompt, request.negative_prompt if request.guided else "", steps=request.steps, sampler=request.sampler,
-            scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
-            model_name=request.ckpt.stem, strength=request.strength, eta=request.eta,
-            extra=self.inpainting.metadata() if self.inpainting is not None else None,
-        )
-        self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
+            self.grid_text = self.grid_text or text
+        if not request.skip_save:
+            self.summary.written.append(self.writer.write_sample(prompt_folder_name(prompt), seed, image, text))
 
     def finish(self) -> None:
         if self.grid_images:
-            self.summary.grid = self.writer.write_grid(self.grid_images, self.request.n_rows, None)
+            self.summary.grid = self.writer.write_grid(self.grid_images, self.request.n_rows, self.grid_text)
 
 
 def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, tiled: bool, outputs: RunOutputs) -> None:
@@ -392,7 +496,24 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
         decoded = decode_with_retry(
             model.residency, lambda tiled, tile: decode_image(model.residency, latent, model.sd.scale_factor, tiled, tile), tiled
         )
-        outputs.add(batch.prompt, seed, to_uint8(decoded)[0])
+        outputs.add(batch.prompt, seed, decoded)
+
+
+def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) -> bool:
+    """Tile the decode with ``--vae_tiling``, above 1024 px, and in low mode where the VRAM ledger says a
+    whole-image decode would set the run's peak above the UNet's (768 px and up for SD v1 in fp16; tiles
+    change the picture slightly, so only where the memory needs them)."""
+    if should_tile(inputs.height, inputs.width, request.vae_tiling):
+        return True
+    if mode != "low" or request.device.type != "cuda":
+        return False
+    from ldm.ledger import RunShape
+    from ldm.ledger.plan import low_mode_tiles
+
+    attention = "sliced" if request.attention == "sliced" else "sdpa"
+    shape = RunShape(inputs.height, inputs.width, request.n_samples, request.sampler, request.steps, request.scale,
+                     attention, False, request.unet_bs, request.img2img)
+    return low_mode_tiles(str(request.config or resolve_config(None)), shape, request.dtype)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -407,20 +528,22 @@ def generate(request: GenerationRequest) -> RunSummary:
     device = request.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        outputs = RunOutputs(request, inputs, summary)
-        encoder = encode_prompts(request, inputs.prompts, model.residency)
-        init = prepare_init(request, inputs, model)
-        cfg = inputs.config
-        latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
-        tiled = should_tile(inputs.height, inputs.width, request.vae_tiling)
-        batches = list(plan_batches(request, inputs.prompts))
-        for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
-            latents = sample_batch(request, model, encoder, init, batch, latent_shape)
-            decode_and_write(model, batch, latents, tiled, outputs)
-        outputs.finish()
-    finally:
-        model.residency.release()
+    # The backend for this run only (the out-of-memory ladders may switch to slices inside it).
+    with attention_backend(resolve_attention(request.attention, device)):
+        try:
+            outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
+            encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
+            init = prepare_init(request, inputs, model)
+            cfg = inputs.config
+            latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
+            tiled = decode_in_tiles(request, inputs, model.residency.mode)
+            batches = list(plan_batches(request, inputs.prompts))
+            for batch in tqdm(batches, desc="Batches", disable=len(batches) == 1):
+                latents = sample_batch(request, model, encoder, init, batch, latent_shape)
+                decode_and_write(model, batch, latents, tiled, outputs)
+            outputs.finish()
+        finally:
+            model.residency.release()
     summary.seconds = time.perf_counter() - started
     if device.type == "cuda":
         summary.peak_vram_bytes = torch.cuda.max_memory_allocated(device)

@@ -6,25 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from optimizedSD.arguments import SIZE_MULTIPLE, UsageError
+from optimizedSD.input_checks import open_init_image
 from optimizedSD.request import GenerationRequest
 
 
 def load_init_image(path: str | Path) -> Image.Image:
-    """Any image Pillow opens, as RGB (EXIF rotation applied; palette and alpha images flattened)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"init image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("P", "PA", "LA", "La", "RGBa"):
-                image = image.convert("RGBA")  # palette transparency survives only through RGBA
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UsageError(f"cannot read init image {path}: {error}") from None
+    """Any image Pillow opens, as 8-bit RGB: its size checked from the header before decoding, EXIF rotation
+    applied, 16-bit and float images scaled (not clipped), palette and alpha flattened
+    (:func:`optimizedSD.input_checks.open_init_image`)."""
+    return open_init_image(path)
 
 
 def output_size(request: GenerationRequest, init_image: Image.Image | None) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 - before the model loads (:meth:`InpaintingInputs.prepare`): the mask read, resized, inverted and blurred
   (:mod:`optimizedSD.masks`), so a bad mask fails in a second, not after the load;
 - once per run (:meth:`InpaintingInputs.encode`): the init image, and for a 9-channel UNet the masked image,
-  through the VAE's encoder alone (``residency.use("vae_encoder")``: in low mode nothing else is on the device);
+  through the VAE's encoder alone (``residency.use("vae.encoder")``: in low mode nothing else is on the device);
 - per batch (:meth:`InpaintingInputs.start`): the posterior samples drawn from each image's own generator (the
   init image's where it is used, then the masked image's), and what the sampler needs: the UNet wrapped to take
   9 channels, or the per-step blend of the known region (:mod:`ldm.inpainting`);
@@ -62,7 +62,7 @@ class InpaintingInputs:
         ``needs_init`` (a 4-channel UNet, or strength < 1), the masked image's for a 9-channel UNet."""
         self.nine_channel = nine_channel
         image, mask = self.tensors()
-        with residency.use("vae_encoder") as vae:
+        with residency.use("vae.encoder") as vae:
             if needs_init:
                 self.image_posterior = vae.encode(image.to(device=device, dtype=dtype))
             if nine_channel:
@@ -88,6 +88,6 @@ class InpaintingInputs:
         """One decoded uint8 image, with the init image's pixels laid back through the blurred mask."""
         return apply_overlay(image, self.pixels, self.mask) if self.overlay else image
 
-    def metadata(self) -> dict[str, object]:
+    def metadata(self) -> dict[str, str]:
         """The webui's infotext fields for inpainting."""
-        return {"Mask blur": int(self.blur) if float(self.blur).is_integer() else self.blur}
+        return {"Mask blur": str(int(self.blur) if float(self.blur).is_integer() else self.blur)}

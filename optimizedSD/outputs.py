@@ -7,7 +7,9 @@
   ``VaeImageProcessor.postprocess`` does. CompVis truncates (``astype(uint8)``), which darkens by half a
   level on average; rounding is the unbiased choice and lets the tests compare against diffusers exactly.
 - Metadata: PNGs carry a tEXt chunk ``parameters`` in AUTOMATIC1111's infotext format, so the usual tools
-  (A1111's "PNG Info", civitai, ComfyUI importers) read them. JPEGs carry the same text as EXIF UserComment.
+  (A1111's "PNG Info", civitai, ComfyUI importers) read them. JPEGs carry the same text as EXIF UserComment,
+  of type UNDEFINED (``optimizedSD/infotext.py``: Pillow's default, BYTE, is unreadable to the webui). Grids
+  carry the parameters of their first image.
 - Model hash: A1111's current "shorthash" (AutoV2): the first 10 hex digits of the sha256 of the whole file.
   Hashing a 4 GB checkpoint costs a few seconds once per run; tools look models up by this hash.
 - Grid: ``<outdir>/grid-NNNN.png``, ``n_rows`` images per row (torchvision ``make_grid``'s ``nrow``, which
@@ -24,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,11 @@ from PIL import Image, PngImagePlugin
 
 from ldm.errors import UserError
 from ldm.samplers import SAMPLERS
+from optimizedSD.atomic_files import write_new_file
+from optimizedSD.input_checks import cut_to_bytes
+from ldm.samplers.grids import TIMESTEPS
+from optimizedSD import infotext as infotext_module
+from optimizedSD.infotext import user_comment_exif
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,7 @@ def prompt_folder_name(prompt: str) -> str:
     names get a ``_`` prefix, an empty result becomes ``_``, and the name is cut to 100 characters.
     """
     name = _WINDOWS_FORBIDDEN.sub("_", prompt.replace(" ", "_"))
-    name = name[:FOLDER_NAME_MAX].rstrip(". ")
+    name = cut_to_bytes(name[:FOLDER_NAME_MAX]).rstrip(". ")  # file systems count bytes: 100 CJK chars are 300
     if not name:
         return "_"
     if name.split(".")[0].upper() in _WINDOWS_RESERVED:
@@ -97,27 +104,42 @@ def infotext(
     height: int,
     model_hash: str | None,
     model_name: str | None = None,
+    vae_hash: str | None = None,
+    vae_name: str | None = None,
     strength: float | None = None,
     eta: float | None = None,
-    extra: dict[str, object] | None = None,
+    lora_hashes: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    token_merging_ratio: float | None = None,
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
         <prompt>
         Negative prompt: <negative>          (only when there is one)
         Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 27, Size: 512x512, Model hash: abcdef1234, ...
+
+    ``Schedule type: Uniform`` (k-diffusion's own grid) for the sigma samplers and ``RNG: CPU`` are written
+    because the webui (>= 1.9) reads their absence as Karras (DPM++ 2M, DPM2, DPM2 a) and GPU noise.
+    ``extra``: fields of the prompt encoding (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``).
     """
+    record = SAMPLERS[sampler]
     params: dict[str, object | None] = {
         "Steps": steps,
-        "Sampler": SAMPLERS[sampler].label,
+        "Sampler": record.label,
+        "Schedule type": None if record.grid is TIMESTEPS else "Uniform",
         "CFG scale": _number(scale),
         "Seed": seed,
         "Size": f"{width}x{height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE hash": vae_hash,  # --vae: A1111's sd_vae.get_loaded_vae_hash (shorthash) and _name (file name)
+        "VAE": vae_name,
         "Denoising strength": None if strength is None else _number(strength),
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
-        **(extra or {}),  # a script's own fields, e.g. inpainting's "Mask blur"
+        "Token merging ratio": None if not token_merging_ratio else _number(token_merging_ratio),
+        "Lora hashes": lora_hashes,  # the webui's Lora extension: "name: hash, name: hash" (ldm.lora.lora_hashes_text)
+        **(extra or {}),
+        "RNG": "CPU",
     }
     params_text = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
@@ -190,10 +212,10 @@ def _encode_image(image: np.ndarray, fmt: str, text: str | None) -> tuple[Image.
         return pil, kwargs
     kwargs = {"format": "JPEG", "quality": 95}
     if text is not None:
-        exif = Image.Exif()
-        # EXIF UserComment (in the Exif IFD) with the "UNICODE" character code, as A1111 writes via piexif
-        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
-        kwargs["exif"] = exif.tobytes()
+        try:  # EXIF UserComment of type UNDEFINED, as the webui's reader (piexif) needs it
+            kwargs["exif"] = user_comment_exif(text)
+        except ValueError as error:  # a prompt too long for one JPEG segment: the image without metadata
+            log.warning("%s; written without it", error)
     return pil, kwargs
 
 
@@ -215,21 +237,13 @@ def _write_exclusive(folder: Path, make_name, start: int, image: Image.Image, kw
     index = start
     while True:
         path = folder / make_name(index)
-        try:
-            handle = open(path, "xb")
+        try:  # a temporary file linked to its final name once whole: never a partial file under a final name
+            write_new_file(path, lambda handle: image.save(handle, **kwargs))
         except FileExistsError:
             index += 1
             continue
         except OSError as error:
             raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
-        try:
-            with handle:
-                image.save(handle, **kwargs)
-        except BaseException as error:
-            path.unlink(missing_ok=True)  # no half-written file left behind
-            if isinstance(error, OSError):
-                raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
-            raise
         return path, index
 
 
@@ -280,12 +294,4 @@ class SampleWriter:
 
 def read_parameters(path: str | os.PathLike) -> str | None:
     """The A1111 ``parameters`` text of a written PNG or JPEG (None when absent)."""
-    with Image.open(path) as image:
-        if image.format == "PNG":
-            return image.text.get("parameters")
-        comment = image.getexif().get_ifd(0x8769).get(0x9286)
-        if comment is None:
-            return None
-        if isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
-            return comment[8:].decode("utf-16-be")
-        return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
+    return infotext_module.read_parameters(path)

@@ -41,6 +41,7 @@ class GenerationRequest:
     strength: float | None  # img2img, inpaint: how much of the init image to redo
     height: int | None  # None (img2img): the init image's, floored to a multiple of SIZE_MULTIPLE
     width: int | None
+    prompt_syntax: str  # "fork" (sub-prompt weights) or "webui" (token emphasis), optimizedSD/prompts.py
     # how
     seed: int
     n_samples: int
@@ -51,9 +52,12 @@ class GenerationRequest:
     scale: float
     fixed_code: bool
     # the model and the machine
-    ckpt: Path
+    ckpt: Path  # a checkpoint file or a diffusers model folder
+    vae: Path | None  # --vae: a VAE file or folder replacing the checkpoint's
     config: Path | None  # None: v1-inference.yaml, or v1-inpainting-inference.yaml for a 9-channel UNet
     use_ema: bool
+    loras: tuple[tuple[Path, float], ...]  # --lora FILE[:WEIGHT], merged in this order right after loading
+    lora_dir: Path  # where <lora:NAME> tags are looked up
     device: torch.device
     precision: str  # "autocast" (fp16 on CUDA) or "full"
     vram: str  # auto, full, medium or low
@@ -62,6 +66,11 @@ class GenerationRequest:
     attention: str  # auto, sdpa or sliced
     vae_tiling: bool
     embedding_cache: Path | None
+    clip_skip: int  # 1: CLIP's last layer; N: the N-th last layer through the final layer norm
+    embeddings_dir: Path  # textual-inversion embeddings, usable in prompts by file name
+    embeddings_dir_given: bool  # the user named it: then it must exist
+    tome: float  # token merging ratio, 0 (off) to 0.75
+    quantize: str | None  # None or "int8": the UNet's weights
     # outputs
     outdir: Path
     image_format: str  # png or jpg
@@ -69,6 +78,10 @@ class GenerationRequest:
     skip_save: bool
     n_rows: int
     watermark: bool
+    # --plan: answer how much GPU memory each memory mode needs, then exit (nothing is loaded)
+    plan: bool = False
+    plan_json: bool = False
+    gpu_memory_bytes: int | None = None  # --gpu_memory: the card --vram auto is asked about in the plan
     mask: MaskOptions | None = None  # inpaint
 
     @property
@@ -87,5 +100,6 @@ class GenerationRequest:
 
     @property
     def dtype(self) -> torch.dtype:
-        """``autocast`` means fp16 weights on CUDA (as the fork's ``model.half()``); fp32 on CPU and MPS."""
-        return torch.float16 if self.precision == "autocast" and self.device.type == "cuda" else torch.float32
+        """``autocast`` means fp16 weights on CUDA (as the fork's ``model.half()``); fp32 on CPU and MPS. The
+        ``meta`` device (the VRAM ledger's simulated run, ``--plan``) stands for the CUDA GPU it plans for."""
+        return torch.float16 if self.precision == "autocast" and self.device.type in ("cuda", "meta") else torch.float32

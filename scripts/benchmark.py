@@ -3,6 +3,8 @@
 
     python scripts/benchmark.py                      # CPU: SD v1 shapes, 256x256, 10 DDIM steps, batch 1
     python scripts/benchmark.py --device cuda        # GPU: 512x512 fp16, 20 DPM-Solver++ steps, batch 1 and 4
+    python scripts/benchmark.py --H 512 --W 512 --steps 20 --quantize int8 --tome 0.5   # issue 14's CPU run, plus
+                                                     # rows of our modes with --quantize int8 and with --tome 0.5
 
 Both sides read the same checkpoint (``--ckpt``; by default random weights in the SD v1 layout are written
 to a temporary .safetensors first). Our side runs through ``optimizedSD.generation.generate``, the code the
@@ -85,7 +87,7 @@ def run_ours(spec: dict) -> dict:
         ]
         if spec.get("vram_budget") is not None:
             flags += ["--vram_budget", str(spec["vram_budget"])]
-        return flags
+        return flags + list(spec.get("flags", []))  # a variant's own flags (--quantize int8, --tome 0.5)
 
     with tempfile.TemporaryDirectory() as outdir:
         if spec["warmup"]:
@@ -113,9 +115,10 @@ def _build_diffusers_pipeline(spec: dict, torch, dtype):
     )
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.config import load_model_config
+    from ldm.text_encoder import clip_text_config
 
     original_config = OmegaConf.to_container(OmegaConf.load(spec["config"]), resolve=True)
     checkpoint = load_file(spec["ckpt"])  # memory-mapped, as diffusers' from_single_file reads it
@@ -135,12 +138,7 @@ def _build_diffusers_pipeline(spec: dict, torch, dtype):
     vae = build(AutoencoderKL, vae_config, convert_ldm_vae_checkpoint(checkpoint, vae_config))
 
     text_cfg = load_model_config(spec["config"]).text
-    clip_config = CLIPTextConfig(
-        vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.hidden_size, intermediate_size=text_cfg.intermediate_size,
-        num_hidden_layers=text_cfg.num_hidden_layers, num_attention_heads=text_cfg.num_attention_heads,
-        max_position_embeddings=text_cfg.max_position_embeddings, hidden_act=text_cfg.hidden_act,
-        projection_dim=text_cfg.projection_dim, layer_norm_eps=text_cfg.layer_norm_eps,
-    )
+    clip_config = clip_text_config(text_cfg)
     with torch.device("meta"):
         probe_keys = set(CLIPTextModel(clip_config).state_dict())
     clip_weights = convert_ldm_clip_checkpoint(checkpoint)
@@ -252,8 +250,13 @@ def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if value is None else f"{value / scale:.{digits}f}"
 
 
+def setup_name(spec: dict) -> str:
+    """The mode, with our variant's label when there is one ("full int8", "full tome 0.5")."""
+    return f"{spec['mode']} {spec['variant']}" if spec.get("variant") else spec["mode"]
+
+
 def format_row(spec: dict, result: dict) -> str:
-    name = f"{spec['side']:<10}{spec['mode']:<19}{spec['batch']:>5}"
+    name = f"{spec['side']:<10}{setup_name(spec):<19}{spec['batch']:>5}"
     if "error" in result or "skipped" in result:
         return f"{name}   {result.get('error') or 'skipped: ' + result['skipped']}"
     images = max(result.get("images") or 1, 1)
@@ -276,7 +279,7 @@ def best_results(rows: list[tuple[dict, dict]]) -> dict[tuple, dict]:
     """Per (side, mode, batch): the fastest successful repeat (times), with the largest peaks seen (memory)."""
     best: dict[tuple, dict] = {}
     for spec, result in rows:
-        key = (spec["side"], spec["mode"], spec["batch"])
+        key = (spec["side"], setup_name(spec), spec["batch"])
         if "error" in result or "skipped" in result:
             best.setdefault(key, result)
             continue
@@ -300,7 +303,7 @@ def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
     for (side, mode, batch), ours in best.items():
         if side != "ours" or "error" in ours:
             continue
-        other_mode = COUNTERPART[mode]
+        other_mode = COUNTERPART[mode.split()[0]]
         theirs = best.get(("diffusers", other_mode, batch))
         if not theirs or "error" in theirs or "skipped" in theirs:
             continue
@@ -322,6 +325,10 @@ TARGETS = (
     ("medium", ("ours", "full"), "generate", 1.05),
     ("full", ("diffusers", "resident"), "generate", 1.0),
     ("full", ("diffusers", "resident"), "peak RSS", 1.0),
+    # issue 14, CPU at 512x512, 20 steps, fp32; and --quantize int8 (rows with --quantize int8)
+    ("full", ("diffusers", "resident"), "generate", 0.85),
+    ("full int8", ("ours", "full"), "peak RSS", 0.5),
+    ("medium int8", None, "peak VRAM", 1.0),
 )
 _KEYS = {"generate": "generate_s", "peak RSS": "peak_rss", "peak VRAM": "peak_vram_allocated"}
 
@@ -376,9 +383,15 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
         sampler=args.sampler or ("dpm_solver" if cuda else "ddim"), fp16=cuda and not args.fp32,
         threads=args.threads, warmup=cuda, prompt=PROMPT, seed=args.seed, vram_budget=args.vram_budget,
     )
+    variants = [("", [])]
+    if args.quantize:
+        variants.append((args.quantize, ["--quantize", args.quantize]))
+    if args.tome:
+        variants.append((f"tome {args.tome:g}", ["--tome", str(args.tome)]))
     plan = []
     for batch in batches:
-        plan += [dict(common, side="ours", mode=m, batch=batch) for m in modes]
+        plan += [dict(common, side="ours", mode=m, batch=batch, variant=label, flags=flags)
+                 for m in modes for label, flags in variants]
         if not args.skip_diffusers:
             plan += [dict(common, side="diffusers", mode=m, batch=batch) for m in theirs]
     return plan
@@ -398,6 +411,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=OUR_MODES + ("auto",), help="our --vram modes (default full on CPU, all on CUDA)")
     parser.add_argument("--diffusers_modes", nargs="+", choices=DIFFUSERS_MODES, help="diffusers setups (default resident on CPU, all on CUDA)")
     parser.add_argument("--skip_diffusers", action="store_true", help="measure only this project")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="also run each of our modes with --quantize int8")
+    parser.add_argument("--tome", type=float, default=None, metavar="RATIO", help="also run each of our modes with --tome RATIO")
     parser.add_argument("--vram_budget", type=float, default=None, metavar="GB", help="--vram_budget for our low mode")
     parser.add_argument("--fp32", action="store_true", help="fp32 weights on CUDA too (default fp16 there)")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="torch CPU threads per side")

@@ -37,20 +37,11 @@ def transformers_text_encoder(state: dict, text_config):
     """A ``transformers.CLIPTextModel`` loaded from the file's ``cond_stage_model.transformer.*`` keys
     by diffusers' converter (which strips the prefix itself)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    model = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=text_config.vocab_size,
-            hidden_size=text_config.hidden_size,
-            intermediate_size=text_config.intermediate_size,
-            num_hidden_layers=text_config.num_hidden_layers,
-            num_attention_heads=text_config.num_attention_heads,
-            max_position_embeddings=text_config.max_position_embeddings,
-            hidden_act=text_config.hidden_act,
-            projection_dim=text_config.projection_dim,
-        )
-    )
+    from ldm.text_encoder import clip_text_config
+
+    model = CLIPTextModel(clip_text_config(text_config))
     converted = convert_ldm_clip_checkpoint(state)
     expected = model.state_dict().keys()
     if not any(k.startswith("text_model.") for k in expected):

@@ -125,3 +125,36 @@ def test_an_overflowing_half_vae_is_retried_in_fp32(tiny_checkpoint, tiny_config
     assert images.dtype == torch.float32
     assert torch.allclose(images, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item())
     assert half.vae.dtype == torch.float16  # the model itself is left in half precision
+
+
+def test_the_backend_context_manager_restores_the_previous_backend(restore_backend):
+    from ldm.attention import attention_backend
+
+    assert get_attention_backend().name == "sdpa"
+    with attention_backend("sliced", 7) as backend:
+        assert backend == get_attention_backend() and (backend.name, backend.slice_size) == ("sliced", 7)
+        with pytest.raises(RuntimeError):
+            with attention_backend("sdpa"):
+                assert get_attention_backend().name == "sdpa"
+                raise RuntimeError("out of memory")
+        assert get_attention_backend().name == "sliced"  # restored after the error too
+    assert get_attention_backend().name == "sdpa"
+    with pytest.raises(ValueError, match="sdpa or sliced"):
+        with attention_backend("xformers"):
+            pass
+
+
+def test_the_vae_attention_hands_fused_kernels_a_contiguous_last_dimension(tiny_config_path, monkeypatch):
+    """CUDA's flash and memory-efficient kernels need the last dimension contiguous; otherwise SDPA builds
+    the whole (h*w)^2 score matrix (2.4 GiB at 1024 px in the VAE's mid block). Checked on meta (the GPU's
+    stand-in); the CPU keeps its strided inputs, and so its exact numbers."""
+    import ldm.autoencoder as autoencoder_module
+    from ldm.ledger import meta_stable_diffusion
+
+    strides = []
+    real = autoencoder_module.attention
+    monkeypatch.setattr(autoencoder_module, "attention", lambda q, k, v: strides.append([t.stride(-1) for t in (q, k, v)]) or real(q, k, v))
+    vae = meta_stable_diffusion(tiny_config_path, torch.float16).vae
+    with torch.no_grad():
+        vae.decode(torch.empty(1, 4, 8, 8, device="meta"))
+    assert strides and all(s == [1, 1, 1] for s in strides)

@@ -71,6 +71,7 @@ def test_plan_and_ratios():
     assert benchmark.target_lines(rows) == [
         "ours full, batch 1: generate 0.75x diffusers resident (target at most 1.0x): met",
         "ours full, batch 1: peak RSS 0.80x diffusers resident (target at most 1.0x): met",
+        "ours full, batch 1: generate 0.75x diffusers resident (target at most 0.85x): met",
     ]
     assert "30.0" in benchmark.format_row(cpu[0], ours) and "4.00" in benchmark.format_row(cpu[0], ours)
     assert "boom" in benchmark.format_row(cpu[1], {"error": "boom"})
@@ -92,7 +93,32 @@ def test_gpu_targets():
         "ours medium, batch 1: generate 1.04x our full (target at most 1.05x): met",
         "ours full, batch 1: generate 1.11x diffusers resident (target at most 1.0x): MISSED",
         "ours full, batch 1: peak RSS 1.00x diffusers resident (target at most 1.0x): met",
+        "ours full, batch 1: generate 1.11x diffusers resident (target at most 0.85x): MISSED",
     ]
+
+
+def test_quantize_and_tome_rows_and_their_targets():
+    plan = benchmark.build_plan(benchmark.parse(["--quantize", "int8", "--tome", "0.5", "--modes", "full", "medium"]))
+    assert [(s["side"], benchmark.setup_name(s), s.get("flags")) for s in plan] == [
+        ("ours", "full", []), ("ours", "full int8", ["--quantize", "int8"]), ("ours", "full tome 0.5", ["--tome", "0.5"]),
+        ("ours", "medium", []), ("ours", "medium int8", ["--quantize", "int8"]),
+        ("ours", "medium tome 0.5", ["--tome", "0.5"]), ("diffusers", "resident", None),
+    ]
+    specs = {benchmark.setup_name(s): s for s in plan}
+
+    def result(seconds, rss_gib, vram_gib=None):
+        out = {"generate_s": seconds, "total_s": seconds + 3, "images": 1, "peak_rss": int(rss_gib * 2**30)}
+        return out if vram_gib is None else dict(out, peak_vram_allocated=int(vram_gib * 2**30))
+
+    rows = [(specs["full"], result(10.0, 4.5)), (specs["full int8"], result(10.5, 2.0)),
+            (specs["medium int8"], result(11.0, 2.0, 0.9)), (specs["full tome 0.5"], result(8.0, 4.5)),
+            (specs["resident"], result(11.0, 4.5))]
+    assert benchmark.target_lines(rows)[-2:] == [
+        "ours full int8, batch 1: peak RSS 0.44x our full (target at most 0.5x): met",
+        "ours medium int8, batch 1: peak VRAM 0.90 GiB (target at most 1.0 GiB): met",
+    ]
+    assert "ours full tome 0.5 / diffusers resident, batch 1: generate 0.73x, total wall 0.79x, peak RSS 1.00x" in (
+        benchmark.ratio_lines(rows))
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import save_file
 
 import ldm.checkpoint_file as checkpoint_file
+import ldm.restricted_unpickler as restricted_unpickler
+from ldm.torch_zip import inspect_torch_zip
 from ldm.checkpoint_file import CheckpointError, read_checkpoint
 
 
@@ -180,7 +182,8 @@ def test_zip_is_memory_mapped_and_legacy_is_not(tmp_path, monkeypatch):
         torch.save({"state_dict": _weights()}, path, _use_new_zipfile_serialization=zip_format)
         read_checkpoint(path)
     assert [c["mmap"] for c in calls] == [True, False]
-    assert all(c["pickle_module"] is checkpoint_file._RESTRICTED_PICKLE and c["weights_only"] is False for c in calls)
+    assert all(c["pickle_module"].Unpickler.__mro__[1] is restricted_unpickler._RestrictedUnpickler for c in calls)
+    assert all(c["weights_only"] is False for c in calls)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,8 +411,10 @@ def test_numpy_ndarray_is_not_handed_out(tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": _weights(), "x": _Payload(np.ndarray, (1,), np.dtype(object), bytearray(b"\x41" * 8))}, path)
     # Loads (the entry is dropped), and the object array was never built.
-    unpickled = torch.load(path, pickle_module=checkpoint_file._RESTRICTED_PICKLE, weights_only=False)
-    assert isinstance(unpickled["x"], checkpoint_file._InertStandIn)
+    module = restricted_unpickler.restricted_pickle_module(restricted_unpickler.PickleLimits(
+        record_sizes=inspect_torch_zip(path, path.stat().st_size).storage_sizes))
+    unpickled = torch.load(path, pickle_module=module, weights_only=False)
+    assert isinstance(unpickled["x"], restricted_unpickler.InertStandIn)
     assert "numpy.ndarray" in repr(unpickled["x"])
     assert set(read_checkpoint(path)) == set(_weights())
 
@@ -516,3 +521,113 @@ def test_forced_weights_only_env_gives_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="TORCH_FORCE_WEIGHTS_ONLY_LOAD") as excinfo:
         read_checkpoint(path)
     _assert_one_line_error(excinfo, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 17: legitimate files the hardened reader must still load, and what it reads them through
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_compressed_zip_records_load_without_mmap_and_equal(tmp_path, monkeypatch):
+    """A re-zipped (deflated) torch file: mmap would read compressed bytes as floats; ours inflates them."""
+    import zipfile
+
+    weights = _weights()
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": weights}, plain)
+    deflated = tmp_path / "deflated.ckpt"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k["mmap"]) or real_load(*a, **k))
+    _assert_same(read_checkpoint(deflated), weights)
+    assert calls == [False]
+
+
+def test_outer_tensors_win_over_a_nested_state_dict(tmp_path):
+    outer = _weights()
+    inner = {key: torch.zeros_like(value) for key, value in outer.items()}
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {**outer, "state_dict": inner}}, path)
+    _assert_same(read_checkpoint(path), outer)
+
+
+def test_dict_attributes_from_the_file_are_never_called(tmp_path):
+    """An OrderedDict whose pickled state sets ``get``/``items``: read through dict's own methods."""
+    class DictWithAttributes:  # pickles as OrderedDict() + its items + BUILD {"get": ..., "items": ...}
+        def __init__(self, pairs, **attributes):
+            self.pairs, self.attributes = pairs, attributes
+
+        def __reduce__(self):
+            return OrderedDict, (), self.attributes, None, iter(self.pairs.items())
+
+    state = DictWithAttributes(_weights(), get="not callable", items="not callable either", values=None)
+    path = tmp_path / "model.ckpt"
+    torch.save(DictWithAttributes({"state_dict": state}, get="shadowed"), path)
+    assert torch.load(path, weights_only=False).get == "shadowed"  # what a plain load would hand us
+    _assert_same(read_checkpoint(path), _weights())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float64])
+def test_floating_weights_of_any_width_pass_the_checks(tmp_path, dtype):
+    weights = {"w": torch.randn(4, 4).to(dtype), "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    path = tmp_path / "model.safetensors"
+    save_file(weights, str(path))
+    assert read_checkpoint(path)["w"].dtype == dtype
+
+
+def test_unread_schedule_buffers_may_hold_inf(tmp_path):
+    """CompVis' lvlb_weights / posterior buffers are never read; an inf there is not a damaged file."""
+    weights = _weights()
+    weights["lvlb_weights"] = torch.tensor([float("inf"), 1.0])
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": weights}, path)
+    assert torch.isinf(read_checkpoint(path)["lvlb_weights"][0])
+
+
+def test_a_crc_mismatch_is_a_damaged_file(tmp_path):
+    import struct
+    import zipfile
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(256)}}, path)
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)
+    data[info.header_offset + 30 + name_length + extra_length + 100] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].shape == (256,)  # torch itself does not notice
+    with pytest.raises(CheckpointError, match=r"damaged or truncated \(record .*Bad CRC-32") as excinfo:
+        read_checkpoint(path)
+    _assert_one_line_error(excinfo, path)
+
+
+def test_messages_escape_names_and_keep_one_line():
+    from ldm.messages import escaped, one_line
+
+    assert escaped("a\nb\x1b[2J\u202e") == "a\\nb\\x1b[2J\\u202e"
+    assert one_line("\n  first line\nsecond") == "first line"
+    long = one_line("cannot read x: " + "k" * 1000 + " does --config match?")
+    assert len(long) == 400 and long.startswith("cannot read x: ") and long.endswith("does --config match?")
+    assert str(CheckpointError("two\nlines")) == "two"
+
+
+def test_read_torch_data_returns_nested_data_with_module_containers_as_stand_ins(tmp_path, marker):
+    """Textual-inversion files: nested dicts, ints and a ParameterDict (torch 1.11-1.12 saves), no code run."""
+    vectors = torch.randn(2, 8)
+    path = tmp_path / "embedding.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "name": "cat",
+                "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors)})}, path)
+    data = checkpoint_file.read_torch_data(path)
+    assert data["name"] == "cat" and int(data["string_to_token"]["*"]) == 265
+    holder = data["string_to_param"]
+    assert isinstance(holder, restricted_unpickler.InertStandIn)
+    assert torch.equal(holder._stand_in_state["_parameters"]["*"].detach(), vectors)
+    evil = tmp_path / "evil.pt"
+    torch.save({"name": "x", "p": _Payload(os.system, f"touch {marker}")}, evil)
+    with pytest.raises(CheckpointError, match="which could run code"):
+        checkpoint_file.read_torch_data(evil)
+    assert not marker.exists()

@@ -51,10 +51,11 @@ def test_every_sampler_writes_named_images_with_metadata_and_a_grid(tiny_checkpo
     assert sorted(p.name for p in folder.iterdir()) == ["seed_41_00000.png", "seed_42_00001.png"]
     labels = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a",
               "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lms": "LMS"}
+    schedule = "" if sampler in ("ddim", "plms") else "Schedule type: Uniform, "
     assert read_parameters(folder / "seed_42_00001.png") == (
         "a tiny test\nNegative prompt: blurry, dark\n"
-        f"Steps: 2, Sampler: {labels[sampler]}, CFG scale: 7.5, Seed: 42, Size: 64x64, "
-        f"Model hash: {ckpt_hash(tiny_checkpoint)}, Model: {tiny_checkpoint.stem}"
+        f"Steps: 2, Sampler: {labels[sampler]}, {schedule}CFG scale: 7.5, Seed: 42, Size: 64x64, "
+        f"Model hash: {ckpt_hash(tiny_checkpoint)}, Model: {tiny_checkpoint.stem}, RNG: CPU"
     )
     image = pixels(folder / "seed_41_00000.png")
     assert image.shape == (64, 64, 3) and image.std() > 0  # not a blank image
@@ -129,13 +130,13 @@ def test_text_encoder_runs_once_per_distinct_prompt(tiny_checkpoint, tmp_path, m
     from ldm.text_encoder import CLIPTextEncoder
 
     seen: list[str] = []
-    original = CLIPTextEncoder.encode
+    original = CLIPTextEncoder.chunk_prompt
 
-    def counting(self, prompts):
-        seen.extend(prompts)
-        return original(self, prompts)
+    def counting(self, fragments, find_embedding=None):  # every text is chunked once, then encoded
+        seen.append("".join(fragment.text for fragment in fragments))
+        return original(self, fragments, find_embedding)
 
-    monkeypatch.setattr(CLIPTextEncoder, "encode", counting)
+    monkeypatch.setattr(CLIPTextEncoder, "chunk_prompt", counting)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat:1 a dog:3\na cat\na cat:1 a dog:3\n", encoding="utf-8")
     cache = tmp_path / "cache"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm.token_chunks import TokenChunk
 from optimizedSD.prompts import (
     EmbeddingCache,
     PromptEncoder,
@@ -110,10 +111,21 @@ def test_prompts_file_errors(tmp_path):
 
 
 class FakeTextEncoder:
-    """A deterministic stand-in for CLIP: each text maps to its own random [77, 8] tensor."""
+    """A deterministic stand-in for CLIP: each text maps to its own random [77, 8] tensor.
+
+    It speaks the chunked protocol of ``CLIPTextEncoder`` (``chunk_prompt`` / ``encode_chunks``) with one
+    chunk per text, the chunk carrying the text itself.
+    """
 
     def __init__(self):
         self.seen: list[str] = []
+
+    def chunk_prompt(self, fragments, find_embedding=None):
+        assert len(fragments) == 1  # the fork syntax encodes each sub-prompt as one fragment
+        return [TokenChunk(ids=[fragments[0].text])]
+
+    def encode_chunks(self, chunks, clip_skip=1):
+        return self.encode([chunk.ids[0] for chunk in chunks])
 
     def encode(self, texts):
         self.seen.extend(texts)
@@ -128,12 +140,12 @@ def test_weighted_conditioning_is_the_normalised_weighted_sum():
     fake = FakeTextEncoder()
     encoder = PromptEncoder()
     prompt = "tabby cat:0.25 white duck:0.75 hybrid"
-    encoder.encode_missing([prompt], fake.encode)
+    encoder.encode_missing([prompt], fake)
     expected = (0.25 * fake.encode(["tabby cat"])[0] + 0.75 * fake.encode(["white duck"])[0]
                 + 1.0 * fake.encode(["hybrid"])[0]) / 2.0
     torch.testing.assert_close(encoder.conditioning(prompt), expected)
     # a single (weighted or not) sub-prompt is its own encoding, without the weight text
-    encoder.encode_missing(["cat:0.5", "cat"], fake.encode)
+    encoder.encode_missing(["cat:0.5", "cat"], fake)
     torch.testing.assert_close(encoder.conditioning("cat:0.5"), fake.encode(["cat"])[0])
     batch = encoder.batch(prompt, 3, torch.device("cpu"), torch.float32)
     assert batch.shape == (3, 77, 8)
@@ -143,8 +155,8 @@ def test_weighted_conditioning_is_the_normalised_weighted_sum():
 def test_each_text_is_encoded_once():
     fake = FakeTextEncoder()
     encoder = PromptEncoder()
-    encoder.encode_missing(["a cat", "a cat", "a cat:1 a dog:2", ""], fake.encode)
-    encoder.encode_missing(["a dog", "a cat", ""], fake.encode)
+    encoder.encode_missing(["a cat", "a cat", "a cat:1 a dog:2", ""], fake)
+    encoder.encode_missing(["a dog", "a cat", ""], fake)
     assert sorted(fake.seen) == sorted(["a cat", "a dog", ""])
     assert encoder.encoder_calls == 3
 
@@ -155,7 +167,7 @@ def test_disk_cache_round_trip(tmp_path):
     key = checkpoint_fingerprint(ckpt)
     fake = FakeTextEncoder()
     first = PromptEncoder(EmbeddingCache(tmp_path / "cache", key, torch.float32))
-    first.encode_missing(["a cat:1 a dog:3"], fake.encode)
+    first.encode_missing(["a cat:1 a dog:3"], fake)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
     second = PromptEncoder(EmbeddingCache(tmp_path / "cache", key, torch.float32))

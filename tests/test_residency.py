@@ -52,31 +52,30 @@ def group_sizes(residency):
     return [g.nbytes for g in residency.unet_groups]
 
 
-# (mode, budget as a function of the group sizes, granularity)
+# (mode, budget as a function of the group sizes)
 LOW_VARIANTS = [
-    ("low", lambda s: None, "blocks"),
-    ("low", lambda s: sorted(s)[-1], "blocks"),  # largest group only: no prefetch
-    ("low", lambda s: sum(sorted(s)[-2:]) + s[0] + s[-1], "blocks"),  # window + a few resident groups
-    ("low", lambda s: sum(s), "blocks"),  # everything fits: all resident
-    ("low", lambda s: None, "stages"),
+    ("low", lambda s: None),
+    ("low", lambda s: sorted(s)[-1]),  # largest group only: no prefetch
+    ("low", lambda s: sum(sorted(s)[-2:]) + s[0] + s[-1]),  # window + a few resident groups
+    ("low", lambda s: sum(s)),  # everything fits: all resident
 ]
-VARIANTS = [("full", lambda s: None, "blocks"), ("medium", lambda s: None, "blocks")] + LOW_VARIANTS
+VARIANTS = [("full", lambda s: None), ("medium", lambda s: None)] + LOW_VARIANTS
 
 
-def make_residency(sd, mode, budget_fn, granularity, **kwargs):
-    probe = Residency(sd, "cpu", "full", granularity=granularity)
+def make_residency(sd, mode, budget_fn, **kwargs):
+    probe = Residency(sd, "cpu", "full")
     budget = budget_fn(group_sizes(probe))
-    return Residency(sd, "cpu", mode, budget, granularity=granularity, **kwargs)
+    return Residency(sd, "cpu", mode, budget, **kwargs)
 
 
 # ---- same numbers -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("track", [True, False])
-@pytest.mark.parametrize("mode,budget_fn,granularity", VARIANTS)
-def test_unet_output_identical_in_every_mode(sd, mode, budget_fn, granularity, track):
+@pytest.mark.parametrize("mode,budget_fn", VARIANTS)
+def test_unet_output_identical_in_every_mode(sd, mode, budget_fn, track):
     x, t, context = unet_inputs(sd)
     with torch.no_grad():
         expected = sd.unet(x, t, context)
-    residency = make_residency(sd, mode, budget_fn, granularity, track_cpu_copies=track)
+    residency = make_residency(sd, mode, budget_fn, track_cpu_copies=track)
     with residency.use("unet") as unet:
         for _ in range(2):  # the second call runs on the state the first left (resident groups, prefetch)
             assert torch.equal(unet(x, t, context), expected)
@@ -91,19 +90,19 @@ def run_pipeline(sd, residency, steps=4, sampler="ddim"):
         uncond = text_encoder.encode(["", ""])
     noise = SeededNoise([7, 8])
     x_T = noise.initial((4, 8, 8))
-    schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
+    schedule = sd.schedule
     with residency.use("unet") as unet, torch.no_grad():
         latents = samplers.sample(sampler, GuidedDenoiser(unet, cond, uncond, 7.5), schedule, x_T, steps)
-    with residency.use("vae") as vae, torch.no_grad():
+    with residency.use("vae.decoder") as vae, torch.no_grad():
         images = vae.decode(latents / sd.scale_factor)
     residency.release()
     return latents, images
 
 
-@pytest.mark.parametrize("mode,budget_fn,granularity", VARIANTS[1:])
-def test_final_latents_and_images_identical_to_full(sd, mode, budget_fn, granularity):
+@pytest.mark.parametrize("mode,budget_fn", VARIANTS[1:])
+def test_final_latents_and_images_identical_to_full(sd, mode, budget_fn):
     ref_latents, ref_images = run_pipeline(sd, Residency(sd, "cpu", "full", track_cpu_copies=True))
-    latents, images = run_pipeline(sd, make_residency(sd, mode, budget_fn, granularity, track_cpu_copies=True))
+    latents, images = run_pipeline(sd, make_residency(sd, mode, budget_fn, track_cpu_copies=True))
     assert torch.equal(latents, ref_latents)
     assert torch.equal(images, ref_images)
 
@@ -247,7 +246,7 @@ def test_medium_mode_one_model_at_a_time_unet_kept_for_all_steps(sd):
         handle.remove()
     assert len(calls) == 8  # 4 steps x 2 batches
     onloads = [group for event, group, _ in events if event == "onload"]
-    assert onloads == ["text_encoder", "unet", "vae"] * 2  # the UNet once per batch, not per step
+    assert onloads == ["text_encoder", "unet", "vae.decoder"] * 2  # the UNet once per batch, not per step
     on = set()
     for event, group, _ in events:
         on = on | {group} if event == "onload" else on - {group}
@@ -263,11 +262,11 @@ def test_full_mode_loads_each_model_once(sd):
         pass
     with residency.use("unet"), residency.use("vae"):
         assert all(watch.on_device(sd.text_encoder)) and all(watch.on_device(sd.unet)) and all(watch.on_device(sd.vae))
-    with residency.use("unet"):
+    with residency.use("unet"), residency.use("vae.decoder"):
         pass
-    assert [e.event for e in events] == ["onload"] * 3
+    assert [e.event for e in events] == ["onload"] * 4  # the VAE is two groups: encoder and decoder
     residency.release()
-    assert [e.group for e in events if e.event == "offload"] == ["text_encoder", "unet", "vae"]
+    assert [e.group for e in events if e.event == "offload"] == ["text_encoder", "unet", "vae.encoder", "vae.decoder"]
     assert watch.nothing_on_device()
 
 
@@ -342,7 +341,7 @@ def test_pinning_moves_every_home_into_pinned_slabs_in_medium_and_low_only(sd, m
 
     def plain_buffer(nbytes):  # page-locked memory needs CUDA; the packing is the same
         # No group may still hold the old storage while tensors move, or it could not be freed.
-        assert all(group.home == [] for group in list(residency.whole.values()) + residency.unet_groups)
+        assert all(group.home == [] for group in residency.groups())
         buffers.append(torch.empty(nbytes, dtype=torch.uint8))
         return buffers[-1]
 
@@ -355,7 +354,7 @@ def test_pinning_moves_every_home_into_pinned_slabs_in_medium_and_low_only(sd, m
     residency.set_mode("low")
     (buffer,) = buffers  # the tiny models fit one slab
     start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
-    for group in list(residency.whole.values()) + residency.unet_groups:  # every group's home is in the slab
+    for group in residency.groups():  # every group's home is in the slab
         assert all(start <= h.data_ptr() and h.data_ptr() + h.numel() * h.element_size() <= end for h in group.home)
     watch = DeviceWatch(sd)  # homes are the slab now: onloads copy out of it and offloads come back to it
     with residency.use("unet") as unet:
@@ -483,10 +482,9 @@ def test_plan_streaming():
 
 def test_group_layout_covers_the_unet_in_order(sd):
     names = [name for name, _ in unet_parts(sd.unet)]
-    for granularity, count in (("blocks", len(names) - 2), ("stages", 3)):
-        layout = unet_group_layout(sd.unet, granularity)
-        assert [n for group in layout for n in group] == names
-        assert len(layout) == count
+    layout = unet_group_layout(sd.unet)
+    assert [n for group in layout for n in group] == names
+    assert len(layout) == len(names) - 2
 
 
 # ---- choosing a mode --------------------------------------------------------------------------------------
@@ -559,3 +557,53 @@ def test_cuda_peak_memory_low_below_medium_below_full(sd):
         assert torch.cuda.memory_allocated(device) - base <= out.numel() * out.element_size()
         del out
     assert peaks["low"] < peaks["medium"] < peaks["full"], peaks
+
+
+# ---- low mode's decode: the decoder streamed level by level -----------------------------------------------
+def test_low_mode_decode_streams_the_decoder_one_level_at_a_time(sd):
+    from ldm.streaming import decoder_group_layout
+
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = sd.vae.decode(z)
+    events = []
+    residency = Residency(sd, "cpu", "low", track_cpu_copies=True, on_transfer=events.append)
+    watch = DeviceWatch(sd)
+    seen = []
+
+    def check(module, args):
+        # The encoder never comes; of the decoder, only the running part's group.
+        assert not any(watch.on_device(sd.vae.encoder)) and not any(watch.on_device(sd.vae.quant_conv))
+        assert all(watch.on_device(module))
+        seen.append(watch.device_bytes(sd.vae))
+
+    parts = dict(sd.vae.decoder_parts())
+    handles = [module.register_forward_pre_hook(check) for module in parts.values()]
+    try:
+        with residency.use("vae.decoder") as vae, torch.no_grad():
+            images = vae.decode(z)
+    finally:
+        for handle in handles:
+            handle.remove()
+    residency.release()
+    assert torch.equal(images, expected)
+    layout = decoder_group_layout(sd.vae)
+    assert [e.group for e in events if e.event == "onload"] == ["vae." + "+".join(names) for names in layout]
+    on = 0
+    for event in events:  # one group at a time: no prefetch in a decode
+        on += event.nbytes if event.event == "onload" else -event.nbytes
+        assert on <= max(g.nbytes for g in residency.decoder_groups)
+    assert len(seen) == len(parts) and watch.nothing_on_device()
+
+
+def test_the_unet_runs_its_own_forward_through_the_part_hook(sd):
+    x, t, context = unet_inputs(sd)
+    calls = []
+
+    def hook(name, module, *args):
+        calls.append(name)
+        return module(*args)
+
+    with torch.no_grad():
+        assert torch.equal(sd.unet(x, t, context, hook=hook), sd.unet(x, t, context))
+    assert calls == [name for name, _ in unet_parts(sd.unet)]

@@ -24,6 +24,8 @@ from ldm.config import ScheduleConfig
 from ldm.guidance import GuidedDenoiser
 from ldm.noise import SeededNoise
 from ldm.samplers import SAMPLER_NAMES, SAMPLERS, sample
+from ldm.samplers.common import ScheduledEps
+from ldm.samplers.grids import SIGMAS
 from ldm.samplers.k_diffusion import lms_coefficients
 from ldm.schedule import DiffusionSchedule
 
@@ -168,7 +170,18 @@ def test_k_samplers_equal_diffusers(eps_model, schedule, noise, name, scheduler)
     # so diffusers' linear-in-sigma interpolation gives the same sigmas as the log-sigma one.
     ref = scheduler(**SD, timestep_spacing="linspace")
     ref.set_timesteps(10)
-    assert_close(sample(name, eps_model, schedule, noise, 10), drive(ref, eps_model, noise * ref.init_noise_sigma))
+    assert_close(on_the_plain_grid(name, eps_model, schedule, noise, 10), drive(ref, eps_model, noise * ref.init_noise_sigma))
+
+
+def on_the_plain_grid(name, eps_model, schedule, noise, steps, noise_sampler=None):
+    """The sampler's function over k-diffusion's ``get_sigmas(steps)`` (what diffusers walks): ``dpm2`` and
+    ``dpm2_a`` themselves walk the webui's grid (tests/test_dpm2_webui_grid.py holds them to k-diffusion)."""
+    spec = SAMPLERS[name]
+    levels = SIGMAS.levels(schedule, steps)
+    options = dict(spec.options)
+    if options.get("eta", 0) > 0:
+        options["noise_sampler"] = noise_sampler
+    return spec.function(ScheduledEps(eps_model, schedule), SIGMAS.start(noise, levels[0]), levels, **options)
 
 
 def test_euler_equals_diffusers_on_fractional_timesteps(eps_model, schedule, noise):
@@ -181,7 +194,7 @@ def test_euler_equals_diffusers_on_fractional_timesteps(eps_model, schedule, noi
     "name, scheduler", [("euler_a", EulerAncestralDiscreteScheduler), ("dpm2_a", KDPM2AncestralDiscreteScheduler)]
 )
 def test_ancestral_samplers_equal_diffusers_given_the_same_noise(eps_model, schedule, noise, name, scheduler):
-    ours = sample(name, eps_model, schedule, noise, 10, noise_sampler=Recorder(7))
+    ours = on_the_plain_grid(name, eps_model, schedule, noise, 10, noise_sampler=Recorder(7))
     ref = scheduler(**SD, timestep_spacing="linspace")
     ref.set_timesteps(10)
     generator = torch.Generator().manual_seed(7)

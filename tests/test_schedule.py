@@ -38,9 +38,9 @@ def test_schedule_from_the_sd_v1_config(schedule):
     assert torch.equal(from_yaml.alphas_cumprod, schedule.alphas_cumprod)
 
 
-def test_from_alphas_cumprod_keeps_a_checkpoint_buffer(schedule):
+def test_a_given_alphas_cumprod_is_kept(schedule):
     buffer = schedule.alphas_cumprod.float()  # what CompVis stores in the checkpoint
-    loaded = DiffusionSchedule.from_alphas_cumprod(buffer)
+    loaded = DiffusionSchedule(buffer)
     assert torch.equal(loaded.alphas_cumprod, buffer.double())
     assert torch.allclose(loaded.betas, schedule.betas, rtol=1e-4)
 
@@ -50,7 +50,7 @@ def test_from_alphas_cumprod_keeps_a_checkpoint_buffer(schedule):
 )
 def test_rejects_a_bad_alphas_cumprod(bad):
     with pytest.raises(ValueError):
-        DiffusionSchedule.from_alphas_cumprod(bad)
+        DiffusionSchedule(bad)
 
 
 def test_rejects_an_unknown_beta_schedule():

@@ -12,7 +12,8 @@ Each sampler is one :class:`Sampler` record in :data:`SAMPLERS` (its name, the w
 its grid, its fixed options): the scripts' names, this dispatcher and the images' metadata all read it.
 Grids (:mod:`ldm.samplers.grids`): the DDIM one is CompVis' ``range(0, 1000, 1000 // steps) + 1`` (more than
 ``steps`` timesteps when ``steps`` does not divide 1000, as CompVis); the sigma one is k-diffusion's
-``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then sigma 0.
+``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then sigma 0; ``dpm2`` and ``dpm2_a``
+walk it for ``steps + 1`` with the next-to-last sigma dropped, as AUTOMATIC1111's webui does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from ldm.samplers import ddim, dpm_solver, k_diffusion, plms
 from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
-from ldm.samplers.grids import SIGMAS, TIMESTEPS, SigmaGrid, TimestepGrid
+from ldm.samplers.grids import SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIMESTEPS, SigmaGrid, TimestepGrid
 from ldm.schedule import DiffusionSchedule
 
 __all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "sample"]
@@ -54,8 +55,8 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("euler", "Euler", k_diffusion.sample_euler, SIGMAS),
         Sampler("euler_a", "Euler a", k_diffusion.sample_euler, SIGMAS, options=(("eta", 1.0),)),
         Sampler("heun", "Heun", k_diffusion.sample_heun, SIGMAS),
-        Sampler("dpm2", "DPM2", k_diffusion.sample_dpm2, SIGMAS),
-        Sampler("dpm2_a", "DPM2 a", k_diffusion.sample_dpm2, SIGMAS, options=(("eta", 1.0),)),
+        Sampler("dpm2", "DPM2", k_diffusion.sample_dpm2, SIGMAS_WITHOUT_PENULTIMATE),
+        Sampler("dpm2_a", "DPM2 a", k_diffusion.sample_dpm2, SIGMAS_WITHOUT_PENULTIMATE, options=(("eta", 1.0),)),
         Sampler("lms", "LMS", k_diffusion.sample_lms, SIGMAS),
     )
 }

@@ -5,6 +5,9 @@
   ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``; txt2img starts from ``x_T = noise`` as CompVis does.
 - :data:`SIGMAS`: k-diffusion's ``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then
   sigma 0 (Karras et al. 2022). The latent is ``x = x0 + sigma * eps``; txt2img starts from ``sigma_max * noise``.
+- :data:`SIGMAS_WITHOUT_PENULTIMATE`: ``get_sigmas(steps + 1)`` with the next-to-last sigma dropped, ``steps``
+  steps again: AUTOMATIC1111's grid for DPM2 and DPM2 a (``discard_next_to_last_sigma``), whose second-order
+  step would otherwise spend a model call on the tiny next-to-last interval.
 """
 
 from __future__ import annotations
@@ -47,5 +50,16 @@ class SigmaGrid:
         return x0 + level * noise
 
 
+class SigmaGridWithoutPenultimate(SigmaGrid):
+    """k-diffusion's noise levels for one step more, the next-to-last dropped (the webui's DPM2 grid)."""
+
+    name = "sigmas without the next-to-last"
+
+    def levels(self, schedule: DiffusionSchedule, steps: int) -> list[float]:
+        sigmas = schedule.get_sigmas(steps + 1).tolist()
+        return sigmas[:-2] + sigmas[-1:]
+
+
 TIMESTEPS = TimestepGrid()
 SIGMAS = SigmaGrid()
+SIGMAS_WITHOUT_PENULTIMATE = SigmaGridWithoutPenultimate()

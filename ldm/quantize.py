@@ -1,0 +1,172 @@
+"""int8 weights for the UNet (``--quantize int8``): one scale per output channel, dequantized as each layer runs.
+
+Each ``nn.Linear`` and ``nn.Conv2d`` of the UNet is replaced by :class:`Int8Linear` / :class:`Int8Conv2d`,
+which hold the weight as int8 ``q`` and a per-output-channel scale ``s`` with ``w ~= s * q``:
+``s = max|w| / 127`` over each output channel's weights, ``q = round(w / s)`` (symmetric, round to
+nearest; LLM.int8()'s "vector-wise" weight quantization, Dettmers et al. 2022, without the outliers'
+fp16 path, which activations need but weights do not). At every call the layer multiplies ``q`` by ``s``
+in the compute dtype on the compute device and runs the ordinary kernel.
+
+Why a module of our own: torchao quantizes linear layers only, and both torchao and optimum-quanto
+keep the int8 data inside tensor subclasses. ``ldm.residency`` moves a model by swapping each
+parameter's and buffer's ``.data`` (and packs CPU copies into pinned slabs); plain int8 buffers move as
+they are, so the memory modes carry half the bytes of fp16 (a quarter of fp32) with no change:
+``full``/``medium`` keep int8 on the device, ``low`` streams int8 at every step.
+
+Kept in floating point: the first and last convolutions (``input_blocks.0.0``, ``out.2``: 0.003 % of
+the weights, and the layers most sensitive to error, as is usual), and every norm and bias.
+``UNetModel.forward`` and the streamed UNet read the compute dtype from ``out.2``'s weight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("int8",)
+KEEP_FLOAT = frozenset({"input_blocks.0.0", "out.2"})
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output channel (dim 0): ``(q int8, scale in weight.dtype)``."""
+    w = weight.detach().float()
+    low, high = torch.aminmax(w.flatten(1), dim=1)  # no |w| copy: max|w| = max(-min, max)
+    scale = torch.maximum(-low, high).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    q = (w / scale.view(-1, *[1] * (w.dim() - 1))).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(weight.dtype)
+
+
+class _Int8Weight(nn.Module):
+    """Holds ``weight_int8`` and ``weight_scale`` as buffers (so ``.to()`` and the residency move them)
+    and ``bias`` as the float parameter it was."""
+
+    def _set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        q, scale = quantize_per_channel(weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``scale * q`` in the scale's dtype (the model's), on the buffers' device."""
+        shape = (-1,) + (1,) * (self.weight_int8.dim() - 1)
+        return self.weight_int8 * self.weight_scale.view(shape)  # int8 * float promotes: one kernel
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+
+class Int8Linear(_Int8Weight):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set_weight(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int8Conv2d(_Int8Weight):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"int8 convolution supports zero padding only, not {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self._set_weight(conv.weight, conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, int8")
+
+
+def quantize_unet(unet: nn.Module, mode: str = "int8") -> int:
+    """Replace the UNet's linear and conv layers (but :data:`KEEP_FLOAT`) by int8 ones, in place; each
+    float weight is released as its layer is replaced. Returns the weight bytes saved."""
+    if mode not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantization {mode!r}; choose {', '.join(QUANTIZE_CHOICES)}")
+    started, saved, released, count = time.perf_counter(), 0, 0, 0
+    file_pages = _MappedFilePages()
+    for name, module in list(unet.named_modules()):
+        if name in KEEP_FLOAT or type(module) not in (nn.Linear, nn.Conv2d):
+            continue
+        replacement = Int8Linear(module) if isinstance(module, nn.Linear) else Int8Conv2d(module)
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name) if parent_name else unet, child, replacement)
+        weight, module.weight = module.weight.data, None  # the float copy goes now, not when the loop ends
+        saved += _nbytes(weight) - _nbytes(replacement.weight_int8, replacement.weight_scale)
+        released += file_pages.release(weight)
+        count += 1
+    log.info("int8 weights for %d UNet layers in %.1f s (%.2f GiB saved, %.2f GiB of mapped file pages released)",
+             count, time.perf_counter() - started, saved / 2**30, released / 2**30)
+    return saved
+
+
+class _MappedFilePages:
+    """Gives back to the OS the pages of dead weights that were memory-mapped from the checkpoint file.
+
+    A ``.safetensors`` / zip ``.ckpt`` is read memory-mapped: an fp32 model's weights are the file's pages,
+    which count in the process's memory once read, and stay mapped while any tensor of the file lives (the
+    VAE's, CLIP's), even after the UNet's float weights are dropped. ``madvise(MADV_DONTNEED)`` unmaps the
+    whole pages inside a dropped weight's bytes. Only where that cannot change what anything reads: Linux,
+    a contiguous tensor whose storage nothing else holds (so no other tensor reads those bytes again), and
+    pages inside a private file mapping (the checkpoint's; never the heap).
+    """
+
+    MADV_DONTNEED = 4
+
+    def __init__(self):
+        self.libc, self.ranges = None, []
+        if sys.platform.startswith("linux"):
+            try:
+                self.libc = ctypes.CDLL(None, use_errno=True)
+                self.ranges = self._private_file_mappings()
+            except (OSError, AttributeError):
+                self.libc = None
+
+    @staticmethod
+    def _private_file_mappings() -> list[tuple[int, int]]:
+        ranges = []
+        with open("/proc/self/maps") as maps:
+            for line in maps:  # "start-end perms offset dev inode path"
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
+                    start, end = (int(a, 16) for a in fields[0].split("-"))
+                    ranges.append((start, end))
+        return ranges
+
+    def release(self, tensor: torch.Tensor) -> int:
+        """Bytes given back for ``tensor`` (a dropped weight): 0 where any condition above fails."""
+        if self.libc is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return 0
+        storage = tensor.untyped_storage()
+        if torch._C._storage_Use_Count(storage._cdata) > 2:  # ``tensor`` and ``storage``: nobody else
+            return 0
+        page = mmap.PAGESIZE
+        first = -(-tensor.data_ptr() // page) * page
+        last = (tensor.data_ptr() + _nbytes(tensor)) // page * page
+        if last <= first or not any(lo <= first and last <= hi for lo, hi in self.ranges):
+            return 0
+        if self.libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self.MADV_DONTNEED) != 0:
+            return 0
+        return last - first
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

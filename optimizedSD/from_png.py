@@ -1,0 +1,157 @@
+"""``--from_png``: the settings of an image written by this tool or by AUTOMATIC1111's webui.
+
+:func:`restore_settings` turns an :class:`~optimizedSD.infotext.Infotext` into the settings it can honour
+and names the fields it cannot (the script prints them in one warning line). Flags given on the command
+line override what is read here.
+
+How the webui's fields are read (webui >= 1.9, ``infotext_utils.parse_generation_parameters``):
+
+- a missing ``RNG`` means GPU noise (the webui's default), which this tool does not make: only ``RNG: CPU``
+  reproduces;
+- a missing ``Schedule type`` means "Automatic", which for DPM++ 2M, DPM2 and DPM2 a is Karras (their
+  default scheduler there); for the other samplers it is k-diffusion's own grid, the one used here;
+- ``Clip skip`` missing means 1; ``Denoising strength`` in a txt2img infotext belongs to the hires fix;
+- a prompt from the webui is in its syntax; this tool writes ``Prompt syntax: fork`` when its own syntax
+  would read the prompt differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from optimizedSD.infotext import Infotext
+
+KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM2", "DPM2 a"})  # webui samplers whose Automatic is Karras
+SIGMA_SCHEDULES = frozenset({"Automatic", "Uniform"})  # webui schedule types that are k-diffusion's grid
+_SCHEDULE_SUFFIXES = (" Karras", " Exponential")  # old labels that named the schedule ("DPM++ 2M Karras")
+# Fields read for the record only: they change nothing in the image.
+_INFORMATIONAL = frozenset({"Model", "Version", "Pad conds", "Size-1", "Size-2"})
+
+
+class FromPngError(ValueError):
+    """An image without readable parameters, or with a field that is not what it must be."""
+
+
+@dataclass
+class RestoredSettings:
+    """What an infotext asks for, in this tool's terms, and the fields it cannot honour (``"Name: value"``)."""
+
+    values: dict[str, object] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+    def warning(self) -> str | None:
+        """The one warning line the script prints, or None when everything is honoured."""
+        if not self.ignored:
+            return None
+        return "--from_png: these parameters cannot be honoured and are ignored: " + "; ".join(self.ignored)
+
+
+def _number(kind: Callable[[str], object], key: str, value: str) -> object:
+    try:
+        return kind(value)
+    except ValueError:
+        raise FromPngError(f"--from_png: {key}: {value!r} is not a number") from None
+
+
+def _size(value: str) -> tuple[int, int]:
+    width, sep, height = value.partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise FromPngError(f"--from_png: Size: {value!r} is not WIDTHxHEIGHT")
+    return int(width), int(height)
+
+
+def restore_settings(
+    info: Infotext,
+    *,
+    img2img: bool,
+    sampler_labels: Mapping[str, str],
+    timestep_samplers: frozenset[str] = frozenset({"ddim", "plms"}),
+    model_hash: str | None = None,
+    embedding_hashes: Mapping[str, str] | None = None,
+    size_multiple: int = 64,
+) -> RestoredSettings:
+    """Settings keyed ``prompt``, ``negative_prompt``, ``prompt_syntax``, ``steps``, ``sampler``, ``scale``,
+    ``seed``, ``width``, ``height``, ``clip_skip``, ``strength`` (img2img), ``eta`` (DDIM's).
+
+    ``sampler_labels`` maps the webui's labels (``"Euler a"``) to this tool's names (``"euler_a"``);
+    ``model_hash`` is the checkpoint's (webui "Model hash"); ``embedding_hashes`` maps the textual-inversion
+    embeddings available to their short hashes (webui "TI hashes").
+    """
+    fields = dict(info.fields)
+    out = RestoredSettings()
+    out.values.update(prompt=info.prompt, negative_prompt=info.negative_prompt,
+                      prompt_syntax=fields.pop("Prompt syntax", "webui"))
+    if out.values["prompt_syntax"] not in ("fork", "webui"):
+        out.ignored.append(f"Prompt syntax: {out.values['prompt_syntax']}")
+        out.values["prompt_syntax"] = "webui"
+    _restore_sampler(fields, out, sampler_labels, timestep_samplers)
+    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "scale", float), ("Seed", "seed", int),
+                            ("Clip skip", "clip_skip", int), ("Eta DDIM", "eta", float)):
+        if key in fields:
+            out.values[name] = _number(kind, key, fields.pop(key))
+    if "Size" in fields:
+        width, height = _size(fields["Size"])
+        if width % size_multiple == 0 and height % size_multiple == 0:
+            out.values["width"], out.values["height"] = width, height
+            del fields["Size"]  # else it stays, and is named: this tool makes multiples of size_multiple
+    if img2img and "Denoising strength" in fields:
+        out.values["strength"] = _number(float, "Denoising strength", fields.pop("Denoising strength"))
+    _check_environment(fields, out, model_hash, embedding_hashes)
+    out.ignored.extend(f"{key}: {value}" for key, value in fields.items() if key not in _INFORMATIONAL)
+    return out
+
+
+def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapping[str, str],
+                     timestep_samplers: frozenset[str]) -> None:
+    label = fields.pop("Sampler", None)
+    schedule = fields.pop("Schedule type", None)
+    if label is None:
+        return
+    for suffix in _SCHEDULE_SUFFIXES:
+        if label.endswith(suffix) and label[: -len(suffix)] in labels:
+            label, schedule = label[: -len(suffix)], suffix.strip()
+    name = labels.get(label)
+    if name is None:
+        out.ignored.append(f"Sampler: {label}")
+        return
+    out.values["sampler"] = name
+    if name in timestep_samplers:
+        if schedule not in (None, *SIGMA_SCHEDULES):
+            out.ignored.append(f"Schedule type: {schedule}")
+        return
+    effective = schedule or "Automatic"
+    if effective == "Automatic" and label in KARRAS_BY_DEFAULT:
+        out.ignored.append(f"Schedule type: {schedule or 'missing'} (Karras for {label} in the webui)")
+    elif effective not in SIGMA_SCHEDULES:
+        out.ignored.append(f"Schedule type: {schedule}")
+
+
+def _check_environment(fields: dict[str, str], out: RestoredSettings, model_hash: str | None,
+                       embedding_hashes: Mapping[str, str] | None) -> None:
+    """Fields that must match how this tool runs: noise source, checkpoint, embeddings, emphasis."""
+    rng = fields.pop("RNG", "GPU")  # the webui's default when the field is missing
+    if rng != "CPU":
+        out.ignored.append(f"RNG: {rng}")
+    written_hash = fields.pop("Model hash", None)
+    if written_hash and model_hash and not model_hash.startswith(written_hash) and not written_hash.startswith(model_hash):
+        out.ignored.append(f"Model hash: {written_hash} (the checkpoint given is {model_hash})")
+    for key, default in (("Eta", "1.0"), ("ENSD", "0"), ("Eta noise seed delta", "0"), ("Emphasis", "Original"),
+                         ("Schedule max sigma", "0"), ("Schedule min sigma", "0"), ("Schedule rho", "0")):
+        value = fields.pop(key, None)
+        if value is not None and value != default and not _same_number(value, default):
+            out.ignored.append(f"{key}: {value}")
+    written = fields.pop("TI hashes", None)
+    if written:
+        available = embedding_hashes or {}
+        for pair in written.split(","):
+            name, _, short = pair.strip().rpartition(": ")
+            if available.get(name) != short:
+                out.ignored.append(f"TI hashes: {name or pair.strip()} ({'another file' if name in available else 'not found'})")
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
