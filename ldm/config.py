@@ -252,7 +252,8 @@ class ModelConfig:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.in_channels
+        # The UNet's output: an inpainting UNet takes 9 channels (latent, mask, masked image) but denoises 4.
+        return self.unet.out_channels
 
     @property
     def downsampling_factor(self) -> int:

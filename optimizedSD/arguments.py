@@ -1,4 +1,4 @@
-"""Command-line flags of ``optimized_txt2img.py`` / ``optimized_img2img.py`` and their checks.
+"""Command-line flags of ``optimized_txt2img.py`` / ``optimized_img2img.py`` / ``optimized_inpaint.py`` and their checks.
 
 Names and defaults follow the optimizedSD fork (basujindal/stable-diffusion ``optimizedSD/optimized_*.py``)
 where it has them: ``--n_samples 5``, ``--ddim_steps 50``, ``--scale 7.5``, ``--precision autocast``,
@@ -26,7 +26,7 @@ from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
 from ldm.textual_inversion import embedding_file_hashes
 from ldm.quantize import QUANTIZE_CHOICES
 from ldm.token_merging import MAX_RATIO
-from optimizedSD.request import IMG2IMG, TXT2IMG, GenerationRequest
+from optimizedSD.request import IMG2IMG, INPAINT, TXT2IMG, GenerationRequest, MaskOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,13 @@ def _positive_multiple(name: str, value: int) -> None:
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
-    """The flags of one script (``mode`` is ``"txt2img"`` or ``"img2img"``)."""
-    img2img = mode == IMG2IMG
+    """The flags of one script (``mode`` is ``"txt2img"``, ``"img2img"`` or ``"inpaint"``: img2img's and the mask's)."""
+    img2img = mode in (IMG2IMG, INPAINT)
     parser = _Parser(
         prog=f"optimized_{mode}.py",
         description=(
-            "Generate images from a text prompt" + (" and an initial image" if img2img else "")
+            ("Repaint the masked part of an image from a text prompt" if mode == INPAINT else
+             "Generate images from a text prompt" + (" and an initial image" if img2img else ""))
             + " with Stable Diffusion v1.x in little GPU memory. See docs/cli.md."
         ),
     )
@@ -79,8 +80,10 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--outdir", type=str, nargs="?", default=f"outputs/{mode}-samples", help="dir to write results to")
     if img2img:
         add("--init-img", dest="init_img", type=str, default=None, help="path to the input image (required)")
-        add("--strength", type=float, default=0.75,
+        add("--strength", type=float, default=1.0 if mode == INPAINT else 0.75,
             help="how much of the init image to destroy: 0 keeps it (VAE round trip), 1 starts from pure noise")
+    if mode == INPAINT:
+        _add_mask_flags(add)
     add("--H", type=int, default=None if img2img else 512,
         help="image height in pixels, a multiple of 64" + (" (default: the init image's, floored to 64)" if img2img else ""))
     add("--W", type=int, default=None if img2img else 512,
@@ -157,6 +160,16 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_mask_flags(add) -> None:
+    """optimized_inpaint.py's own flags (optimizedSD/masks.py reads the mask)."""
+    add("--mask", type=str, default=None, help="the mask (required): white = repaint, black = keep; any image")
+    add("--invert_mask", action="store_true", help="repaint the black part of the mask instead")
+    add("--mask_blur", type=float, default=4, metavar="PX",
+        help="Gaussian blur of the mask, standard deviation in pixels (the webui's Mask blur)")
+    add("--no_overlay", action="store_true",
+        help="return the decoded image as is (by default the kept pixels are laid back through the blurred mask)")
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -211,8 +224,8 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         negative_prompt=opt.negative_prompt,
         prompt_syntax=opt.prompt_syntax,
         from_file=Path(opt.from_file) if opt.from_file else None,
-        init_img=Path(opt.init_img) if mode == IMG2IMG else None,
-        strength=opt.strength if mode == IMG2IMG else None,
+        init_img=Path(opt.init_img) if mode in (IMG2IMG, INPAINT) else None,
+        strength=opt.strength if mode in (IMG2IMG, INPAINT) else None,
         height=opt.H,
         width=opt.W,
         seed=random.randint(0, SEED_MAX) if opt.seed is None else opt.seed,
@@ -225,7 +238,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         fixed_code=opt.fixed_code,
         ckpt=Path(opt.ckpt),
         vae=Path(opt.vae) if opt.vae else None,
-        config=resolve_config(opt.config),
+        config=None if opt.config is None else resolve_config(opt.config),
         use_ema=opt.use_ema,
         loras=tuple((Path(path), weight) for path, weight in map(parse_lora_argument, opt.lora)),
         lora_dir=Path(opt.lora_dir),
@@ -253,6 +266,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
+        mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
     )
 
 
@@ -362,7 +376,12 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--tome must be between 0 and {MAX_RATIO}, got {opt.tome}")
     if opt.seed is not None and not 0 <= opt.seed < 2**63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
-    if opt.mode == IMG2IMG:
+    if opt.mode == INPAINT:
+        if not opt.mask:
+            raise UsageError("--mask is required")
+        if not 0 <= opt.mask_blur <= 512:
+            raise UsageError(f"--mask_blur must be between 0 and 512 px, got {opt.mask_blur}")
+    if opt.mode in (IMG2IMG, INPAINT):
         if not 0.0 <= opt.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {opt.strength}")
         if not opt.init_img:

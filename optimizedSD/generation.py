@@ -1,4 +1,5 @@
-"""The generation loop shared by ``optimized_txt2img.py`` and ``optimized_img2img.py``, as a list of stages.
+"""The generation loop shared by ``optimized_txt2img.py``, ``optimized_img2img.py`` and ``optimized_inpaint.py``,
+as a list of stages.
 
 :func:`generate` reads like diffusers' ``__call__``::
 
@@ -6,6 +7,7 @@
     model = load_model(request, inputs)         # the checkpoint, once; its memory mode
     encoder = encode_prompts(...)               # every distinct (sub-)prompt once
     init = InitImage(...).encode(...)           # img2img's input preparer: the init image's posterior, once
+                                                # (inpainting's: InpaintingInputs, optimizedSD/inpaint_inputs.py)
     for batch in plan_batches(...):             # per (iteration, prompt): the seeds
         latents = sample_batch(...)             #   noise, then the guided UNet under the sampler
         decode_and_write(...)                   #   one image at a time: decode, write, keep for the grid
@@ -46,6 +48,7 @@ from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
 from ldm.diffusers_layout import is_diffusers_folder, weight_files
 from ldm.guidance import GuidedDenoiser
+from ldm.inpainting import INPAINTING_CONFIG, INPAINTING_IN_CHANNELS, blend_in_place, checkpoint_unet_in_channels
 from ldm.lora import LoraFile, apply_loras, lora_hashes_text, text_encoder_lora_key
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
@@ -58,12 +61,13 @@ from ldm.textual_inversion import EmbeddingLibrary
 from ldm.token_merging import apply_token_merging
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
 from optimizedSD import distributed
-from optimizedSD.arguments import UsageError
+from optimizedSD.arguments import UsageError, resolve_config
 from ldm.messages import escaped
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
 from optimizedSD.input_checks import (
     MAX_PROMPTS_FILE, check_conditioning, check_finite, check_input_file, check_prompt_weights, check_text,
 )
+from optimizedSD.inpaint_inputs import InpaintingInputs
 from optimizedSD.outputs import SampleWriter, Watermarker, infotext, model_hash, prompt_folder_name, to_uint8
 from optimizedSD.prompts import EmbeddingCache, PromptEncoder, checkpoint_fingerprint, distinct, parse_prompt, read_prompts_file
 from optimizedSD.request import GenerationRequest
@@ -121,6 +125,7 @@ class RunInputs:
     width: int
     writer: SampleWriter
     config: ModelConfig
+    inpainting: InpaintingInputs | None = None  # inpaint: the mask read and sized, and the init image's pixels
 
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
@@ -133,16 +138,17 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     check_prompts(request, prompts)
     init_image = load_init_image(request.init_img) if request.img2img else None
     height, width = output_size(request, init_image)
+    inpainting = None
+    if request.inpaint:
+        mask = request.mask
+        inpainting = InpaintingInputs.prepare(init_image, mask.path, width, height, invert=mask.invert, blur=mask.blur,
+                                              overlay=mask.overlay)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
     for prompt in distinct(prompts) if not request.skip_save else ():  # every prompt's folder now, not after sampling
         writer.prepare(prompt_folder_name(prompt))
-    config = load_model_config(request.config)
-    if request.clip_skip > config.text.num_hidden_layers:
-        raise UsageError(f"--clip_skip must be at most {config.text.num_hidden_layers} (the text encoder's layers), "
-                         f"got {request.clip_skip}")
-    if request.steps > config.schedule.timesteps:
-        raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
+    if request.config is not None:
+        load_model_config(request.config)  # a bad --config fails before the checkpoint is looked at
     if not request.ckpt.exists():
         raise UsageError(f"checkpoint not found: {request.ckpt}; {WEIGHTS_HELP}")
     if not request.ckpt.is_file() and not is_diffusers_folder(request.ckpt):
@@ -155,7 +161,28 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
             raise UsageError(f"--lora {path}: no such file")
     if request.safety_checker is not None:
         find_safety_checker_files(request.safety_checker)  # a wrong folder fails now, not after the model load
-    return RunInputs(prompts, init_image, height, width, writer, config)
+    config = load_model_config(model_config_path(request))
+    if request.clip_skip > config.text.num_hidden_layers:
+        raise UsageError(f"--clip_skip must be at most {config.text.num_hidden_layers} (the text encoder's layers), "
+                         f"got {request.clip_skip}")
+    if request.steps > config.schedule.timesteps:
+        raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
+    return RunInputs(prompts, init_image, height, width, writer, config, inpainting)
+
+
+def model_config_path(request: GenerationRequest) -> Path:
+    """``--config``, or without it the config the file's UNet needs: v1-inpainting-inference.yaml for 9 input
+    channels, else v1-inference.yaml. txt2img and img2img refuse an inpainting file (its UNet needs a mask)."""
+    try:  # a diffusers folder is not looked into here (its loader reads unet/config.json)
+        channels = None if is_diffusers_folder(request.ckpt) else checkpoint_unet_in_channels(request.ckpt)
+    except CheckpointError as error:
+        raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
+    if channels == INPAINTING_IN_CHANNELS and not request.inpaint:
+        raise UsageError(f"{request.ckpt} is an inpainting checkpoint (its UNet takes a mask and a masked image): "
+                         "use optimizedSD/optimized_inpaint.py --init-img IMAGE --mask MASK")
+    if request.config is not None:
+        return request.config
+    return INPAINTING_CONFIG if channels == INPAINTING_IN_CHANNELS else resolve_config(None)
 
 
 def check_prompts(request: GenerationRequest, prompts: list[str]) -> None:
@@ -307,6 +334,33 @@ class InitImage:
         """The images' init latents; each image's generator draws its posterior sample right after its x_T."""
         return self.scale_factor * self.posterior.sample(noise(x_T)).float()
 
+    def start(self, noise: SeededNoise, x_T: torch.Tensor, scale_factor: float, **walk) -> BatchStart:
+        return BatchStart(self.latent(noise, x_T))
+
+
+@dataclass(frozen=True)
+class BatchStart:
+    """What an input preparer (``InitImage``, ``InpaintingInputs``) gives one batch: the init latent, a wrapper
+    around the (chunked) UNet (the inpainting UNet's extra channels) and a per-step hook on the latent,
+    ``after_step(step, total, x) -> x`` (the known region's blend)."""
+
+    init_latent: torch.Tensor | None = None
+    wrap_unet: Callable = lambda unet: unet
+    after_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+
+
+def prepare_init(request: GenerationRequest, inputs: RunInputs, model: LoadedModel) -> InitImage | InpaintingInputs | None:
+    """The run's input preparer, its images encoded once: img2img's ``InitImage``, inpainting's ``InpaintingInputs``
+    (the init image where it is used, the masked image for a 9-channel UNet), or None (txt2img)."""
+    if inputs.inpainting is not None:
+        nine = inputs.config.unet.in_channels == INPAINTING_IN_CHANNELS
+        inputs.inpainting.encode(model.residency, request.device, request.dtype, nine_channel=nine,
+                                 needs_init=not nine or request.strength < 1)
+        return inputs.inpainting
+    if request.img2img:
+        return InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype)
+    return None
+
 
 # ---- 5. batches: sample, decode, write ---------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -332,8 +386,8 @@ def plan_batches(request: GenerationRequest, prompts: list[str]) -> Iterator[Bat
             first_image += size
 
 
-def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, init: InitImage | None,
-                 batch: Batch, latent_shape: tuple[int, ...]) -> torch.Tensor:
+def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder,
+                 init: InitImage | InpaintingInputs | None, batch: Batch, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """One batch's latents, run again one memory mode lower after out of memory (with the same noise)."""
     device, dtype, size = request.device, request.dtype, len(batch.seeds)
     negative = request.negative_prompt if request.guided else None
@@ -347,8 +401,11 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
     def attempt() -> torch.Tensor:
         noise = SeededNoise(batch.seeds)  # fresh generators on every try: a retry draws the same noise
         x_T = noise.initial(latent_shape, device=device)
-        init_latent = init.latent(noise, x_T) if init is not None else None
-        return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, init_latent, noise)
+        start = BatchStart()
+        if init is not None:  # each image's generator draws its posterior samples right after its x_T
+            start = init.start(noise, x_T, model.sd.scale_factor, sampler=request.sampler, schedule=model.schedule,
+                               steps=request.steps, strength=request.strength)
+        return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, start, noise)
 
     return retry_lower(model.residency, attempt)
 
@@ -362,7 +419,7 @@ class GuidedInputs:
 
 
 def run_sampler(request: GenerationRequest, residency: Residency, schedule: DiffusionSchedule, guided: GuidedInputs,
-                x_T: torch.Tensor, init_latent: torch.Tensor | None, noise: SeededNoise) -> torch.Tensor:
+                x_T: torch.Tensor, start: BatchStart, noise: SeededNoise) -> torch.Tensor:
     """The guided UNet under the chosen sampler, with a tqdm bar over the steps."""
     bar = None
 
@@ -374,10 +431,12 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
 
     try:
         with residency.use("unet") as unet, torch.no_grad():
-            eps_model = GuidedDenoiser(chunked_unet(unet, request.unet_bs), guided.cond, guided.uncond, request.scale)
+            unet = start.wrap_unet(chunked_unet(unet, request.unet_bs))
+            eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
+            callback = progress if start.after_step is None else blend_in_place(start.after_step, progress)
             return samplers.sample(
-                request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta, init_latent=init_latent,
-                strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=progress,
+                request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta, init_latent=start.init_latent,
+                strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,
             )
     finally:
         if bar is not None:
@@ -419,10 +478,24 @@ class RunOutputs:
         self.grid_text: str | None = None  # the grid carries its first image's parameters
         self.encoder: PromptEncoder | None = None  # set once the prompts are encoded (their metadata fields)
         self.file_numbers: list[int] | None = None  # torchrun: each image's number in a single process's naming
+        self.inpainting = inputs.inpainting
+
+    def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
+        """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``)."""
+        fields = dict(self.encoder.infotext_fields(prompt, negative)) if self.encoder is not None else {}
+        if self.inpainting is not None:
+            fields.update(self.inpainting.metadata())
+        return fields
+
+    def pixels(self, decoded: torch.Tensor) -> np.ndarray:
+        """A decoded image (``[1, 3, H, W]`` in [-1, 1] on the device) in 8 bits, with inpainting's kept pixels
+        laid back (unless ``--no_overlay``)."""
+        image = to_uint8(decoded)[0]
+        return self.inpainting.finish(image) if self.inpainting is not None else image
 
     def add(self, batch: Batch, k: int, decoded: torch.Tensor, safety: str | None = None) -> None:
-        """Image ``k`` of ``batch`` as decoded (``[1, 3, H, W]`` in [-1, 1] on the device): to 8 bits, on."""
-        self.add_pixels(batch, k, to_uint8(decoded)[0], safety)
+        """Image ``k`` of ``batch`` as decoded: to 8 bits (:meth:`pixels`), written, kept for the grid."""
+        self.add_pixels(batch, k, self.pixels(decoded), safety)
 
     def add_pixels(self, batch: Batch, k: int, image: np.ndarray, safety: str | None = None) -> None:
         """Image ``k`` of ``batch`` in 8 bits; ``safety``: the safety checker's mark for its metadata."""
@@ -445,7 +518,7 @@ class RunOutputs:
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
             strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,
-            extra=self.encoder.infotext_fields(prompt, negative) if self.encoder is not None else None,
+            extra=self.infotext_fields(prompt, negative),
             safety_checker=safety,
         )
 
@@ -468,7 +541,7 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
         if model.safety is None:
             outputs.add(batch, k, decoded)
         else:
-            decoded_images.append(to_uint8(decoded)[0])
+            decoded_images.append(outputs.pixels(decoded))  # overlay first: a flagged image is black all over
     if model.safety is not None:
         checked = retry_lower(model.residency, lambda: model.safety.check(model.residency, decoded_images))
         for k, (image, verdict) in enumerate(checked):
@@ -489,7 +562,7 @@ def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) ->
     attention = "sliced" if request.attention == "sliced" else "sdpa"
     shape = RunShape(inputs.height, inputs.width, request.n_samples, request.sampler, request.steps, request.scale,
                      attention, False, request.unet_bs, request.img2img)
-    return low_mode_tiles(str(request.config), shape, request.dtype)
+    return low_mode_tiles(str(request.config or resolve_config(None)), shape, request.dtype)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -526,7 +599,7 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
     """Prompts, the input preparer, then every batch (under torchrun, this rank's share) and the grid."""
     outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
     encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
-    init = InitImage.encode(inputs.init_image, inputs.width, inputs.height, model, request.dtype) if request.img2img else None
+    init = prepare_init(request, inputs, model)
     cfg = inputs.config
     latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
     tiled = decode_in_tiles(request, inputs, model.residency.mode)

@@ -88,10 +88,12 @@ def plan_for(request):
     from ldm.config import load_model_config
     from ldm.ledger import RunShape
     from ldm.ledger.plan import memory_plan
+    from optimizedSD.arguments import resolve_config
     from optimizedSD.images import load_init_image, output_size
     from optimizedSD.prompts import distinct, parse_prompt, read_prompts_file
 
-    load_model_config(request.config)  # a bad config is the user's one-line error, before any simulation
+    config = request.config or resolve_config(None)
+    load_model_config(config)  # a bad config is the user's one-line error, before any simulation
     prompts = distinct(read_prompts_file(request.from_file) if request.from_file else [request.prompt])
     for text in (*prompts, request.negative_prompt):
         parse_prompt(text)
@@ -102,5 +104,5 @@ def plan_for(request):
                      request.vae_tiling, request.unet_bs, request.img2img)
     card = gpu_bytes(request.gpu_memory_bytes)
     dtype = torch.float16 if request.precision == "autocast" else torch.float32
-    return memory_plan(str(request.config), shape, dtype, budget_bytes=request.vram_budget_bytes, gpu_bytes=card,
+    return memory_plan(str(config), shape, dtype, budget_bytes=request.vram_budget_bytes, gpu_bytes=card,
                        calls=generation_stages(request, prompts, init_image))

@@ -15,19 +15,30 @@ import torch
 
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
+INPAINT = "inpaint"
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Inpainting's mask: the file (white = repaint), ``--invert_mask``, ``--mask_blur`` px, overlay on/off."""
+
+    path: Path
+    invert: bool
+    blur: float
+    overlay: bool
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One run: what to draw, how, from which model, and where the images go."""
 
-    mode: str  # TXT2IMG or IMG2IMG
+    mode: str  # TXT2IMG, IMG2IMG or INPAINT
     # what to draw
     prompt: str
     negative_prompt: str
     from_file: Path | None  # prompts file, one a line (replaces ``prompt``)
-    init_img: Path | None  # img2img
-    strength: float | None  # img2img: how much of the init image to redo
+    init_img: Path | None  # img2img, inpaint
+    strength: float | None  # img2img, inpaint: how much of the init image to redo
     height: int | None  # None (img2img): the init image's, floored to a multiple of SIZE_MULTIPLE
     width: int | None
     prompt_syntax: str  # "fork" (sub-prompt weights) or "webui" (token emphasis), optimizedSD/prompts.py
@@ -43,7 +54,7 @@ class GenerationRequest:
     # the model and the machine
     ckpt: Path  # a checkpoint file or a diffusers model folder
     vae: Path | None  # --vae: a VAE file or folder replacing the checkpoint's
-    config: Path
+    config: Path | None  # None: v1-inference.yaml, or v1-inpainting-inference.yaml for a 9-channel UNet
     use_ema: bool
     loras: tuple[tuple[Path, float], ...]  # --lora FILE[:WEIGHT], merged in this order right after loading
     lora_dir: Path  # where <lora:NAME> tags are looked up
@@ -73,10 +84,16 @@ class GenerationRequest:
     gpu_memory_bytes: int | None = None  # --gpu_memory: the card --vram auto is asked about in the plan
     safety_checker: Path | None = None  # a diffusers-format safety_checker folder; None: no check
     safety_checker_mode: str = "black"  # what a flagged image becomes: black, blur or warn
+    mask: MaskOptions | None = None  # inpaint
 
     @property
     def img2img(self) -> bool:
-        return self.mode == IMG2IMG
+        """Starts from an init image: img2img and inpainting."""
+        return self.mode in (IMG2IMG, INPAINT)
+
+    @property
+    def inpaint(self) -> bool:
+        return self.mode == INPAINT
 
     @property
     def guided(self) -> bool:
