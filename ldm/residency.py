@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import torch

@@ -31,7 +31,6 @@ from ldm.guidance import GuidedDenoiser
 from ldm.inpainting import InpaintingUNet, blend_in_place, latent_mask, masked_image, sampler_blend
 from ldm.model_loading import load_stable_diffusion
 from ldm.random_checkpoint import random_state_dict, save_checkpoint
-from ldm.schedule import DiffusionSchedule
 from optimizedSD.masks import load_mask, mask_tensor
 from tests.test_cli_vs_diffusers import TINY_CONFIG, diffusers_pipeline_from_checkpoint
 
@@ -64,7 +63,7 @@ def write_test_images(directory: Path) -> tuple[Path, Path]:
 
 def ours(ckpt, config, init_path, mask_path, *, steps, scale, strength, seed, nine):
     sd = load_stable_diffusion(ckpt, config)
-    schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
+    schedule = sd.schedule
     init = np.asarray(Image.open(init_path).convert("RGB"), np.float32) / 255
     pixels = torch.from_numpy(init).permute(2, 0, 1)[None] * 2 - 1
     mask = mask_tensor(load_mask(mask_path, SIZE, SIZE))

@@ -31,7 +31,6 @@ from ldm.residency import (
     unet_group_layout,
     unet_parts,
 )
-from ldm.schedule import DiffusionSchedule
 from ldm.unet import UNetModel
 
 
