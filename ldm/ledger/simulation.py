@@ -124,7 +124,6 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
     from ldm import samplers
     from ldm.guidance import GuidedDenoiser
     from ldm.noise import SeededNoise
-    from ldm.schedule import DiffusionSchedule
     from ldm.vae_decoding import decode_latents
 
     dtype = next(sd.unet.parameters()).dtype
@@ -142,7 +141,7 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
             posterior = vae.encode(torch.zeros(1, 3, shape.height, shape.width).to(device=device, dtype=dtype))
     latent_shape = (cfg.latent_channels, shape.height // cfg.downsampling_factor, shape.width // cfg.downsampling_factor)
     noise = SeededNoise(range(shape.batch))
-    schedule = DiffusionSchedule.from_alphas_cumprod(sd.alphas_cumprod)
+    schedule = sd.schedule
     with phase("unet"), residency.use("unet") as unet:
         x_T = noise.initial(latent_shape, device=device)
         init_latent = None if posterior is None else sd.scale_factor * posterior.sample(noise(x_T)).float()
