@@ -21,7 +21,7 @@ def one_image(ckpt, outdir, *flags) -> tuple:
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_token_merging_with_every_sampler(tiny_checkpoint, tmp_path, sampler):
     image, text = one_image(tiny_checkpoint, tmp_path, "--sampler", sampler, "--tome", "0.5")
-    assert text.endswith(", Token merging ratio: 0.5") and image.std() > 0
+    assert ", Token merging ratio: 0.5," in text + "," and image.std() > 0  # other fields may follow (RNG)
 
 
 def test_token_merging_changes_the_image_a_little(tiny_checkpoint, tmp_path):
