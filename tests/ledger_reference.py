@@ -29,7 +29,7 @@ def diffusers_models_on_meta(config_path: Path, dtype: torch.dtype = torch.float
     from ldm.autoencoder import AutoencoderKL as OurVAE
     from ldm.config import load_model_config
     from ldm.random_checkpoint import compvis_state_dict
-    from ldm.text_encoder import CLIPTextEncoder, _text_config
+    from ldm.text_encoder import CLIPTextEncoder, clip_text_config
     from ldm.unet import UNetModel
 
     cfg = load_model_config(config_path)
@@ -38,7 +38,7 @@ def diffusers_models_on_meta(config_path: Path, dtype: torch.dtype = torch.float
         original = original_config(config_path)
         unet = UNet2DConditionModel(**convert.create_unet_diffusers_config_from_ldm(original, state))
         vae = AutoencoderKL(**convert.create_vae_diffusers_config_from_ldm(original, state))
-        text = CLIPTextModel(_text_config(cfg.text))
+        text = CLIPTextModel(clip_text_config(cfg.text))
     return [model.to(dtype).eval().requires_grad_(False) for model in (text, unet, vae)]
 
 
