@@ -84,12 +84,12 @@ def test_gpu_targets():
         return specs[(side, mode, batch)], {"generate_s": seconds, "total_s": seconds + 5, "images": batch,
                                             "peak_rss": 2**30, "peak_vram_allocated": int(vram_gib * 2**30)}
 
-    rows = [row("ours", "full", 10.0, 2.9), row("ours", "medium", 10.4, 2.1), row("ours", "low", 16.0, 0.45),
+    rows = [row("ours", "full", 10.0, 2.9), row("ours", "medium", 10.4, 1.70), row("ours", "low", 16.0, 0.35),
             row("diffusers", "resident", 9.0, 3.0), row("ours", "low", 1.0, 0.1, batch=4)]
     assert benchmark.target_lines(rows) == [
-        "ours low, batch 1: peak VRAM 0.45 GiB (target at most 0.5 GiB): met",
+        "ours low, batch 1: peak VRAM 0.35 GiB (target at most 0.4 GiB): met",
         "ours low, batch 1: generate 1.60x our full (target at most 1.5x): MISSED",
-        "ours medium, batch 1: peak VRAM 2.10 GiB (target at most 2.2 GiB): met",
+        "ours medium, batch 1: peak VRAM 1.70 GiB (target at most 1.75 GiB): met",
         "ours medium, batch 1: generate 1.04x our full (target at most 1.05x): met",
         "ours full, batch 1: generate 1.11x diffusers resident (target at most 1.0x): MISSED",
         "ours full, batch 1: peak RSS 1.00x diffusers resident (target at most 1.0x): met",
