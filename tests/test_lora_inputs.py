@@ -151,7 +151,10 @@ def run_low_mode(sd):
         text_encoder(torch.zeros(1, 77, dtype=torch.long))
     with torch.no_grad(), residency.use("unet") as unet:
         eps = unet(x, t, context)
-    peak = residency.peak_resident_bytes
+    on_device = peak = 0
+    for event in events:  # the device bytes the transfers leave, at their highest
+        on_device += event.nbytes if event.event == "onload" else -event.nbytes
+        peak = max(peak, on_device)
     residency.release()
     return events, peak, eps
 

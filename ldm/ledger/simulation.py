@@ -124,12 +124,14 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
     from ldm import samplers
     from ldm.guidance import GuidedDenoiser
     from ldm.noise import SeededNoise
+    from ldm.token_chunks import Fragment
     from ldm.vae_decoding import decode_latents
 
     dtype = next(sd.unet.parameters()).dtype
     guided = shape.scale != 1.0
-    with phase("text_encoder"), residency.use("text_encoder") as text_encoder:
-        embeddings = text_encoder.encode(["a prompt", ""] if guided else ["a prompt"])
+    with phase("text_encoder"), residency.use("text_encoder") as text_encoder:  # as the prompt encoder calls it
+        texts = ["a prompt", ""] if guided else ["a prompt"]
+        embeddings = text_encoder.encode_chunks([text_encoder.chunk_prompt([Fragment(text)])[0] for text in texts])
     cond = embeddings[0].to(dtype).expand(shape.batch, *embeddings.shape[1:]).contiguous()
     uncond = embeddings[1].to(dtype).expand(shape.batch, *embeddings.shape[1:]).contiguous() if guided else None
     del embeddings
