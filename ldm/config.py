@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 
 from ldm.errors import UserError
 from ldm.messages import escaped, one_line
+from ldm.regular_files import regular_file_size
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
@@ -305,16 +305,9 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
 def _read_config_text(path: Path) -> str:
     """The file's text: a regular file under :data:`MAX_CONFIG_BYTES`, valid UTF-8."""
     shown = escaped(path, 300)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {shown}") from None
-    except OSError as error:
-        raise ConfigError(f"cannot read config {shown}: {error.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"cannot read config {shown}: not a regular file")
-    if info.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"cannot read config {shown}: {info.st_size} bytes (a model config is a few KB; at most {MAX_CONFIG_BYTES})")
+    size = regular_file_size(path, shown, "config", ConfigError, missing="config file not found")
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"cannot read config {shown}: {size} bytes (a model config is a few KB; at most {MAX_CONFIG_BYTES})")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as handle:
         raw = handle.read(MAX_CONFIG_BYTES + 1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm.messages import escaped
+from ldm.regular_files import regular_file_size
 from optimizedSD.arguments import UsageError
 
 __all__ = [
@@ -55,16 +55,9 @@ def check_input_file(path: str | os.PathLike, what: str, max_bytes: int) -> Path
     """``path`` if it is a regular file of at most ``max_bytes`` (not a FIFO, device or directory)."""
     path = Path(path)
     shown = escaped(path, 200)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"{what} not found: {shown}") from None
-    except OSError as error:
-        raise UsageError(f"cannot read {what} {shown}: {error.strerror or error}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"cannot read {what} {shown}: not a regular file")
-    if info.st_size > max_bytes:
-        raise UsageError(f"{what} {shown} is {info.st_size / 2**20:.0f} MiB (at most {max_bytes // 2**20} MiB)")
+    size = regular_file_size(path, shown, what, UsageError)
+    if size > max_bytes:
+        raise UsageError(f"{what} {shown} is {size / 2**20:.0f} MiB (at most {max_bytes // 2**20} MiB)")
     return path
 
 
