@@ -219,3 +219,19 @@ class StreamedVAE(PartStreamer):
 
     def fp32_copy(self, device: torch.device) -> nn.Module:
         return self.vae.fp32_copy(device)
+
+
+def chunked_unet(unet, chunk: int | None):
+    """The fork's ``--unet_bs``: call the UNet on at most ``chunk`` latents at a time (the generation loop's
+    and the VRAM ledger's UNet calls)."""
+    if not chunk:
+        return unet
+    if isinstance(unet, StreamedUNet):  # chunks inside one streamed pass, not one pass per chunk
+        return lambda x, t, context: unet(x, t, context, chunk)
+
+    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= chunk:
+            return unet(x, t, context)
+        return torch.cat([unet(x[i : i + chunk], t[i : i + chunk], context[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+    return call

@@ -54,7 +54,8 @@ from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
 from ldm.quantize import quantize_unet
-from ldm.residency import Residency, StreamedUNet, auto_budget_bytes, resolve_mode
+from ldm.residency import Residency, auto_budget_bytes, resolve_mode
+from ldm.streaming import chunked_unet
 from ldm.safety_checker import find_safety_checker_files
 from ldm.schedule import DiffusionSchedule
 from ldm.textual_inversion import EmbeddingLibrary
@@ -441,21 +442,6 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
     finally:
         if bar is not None:
             bar.close()
-
-
-def chunked_unet(unet, chunk: int | None):
-    """The fork's ``--unet_bs``: call the UNet on at most ``chunk`` latents at a time."""
-    if not chunk:
-        return unet
-    if isinstance(unet, StreamedUNet):  # chunks inside one streamed pass, not one pass per chunk
-        return lambda x, t, context: unet(x, t, context, chunk)
-
-    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= chunk:
-            return unet(x, t, context)
-        return torch.cat([unet(x[i : i + chunk], t[i : i + chunk], context[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
-
-    return call
 
 
 def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float, tiled: bool, tile: int | None) -> torch.Tensor:

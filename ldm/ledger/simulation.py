@@ -123,6 +123,7 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
     meta; ``scripts/gpu_check.py`` runs it on a GPU with random weights to check the ledger."""
     from ldm import samplers
     from ldm.guidance import GuidedDenoiser
+    from ldm.streaming import chunked_unet
     from ldm.noise import SeededNoise
     from ldm.token_chunks import Fragment
     from ldm.vae_decoding import decode_latents
@@ -148,7 +149,7 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
         x_T = noise.initial(latent_shape, device=device)
         init_latent = None if posterior is None else sd.scale_factor * posterior.sample(noise(x_T)).float()
         latents = samplers.sample(
-            shape.sampler, GuidedDenoiser(_chunked(unet, shape.unet_chunk), cond, uncond, shape.scale), schedule,
+            shape.sampler, GuidedDenoiser(chunked_unet(unet, shape.unet_chunk), cond, uncond, shape.scale), schedule,
             x_T, shape.steps, init_latent=init_latent, strength=0.75 if shape.img2img else 1.0, noise_sampler=noise,
         )
     del cond, uncond, posterior
@@ -157,16 +158,3 @@ def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, p
             with residency.use("vae.decoder") as vae:
                 images = decode_latents(vae, latents[k : k + 1] / sd.scale_factor, shape.tiled)
             del images
-
-
-def _chunked(unet, chunk: int | None):
-    """``--unet_bs``: the streamed UNet runs the chunks inside one pass; another UNet is called per chunk."""
-    from ldm.streaming import StreamedUNet
-
-    if not chunk:
-        return unet
-    if isinstance(unet, StreamedUNet):
-        return lambda x, t, context: unet(x, t, context, chunk)
-    return lambda x, t, context: torch.cat(
-        [unet(x[i : i + chunk], t[i : i + chunk], context[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
-    )
