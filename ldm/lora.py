@@ -380,7 +380,8 @@ def parse_lora_argument(text: str) -> tuple[str, float]:
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """The webui's ``<lora:NAME:WEIGHT>`` tags: the prompt without them and ``[(NAME, WEIGHT), ...]``.
+    """The webui's ``<lora:NAME:WEIGHT>`` tags: the prompt without any extra-network tag (the webui removes
+    every ``<kind:args>``, whatever the kind, before encoding) and the LoRA tags' ``[(NAME, WEIGHT), ...]``.
 
     WEIGHT defaults to 1.0 (the webui's ``extra_networks_default_multiplier``). The webui reads a third
     field as a separate UNet weight; here one weight applies to the whole file, so a tag with more fields
@@ -390,7 +391,7 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
     def take(match: re.Match[str]) -> str:
         if match[1].lower() not in _LORA_TAG_KINDS:
-            return match[0]
+            return ""
         name, *fields = match[2].split(":")
         if len(fields) > 1 or any("=" in value for value in fields):
             raise LoraError(f"{match[0]}: only <lora:NAME> and <lora:NAME:WEIGHT> are supported")
@@ -402,6 +403,11 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
         return ""
 
     return _EXTRA_NETWORK.sub(take, prompt), found
+
+
+def other_extra_networks(prompt: str) -> list[str]:
+    """The prompt's extra-network tags of kinds other than LoRA (``<hypernet:...>``): removed, not applied."""
+    return [match[0] for match in _EXTRA_NETWORK.finditer(prompt) if match[1].lower() not in _LORA_TAG_KINDS]
 
 
 def find_lora_file(name: str, lora_dir: str | os.PathLike[str]) -> Path:

@@ -19,7 +19,7 @@ import torch
 
 from ldm.config import DEFAULT_CONFIG
 from ldm.errors import UserError
-from ldm.lora import parse_lora_argument
+from ldm.lora import LoraError, find_lora_file, lora_short_hash, parse_lora_argument
 from ldm.safety_checker import MODES as SAFETY_MODES
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
@@ -281,7 +281,7 @@ def given_flags(mode: str, argv: Sequence[str] | None) -> set[str]:
 # --from_png's settings (optimizedSD/from_png.py) -> flag destinations
 _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "prompt_syntax": "prompt_syntax",
                    "steps": "ddim_steps", "sampler": "sampler", "scale": "scale", "seed": "seed", "width": "W",
-                   "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta"}
+                   "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora"}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
@@ -306,15 +306,27 @@ def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
             model_hash=model_hash(ckpt) if ckpt.is_file() else None,
             embedding_hashes=embedding_file_hashes(Path(opt.embeddings_dir or DEFAULT_EMBEDDINGS_DIR)),
             size_multiple=SIZE_MULTIPLE,
+            find_lora=lambda name: lora_in_folder(name, Path(opt.lora_dir)),
         )
     except FromPngError as error:
         raise UsageError(str(error)) from None
+    if "loras" in restored.values:  # as --lora FILE:WEIGHT
+        restored.values["loras"] = [f"{path}:{weight!r}" for path, weight in restored.values["loras"]]
     for key, value in restored.values.items():
         dest = _FROM_PNG_DESTS[key]
         if dest not in given and hasattr(opt, dest):
             setattr(opt, dest, value)
     if restored.warning():
         log.warning("%s", restored.warning())
+
+
+def lora_in_folder(name: str, folder: Path) -> tuple[str, str] | None:
+    """The file ``<lora:NAME>`` means in ``folder`` and its short hash (webui "Lora hashes"), or None."""
+    try:
+        path = find_lora_file(name, folder)
+    except LoraError:
+        return None
+    return str(path), lora_short_hash(path)
 
 
 def resolve_vram(opt: argparse.Namespace) -> str:

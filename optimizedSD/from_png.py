@@ -12,7 +12,9 @@ How the webui's fields are read (webui >= 1.9, ``infotext_utils.parse_generation
   default scheduler there); for the other samplers it is k-diffusion's own grid, the one used here;
 - ``Clip skip`` missing means 1; ``Denoising strength`` in a txt2img infotext belongs to the hires fix;
 - a prompt from the webui is in its syntax; this tool writes ``Prompt syntax: fork`` when its own syntax
-  would read the prompt differently.
+  would read the prompt differently;
+- ``<lora:NAME:WEIGHT>`` tags in the prompt (the webui's, or those this tool appends for each LoRA) become
+  LoRAs looked up in ``--lora_dir`` by NAME, checked against ``Lora hashes``, and leave the prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from ldm.lora import LoraError, extract_lora_tags
 from optimizedSD.infotext import Infotext
 
 KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM2", "DPM2 a"})  # webui samplers whose Automatic is Karras
@@ -70,17 +73,20 @@ def restore_settings(
     model_hash: str | None = None,
     embedding_hashes: Mapping[str, str] | None = None,
     size_multiple: int = 64,
+    find_lora: Callable[[str], tuple[str, str] | None] = lambda name: None,
 ) -> RestoredSettings:
     """Settings keyed ``prompt``, ``negative_prompt``, ``prompt_syntax``, ``steps``, ``sampler``, ``scale``,
-    ``seed``, ``width``, ``height``, ``clip_skip``, ``strength`` (img2img), ``eta`` (DDIM's).
+    ``seed``, ``width``, ``height``, ``clip_skip``, ``strength`` (img2img), ``eta`` (DDIM's), ``loras``
+    (``[(path, weight)]``).
 
     ``sampler_labels`` maps the webui's labels (``"Euler a"``) to this tool's names (``"euler_a"``);
     ``model_hash`` is the checkpoint's (webui "Model hash"); ``embedding_hashes`` maps the textual-inversion
-    embeddings available to their short hashes (webui "TI hashes").
+    embeddings available to their short hashes (webui "TI hashes"); ``find_lora`` gives the file a LoRA
+    name means and its short hash (webui "Lora hashes"), or None.
     """
     fields = dict(info.fields)
     out = RestoredSettings()
-    out.values.update(prompt=info.prompt, negative_prompt=info.negative_prompt,
+    out.values.update(prompt=_restore_loras(info.prompt, fields, out, find_lora), negative_prompt=info.negative_prompt,
                       prompt_syntax=fields.pop("Prompt syntax", "webui"))
     if out.values["prompt_syntax"] not in ("fork", "webui"):
         out.ignored.append(f"Prompt syntax: {out.values['prompt_syntax']}")
@@ -100,6 +106,34 @@ def restore_settings(
     _check_environment(fields, out, model_hash, embedding_hashes)
     out.ignored.extend(f"{key}: {value}" for key, value in fields.items() if key not in _INFORMATIONAL)
     return out
+
+
+def _restore_loras(prompt: str, fields: dict[str, str], out: RestoredSettings,
+                   find_lora: Callable[[str], tuple[str, str] | None]) -> str:
+    """The prompt without its ``<lora:...>`` tags; the files they name go to ``out.values["loras"]``."""
+    try:
+        text, tags = extract_lora_tags(prompt)
+    except LoraError as error:
+        raise FromPngError(f"--from_png: {error}") from None
+    written = {}
+    for pair in fields.pop("Lora hashes", "").split(","):
+        name, _, short = pair.strip().rpartition(": ")
+        if name:
+            written[name] = short
+    loras = []
+    for name, weight in tags:
+        found = find_lora(name)
+        if found is None:
+            out.ignored.append(f"<lora:{name}> (not found)")
+            continue
+        loras.append((found[0], weight))
+        if written.get(name, found[1]) != found[1]:
+            out.ignored.append(f"Lora hashes: {name} (another file)")
+    tagged = {name for name, _ in tags}
+    out.ignored.extend(f"Lora hashes: {name} (no <lora:{name}> tag in the prompt)" for name in written if name not in tagged)
+    if loras:
+        out.values["loras"] = loras
+    return text.strip() if tags else prompt
 
 
 def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapping[str, str],

@@ -69,6 +69,7 @@ from optimizedSD.input_checks import (
     MAX_PROMPTS_FILE, check_conditioning, check_finite, check_input_file, check_prompt_weights, check_text,
 )
 from optimizedSD.inpaint_inputs import InpaintingInputs
+from optimizedSD.lora_tags import RunLora, collect_loras, metadata_prompt
 from optimizedSD.outputs import SampleWriter, Watermarker, infotext, model_hash, prompt_folder_name, to_uint8
 from optimizedSD.prompts import EmbeddingCache, PromptEncoder, checkpoint_fingerprint, distinct, parse_prompt, read_prompts_file
 from optimizedSD.request import GenerationRequest
@@ -127,6 +128,7 @@ class RunInputs:
     writer: SampleWriter
     config: ModelConfig
     inpainting: InpaintingInputs | None = None  # inpaint: the mask read and sized, and the init image's pixels
+    loras: tuple[RunLora, ...] = ()  # --lora files, then the webui prompts' <lora:NAME:WEIGHT> tags
 
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
@@ -136,6 +138,7 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     prompts = read_prompts_file(request.from_file) if request.from_file else [check_text(request.prompt, "--prompt")]
     check_text(request.negative_prompt, "--negative_prompt")
     check_finite(request.scale, "--scale")
+    prompts, loras = collect_loras(request, prompts)  # webui syntax: the prompts without their <lora:...> tags
     check_prompts(request, prompts)
     init_image = load_init_image(request.init_img) if request.img2img else None
     height, width = output_size(request, init_image)
@@ -168,7 +171,7 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
                          f"got {request.clip_skip}")
     if request.steps > config.schedule.timesteps:
         raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
-    return RunInputs(prompts, init_image, height, width, writer, config, inpainting)
+    return RunInputs(prompts, init_image, height, width, writer, config, inpainting, loras)
 
 
 def model_config_path(request: GenerationRequest) -> Path:
@@ -224,7 +227,8 @@ def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
                                    vae=request.vae)
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
-    loras = apply_loras(sd, request.loras)  # on the host copy, before the memory mode moves anything
+    # On the host copy, before the memory mode moves anything.
+    loras = apply_loras(sd, [(lora.path, lora.weight) for lora in inputs.loras])
     speed_up_unet(request, sd)
     safety = None
     if request.safety_checker is not None:
@@ -456,7 +460,7 @@ class RunOutputs:
 
     def __init__(self, request: GenerationRequest, inputs: RunInputs, summary: RunSummary, lora_hashes: str | None = None) -> None:
         self.request, self.writer, self.summary = request, inputs.writer, summary
-        self.lora_hashes = lora_hashes
+        self.lora_hashes, self.loras = lora_hashes, inputs.loras
         self.size = (inputs.width, inputs.height)
         self.model_hash = None if request.skip_save and request.skip_grid else weights_hash(request.ckpt)
         self.vae_hash = None if request.skip_save and request.skip_grid else weights_hash(request.vae)
@@ -500,7 +504,7 @@ class RunOutputs:
         request = self.request
         negative = request.negative_prompt if request.guided else ""
         return infotext(
-            prompt, negative, steps=request.steps, sampler=request.sampler,
+            metadata_prompt(prompt, self.loras), negative, steps=request.steps, sampler=request.sampler,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
             strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,
@@ -583,7 +587,7 @@ def generate(request: GenerationRequest) -> RunSummary:
 def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedModel, summary: RunSummary,
                 job: distributed.Distributed | None) -> None:
     """Prompts, the input preparer, then every batch (under torchrun, this rank's share) and the grid."""
-    outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras))
+    outputs = RunOutputs(request, inputs, summary, lora_hashes_text(model.loras, [lora.name for lora in inputs.loras]))
     encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
     init = prepare_init(request, inputs, model)
     cfg = inputs.config

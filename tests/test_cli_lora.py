@@ -93,3 +93,42 @@ def test_bad_lora_is_one_line_and_exit_2(files, tmp_path, capsys, make, message)
     assert optimized_txt2img.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_prompt_tag_is_the_lora_flag_and_from_png_restores_it(files, tmp_path):
+    """``<lora:style:0.8>`` in a webui-syntax prompt: the image of ``--lora style.safetensors:0.8`` (which equals
+    diffusers' fused LoRA, above), the tag kept in the metadata's prompt, and ``--from_png`` gives the image
+    and its metadata again."""
+    _, _, ckpt, lora = files
+    lora_dir = ["--lora_dir", str(lora.parent)]
+    tagged, parameters = run_cli(tmp_path, ckpt, "tag", "--prompt_syntax", "webui", "--prompt", f"{PROMPT} <lora:style:0.8>",
+                                 *lora_dir)
+    flagged, flagged_parameters = run_cli(tmp_path, ckpt, "flag", "--prompt_syntax", "webui", "--prompt", PROMPT,
+                                          "--lora", f"{lora}:0.8")
+    assert np.array_equal(tagged, flagged)
+    assert parameters == flagged_parameters  # --lora is recorded as the webui records a LoRA it adds: a tag
+    assert parameters.startswith(f"{PROMPT} <lora:style:0.8>\n")
+    assert f'Lora hashes: "style: {lora_short_hash(lora)}"' in parameters
+
+    (source,) = list((tmp_path / "tag").rglob("seed_*.png"))
+    again, again_parameters = run_cli(tmp_path, ckpt, "again", "--from_png", str(source), *lora_dir)
+    assert np.array_equal(again, tagged) and again_parameters == parameters
+    plain, _ = run_cli(tmp_path, ckpt, "without", "--from_png", str(source), "--lora_dir", str(tmp_path / "none"))
+    assert np.abs(plain - tagged).mean() > 5  # the LoRA not found: named in the warning, the image without it
+
+
+@pytest.mark.parametrize("prompts, message", [
+    (["a cat <lora:style:0.5>", "a dog <lora:style:0.7>"], "the prompts name different LoRAs"),
+    (["a cat <lora:nowhere>"], "no nowhere.safetensors"),
+    (["a cat <lora:style:1:0.5>"], "only <lora:NAME> and <lora:NAME:WEIGHT>"),
+])
+def test_prompt_tags_that_cannot_be_honoured_are_one_line(files, tmp_path, capsys, prompts, message):
+    _, _, ckpt, lora = files
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    argv = ["--ckpt", str(ckpt), "--config", str(TINY_CONFIG), "--device", "cpu", "--outdir", str(tmp_path / "o"),
+            "--H", "64", "--W", "64", "--n_samples", "1", "--ddim_steps", "1", "--prompt_syntax", "webui",
+            "--from-file", str(prompts_file), "--lora_dir", str(lora.parent)]
+    assert optimized_txt2img.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err

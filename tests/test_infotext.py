@@ -164,8 +164,21 @@ def test_what_cannot_be_honoured_is_named_in_one_line():
     assert warning.count("\n") == 0
     for part in ["Schedule type: missing (Karras for DPM++ 2M in the webui)", "RNG: GPU",
                  "Model hash: deadbeef00", "Hires upscale: 2", "Hires upscaler: Latent", "Denoising strength: 0.7",
-                 "TI hashes: gone (not found)", "Lora hashes: x: 1", "ENSD: 31337"]:
+                 "TI hashes: gone (not found)", "Lora hashes: x (no <lora:x> tag in the prompt)", "ENSD: 31337"]:
         assert part in warning, part
+
+
+def test_lora_tags_become_loras_checked_against_lora_hashes():
+    """Tags leave the prompt and name files (``find_lora``); a file with another hash, a missing file and a
+    hash without a tag are named in the warning."""
+    text = ("a <lora:style:0.8>cat <lora:gone> <lora:other:-1>\nSteps: 20, Seed: 5, "
+            "Lora hashes: \"style: aaaaaaaaaaaa, other: bbbbbbbbbbbb, extra: cccccccccccc\"")
+    files = {"style": ("/l/style.safetensors", "aaaaaaaaaaaa"), "other": ("/l/other.pt", "999999999999")}
+    restored = restore_settings(parse_infotext(text), img2img=False, sampler_labels=LABELS, find_lora=files.get)
+    assert restored.values["prompt"] == "a cat"
+    assert restored.values["loras"] == [("/l/style.safetensors", 0.8), ("/l/other.pt", -1.0)]
+    assert restored.ignored == ["<lora:gone> (not found)", "Lora hashes: other (another file)",
+                                "Lora hashes: extra (no <lora:extra> tag in the prompt)", "RNG: GPU"]
 
 
 @pytest.mark.parametrize("sampler, schedule, honoured", [
