@@ -182,19 +182,15 @@ class LatentBlend:
         return mask * x + (1 - mask) * self.known(step).to(device=x.device, dtype=x.dtype)
 
 
-def blend_in_place(blend: LatentBlend, callback: StepCallback | None = None) -> StepCallback:
-    """A sampler callback that blends the latent in place, then calls ``callback``.
+def blend_then(blend: LatentBlend, callback: StepCallback | None = None) -> StepCallback:
+    """A sampler callback that returns the blended latent (the sampler continues from it, as diffusers' inpainting
+    pipeline replaces its latents after each scheduler step), then calls ``callback`` on it."""
 
-    Phase-1 bridge to today's samplers, which ignore what their callback returns: each sampler reports the
-    very tensor it continues from, so writing into it changes the walk. The intended seam is a sampler
-    that takes the callback's returned tensor (``x = report(callback, i, total, x)``); then pass ``blend``
-    itself.
-    """
-
-    def call(step: int, total: int, x: Tensor) -> None:
-        x.copy_(blend(step, total, x))
+    def call(step: int, total: int, x: Tensor) -> Tensor:
+        x = blend(step, total, x)
         if callback is not None:
             callback(step, total, x)
+        return x
 
     return call
 

@@ -48,7 +48,7 @@ from ldm.checkpoint_file import CheckpointError
 from ldm.config import ModelConfig, load_model_config
 from ldm.diffusers_layout import is_diffusers_folder, weight_files
 from ldm.guidance import GuidedDenoiser
-from ldm.inpainting import INPAINTING_CONFIG, INPAINTING_IN_CHANNELS, blend_in_place, checkpoint_unet_in_channels
+from ldm.inpainting import INPAINTING_CONFIG, INPAINTING_IN_CHANNELS, blend_then, checkpoint_unet_in_channels
 from ldm.lora import LoraFile, apply_loras, lora_hashes_text, text_encoder_lora_key
 from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
@@ -438,7 +438,7 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
         with residency.use("unet") as unet, torch.no_grad():
             unet = start.wrap_unet(chunked_unet(unet, request.unet_bs))
             eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
-            callback = progress if start.after_step is None else blend_in_place(start.after_step, progress)
+            callback = progress if start.after_step is None else blend_then(start.after_step, progress)
             return samplers.sample(
                 request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta, init_latent=start.init_latent,
                 strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,

@@ -28,7 +28,7 @@ from PIL import Image
 from ldm import samplers
 from ldm.config import load_model_config
 from ldm.guidance import GuidedDenoiser
-from ldm.inpainting import InpaintingUNet, blend_in_place, latent_mask, masked_image, sampler_blend
+from ldm.inpainting import InpaintingUNet, blend_then, latent_mask, masked_image, sampler_blend
 from ldm.model_loading import load_stable_diffusion
 from ldm.random_checkpoint import random_state_dict, save_checkpoint
 from optimizedSD.masks import load_mask, mask_tensor
@@ -86,7 +86,7 @@ def ours(ckpt, config, init_path, mask_path, *, steps, scale, strength, seed, ni
         callback = None
         if not nine:
             blend = sampler_blend("ddim", schedule, steps, strength, init_latent, small_mask, x_T)
-            callback = blend_in_place(blend)
+            callback = blend_then(blend)
         latent = samplers.sample("ddim", GuidedDenoiser(unet, cond, uncond, scale), schedule, x_T, steps,
                                  init_latent=init_latent, strength=strength, callback=callback)
         decoded = sd.vae.decode(latent / sd.scale_factor)

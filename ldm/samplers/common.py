@@ -33,7 +33,7 @@ from ldm.schedule import DiffusionSchedule
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 NoiseSampler = Callable[[Tensor], Tensor]
-Callback = Callable[[int, int, Tensor], None]
+Callback = Callable[[int, int, Tensor], "Tensor | None"]
 
 
 def timestep_tensor(x: Tensor, t: float) -> Tensor:
@@ -41,9 +41,13 @@ def timestep_tensor(x: Tensor, t: float) -> Tensor:
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
 
 
-def report(callback: Callback | None, step: int, total: int, x: Tensor) -> None:
-    if callback is not None:
-        callback(step, total, x)
+def report(callback: Callback | None, step: int, total: int, x: Tensor) -> Tensor:
+    """Step ``step`` of ``total`` is done: the latent the walk continues from, which a callback may replace
+    by returning a tensor (inpainting's blend of the known region); a callback returning None keeps ``x``."""
+    if callback is None:
+        return x
+    replaced = callback(step, total, x)
+    return x if replaced is None else replaced
 
 
 class ScheduledEps:

@@ -58,5 +58,5 @@ def sample_ddim(
         eps = model.eps(x, levels[i])
         sigma = ddim_sigma(a_t, a_prev, eta)
         x = ddim_update(x, eps, a_t, a_prev, sigma, noise_sampler(x) if sigma > 0 else None)
-        report(callback, i, total, x)
+        x = report(callback, i, total, x)
     return x

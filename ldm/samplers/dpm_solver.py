@@ -46,5 +46,5 @@ def sample_dpmpp_2m(
             x = (sigma_next / sigma) * x - math.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        report(callback, i, total, x)
+        x = report(callback, i, total, x)
     return x

@@ -64,7 +64,7 @@ def sample_euler(
         sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
         x = x + to_d(x, sigma, model(x, sigma)) * (sigma_down - sigma)
         x = _add_noise(x, sigma_up, noise_sampler)
-        report(callback, i, total, x)
+        x = report(callback, i, total, x)
     return x
 
 
@@ -85,7 +85,7 @@ def sample_heun(
             x_2 = x + d * dt
             d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next))
             x = x + (d + d_2) / 2 * dt
-        report(callback, i, total, x)
+        x = report(callback, i, total, x)
     return x
 
 
@@ -115,7 +115,7 @@ def sample_dpm2(
             x_2 = x + d * (sigma_mid - sigma)
             x = x + to_d(x_2, sigma_mid, model(x_2, sigma_mid)) * (sigma_down - sigma)
         x = _add_noise(x, sigma_up, noise_sampler)
-        report(callback, i, total, x)
+        x = report(callback, i, total, x)
     return x
 
 
@@ -157,5 +157,5 @@ def sample_lms(
         ds = [*ds, to_d(x, sigmas[i], model(x, sigmas[i]))][-order:]
         weights = lms_coefficients(sigmas, i, len(ds))
         x = x + sum(w * d for w, d in zip(weights, reversed(ds)))
-        report(callback, i, total, x)
+        x = report(callback, i, total, x)
     return x

@@ -50,5 +50,5 @@ def sample_plms(
             eps_prime = sum(w * e for w, e in zip(weights, [eps, *reversed(old_eps)]))
         x = ddim_update(x, eps_prime, a_t, a_prev)
         old_eps = [*old_eps, eps][-3:]
-        report(callback, i, total, x)
+        x = report(callback, i, total, x)
     return x
