@@ -8,7 +8,6 @@ is plain data: the architecture keys are read into small frozen dataclasses and 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,7 +17,7 @@ from omegaconf import OmegaConf
 
 from ldm.errors import UserError
 from ldm.messages import escaped, one_line
-from ldm.regular_files import regular_file_size
+from ldm.regular_files import read_utf8_text
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
@@ -304,19 +303,8 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
 
 def _read_config_text(path: Path) -> str:
     """The file's text: a regular file under :data:`MAX_CONFIG_BYTES`, valid UTF-8."""
-    shown = escaped(path, 300)
-    size = regular_file_size(path, shown, "config", ConfigError, missing="config file not found")
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"cannot read config {shown}: {size} bytes (a model config is a few KB; at most {MAX_CONFIG_BYTES})")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        raw = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"cannot read config {shown}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"cannot read config {shown}: not UTF-8 text (byte {error.start})") from None
+    return read_utf8_text(path, escaped(path, 300), "config", ConfigError, MAX_CONFIG_BYTES,
+                          missing="config file not found", limit_note="a model config is a few KB")
 
 
 def _flow_depth(text: str) -> int:

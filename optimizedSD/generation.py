@@ -66,7 +66,7 @@ from optimizedSD.arguments import UsageError, resolve_config
 from ldm.messages import escaped
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
 from optimizedSD.input_checks import (
-    MAX_PROMPTS_FILE, check_conditioning, check_finite, check_input_file, check_prompt_weights, check_text,
+    check_conditioning, check_finite, check_prompt_weights, check_text,
 )
 from optimizedSD.inpaint_inputs import InpaintingInputs
 from optimizedSD.lora_tags import RunLora, collect_loras, metadata_prompt
@@ -133,8 +133,6 @@ class RunInputs:
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
     """Read and check everything the user gave, so that mistakes surface before the (slow) model load."""
-    if request.from_file:
-        check_input_file(request.from_file, "prompts file", MAX_PROMPTS_FILE)  # not /dev/zero, a FIFO, 1 GB
     prompts = read_prompts_file(request.from_file) if request.from_file else [check_text(request.prompt, "--prompt")]
     check_text(request.negative_prompt, "--negative_prompt")
     check_finite(request.scale, "--scale")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm.messages import escaped
-from ldm.regular_files import regular_file_size
+from ldm.regular_files import read_utf8_text, regular_file_size
 from optimizedSD.arguments import UsageError
 
 __all__ = [
@@ -63,16 +63,8 @@ def check_input_file(path: str | os.PathLike, what: str, max_bytes: int) -> Path
 
 def read_text_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_PROMPTS_FILE) -> str:
     """The UTF-8 text of a regular file under ``max_bytes`` (read with the cap, in case it grows)."""
-    path = check_input_file(path, what, max_bytes)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        raw = handle.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise UsageError(f"{what} {escaped(path, 200)} grew past {max_bytes // 2**20} MiB while being read")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{what} {escaped(path, 200)} is not UTF-8 text (byte {error.start})") from None
+    path = Path(path)
+    return read_utf8_text(path, escaped(path, 200), what, UsageError, max_bytes)
 
 
 def open_init_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

@@ -32,6 +32,7 @@ import torch
 from ldm.errors import UserError
 from ldm.textual_inversion import EmbeddingLibrary, TextualInversion
 from ldm.token_chunks import Fragment, TokenChunk
+from optimizedSD.input_checks import read_text_file
 from optimizedSD.webui_syntax import WebuiSyntaxError, parse_fragments
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,7 @@ def parse_prompt(text: str) -> WeightedPrompt:
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
     """One prompt a line; blank lines and lines starting with ``#`` are skipped."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptError(f"prompts file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PromptError(f"cannot read prompts file {path}: {error}") from None
+    raw = read_text_file(path, "prompts file")  # a regular file under a size cap: not /dev/zero, a FIFO, 1 GB
     prompts = [line.strip() for line in raw.splitlines()]
     prompts = [line for line in prompts if line and not line.startswith("#")]
     if not prompts:

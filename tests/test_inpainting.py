@@ -14,7 +14,7 @@ from ldm.config import load_model_config
 from ldm.inpainting import (
     InpaintingUNet,
     LatentBlend,
-    blend_in_place,
+    blend_then,
     checkpoint_unet_in_channels,
     is_inpainting_checkpoint,
     latent_mask,
@@ -131,7 +131,7 @@ def test_every_sampler_keeps_the_known_region_at_the_init_latent_noised_to_each_
     eta = 0.5 if name == "ddim" else 0.0
     ancestral_noise = lambda like: torch.randn(like.shape, generator=generator)  # noqa: E731
     x = samplers.sample(name, _toy_eps, schedule, noise, steps, eta=eta, init_latent=init_latent, strength=strength,
-                        noise_sampler=ancestral_noise, callback=blend_in_place(blend, record))
+                        noise_sampler=ancestral_noise, callback=blend_then(blend, record))
     total = seen[0][1]
     assert [s for s, _, _ in seen] == list(range(total)) == list(range(blend.steps))
     grid = samplers.SAMPLERS[name].grid

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm.errors import UserError
+
 from ldm.token_chunks import TokenChunk
 from optimizedSD.prompts import (
     EmbeddingCache,
@@ -98,7 +100,7 @@ def test_prompts_file(tmp_path):
 
 
 def test_prompts_file_errors(tmp_path):
-    with pytest.raises(PromptError, match="not found"):
+    with pytest.raises(UserError, match="not found"):  # one line, exit 2, as every input error
         read_prompts_file(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n# only comments\n\n", encoding="utf-8")
@@ -106,7 +108,7 @@ def test_prompts_file_errors(tmp_path):
         read_prompts_file(empty)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(PromptError, match="cannot read"):
+    with pytest.raises(UserError, match="not UTF-8 text"):
         read_prompts_file(binary)
 
 
