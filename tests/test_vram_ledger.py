@@ -51,6 +51,27 @@ def test_ledger_counts_weights_and_activations_as_counted_by_hand():
     assert counter.peak.total == peak_expected and counter.peak.weights == weights
 
 
+def test_ledger_counts_an_int8_layers_dequantized_weight_while_it_runs():
+    """``--quantize int8``: the device holds int8 weights, and each layer's fp16 copy ``scale * q`` is live
+    for its call (one layer at a time)."""
+    from ldm.quantize import Int8Linear
+
+    with torch.device("meta"):
+        layer = Int8Linear(nn.Linear(256, 512).half())
+    group = ModuleGroup("layer", [layer], home="meta")
+    counter = DeviceBytes("meta")
+    with counter, torch.no_grad():
+        group.onload(torch.device("meta"), copy=True)
+        counter.mark_weights(group.tensors)
+        weights = 256 * 512 * 1 + 512 * 2 + 512 * 2  # int8 q, fp16 scale and bias
+        assert counter.live == counter.weights == weights
+        x = torch.empty(4, 256, device="meta", dtype=torch.float16)
+        y = layer(x)
+        assert counter.peak.total == weights + nbytes(x) + 256 * 512 * 2 + nbytes(y)  # + the fp16 weight
+        assert counter.live == weights + nbytes(x, y)  # which dies with the call
+        group.offload()
+
+
 def test_fused_attention_holds_no_score_matrix_and_math_attention_does():
     replay = CudaAttentionChoice()
     counter = DeviceBytes("meta")
@@ -145,6 +166,26 @@ def test_full_mode_is_no_more_than_diffusers_resident_pipeline(sd_v1_plans):
     theirs = diffusers_resident_run(SD_V1_CONFIG, 512, 512, steps=plan_steps("dpm_solver", 20))
     assert ours.peak_bytes <= theirs.peak_bytes, (ours.peak_bytes / GIB, theirs.peak_bytes / GIB)
     assert ours.peak.weights <= theirs.peak.weights  # ours leaves the VAE encoder on the host
+
+
+def test_int8_targets():
+    """Issue 14: with ``--quantize int8`` medium mode at 512x512 needs under 1.0 GiB (fp16: 1.734), and low
+    mode streams half fp16's bytes at every step (the UNet's norms, biases, scales and first and last
+    convs stay fp16). Per step: the UNet onloads of two steps less those of one."""
+    from optimizedSD.plan import plan_for
+
+    plan = plan_for(plan_request(512, "--quantize", "int8"))
+    assert plan.modes["medium"].peak_bytes < 1.0 * GIB, plan.modes["medium"].peak_bytes / GIB
+    assert plan.modes["low"].peak_bytes < plan.modes["medium"].peak_bytes < plan.modes["full"].peak_bytes
+
+    def streamed_per_step(quantize: str | None) -> int:
+        sd = meta_stable_diffusion(SD_V1_CONFIG, torch.float16, quantize)
+        one, two = (simulate(sd, "low", RunShape(512, 512, sampler="ddim", steps=n)) for n in (1, 2))
+        return two.onload_bytes["unet"] - one.onload_bytes["unet"]
+
+    fp16, int8 = streamed_per_step(None), streamed_per_step("int8")
+    assert fp16 > 1.5 * GIB
+    assert int8 / fp16 == pytest.approx(0.5, abs=0.002), int8 / fp16
 
 
 def test_plan_json_shape(sd_v1_plans):
