@@ -63,7 +63,7 @@ def test_ledger_counts_an_int8_layers_dequantized_weight_while_it_runs():
     with counter, torch.no_grad():
         group.onload(torch.device("meta"), copy=True)
         counter.mark_weights(group.tensors)
-        weights = 256 * 512 * 1 + 512 * 2 + 512 * 2  # int8 q, fp16 scale and bias
+        weights = 256 * 512 * 1 + 512 * (256 // 64) * 2 + 512 * 2  # int8 q, fp16 scales (groups of 64), bias
         assert counter.live == counter.weights == weights
         x = torch.empty(4, 256, device="meta", dtype=torch.float16)
         y = layer(x)
@@ -170,8 +170,8 @@ def test_full_mode_is_no_more_than_diffusers_resident_pipeline(sd_v1_plans):
 
 def test_int8_targets():
     """Issue 14: with ``--quantize int8`` medium mode at 512x512 needs under 1.0 GiB (fp16: 1.734), and low
-    mode streams half fp16's bytes at every step (the UNet's norms, biases, scales and first and last
-    convs stay fp16). Per step: the UNet onloads of two steps less those of one."""
+    mode streams about half fp16's bytes at every step (the UNet's norms, biases, scales and first and
+    last convs stay fp16; measured 0.516x). Per step: the UNet onloads of two steps less those of one."""
     from optimizedSD.plan import plan_for
 
     plan = plan_for(plan_request(512, "--quantize", "int8"))
@@ -185,7 +185,7 @@ def test_int8_targets():
 
     fp16, int8 = streamed_per_step(None), streamed_per_step("int8")
     assert fp16 > 1.5 * GIB
-    assert int8 / fp16 == pytest.approx(0.5, abs=0.002), int8 / fp16
+    assert 0.5 < int8 / fp16 < 0.52, int8 / fp16  # int8 and one fp16 scale per 64 weights: 1 + 2/64 bytes
 
 
 def test_plan_json_shape(sd_v1_plans):
