@@ -203,14 +203,18 @@ CUDA_OVERHEAD_BYTES = 64 << 20  # cuBLAS/cuDNN workspaces that go through the ca
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("mode", ["full", "medium", "low"])
-def test_ledger_predicts_cuda_max_memory_allocated(tiny_checkpoint, mode):
+def test_ledger_predicts_cuda_max_memory_allocated(tiny_checkpoint, mode, quantize):
     from ldm.ledger.measured import measure_on_cuda
     from ldm.model_loading import load_stable_diffusion
+    from ldm.quantize import quantize_unet
 
     shape = RunShape(256, 256, sampler="dpm_solver", steps=3)
-    predicted = simulate(meta_stable_diffusion(TINY_CONFIG, torch.float16), mode, shape)
+    predicted = simulate(meta_stable_diffusion(TINY_CONFIG, torch.float16, quantize), mode, shape)
     sd = load_stable_diffusion(tiny_checkpoint, TINY_CONFIG, dtype=torch.float16)
+    if quantize:
+        quantize_unet(sd.unet, quantize)
     measured = measure_on_cuda(sd, mode, shape, torch.device("cuda"))
-    print(mode, "ledger", predicted.peak_bytes, "measured", measured["peak_bytes"])
+    print(mode, quantize, "ledger", predicted.peak_bytes, "measured", measured["peak_bytes"])
     assert predicted.peak_bytes - (1 << 20) <= measured["peak_bytes"] <= predicted.peak_bytes + CUDA_OVERHEAD_BYTES
