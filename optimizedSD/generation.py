@@ -550,7 +550,8 @@ def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) ->
     attention = "sliced" if request.attention == "sliced" else "sdpa"
     shape = RunShape(inputs.height, inputs.width, request.n_samples, request.sampler, request.steps, request.scale,
                      attention, False, request.unet_bs, request.img2img)
-    return low_mode_tiles(str(request.config or resolve_config(None)), shape, request.dtype)
+    return low_mode_tiles(str(request.config or resolve_config(None)), shape, request.dtype, request.quantize,
+                          request.tome)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------

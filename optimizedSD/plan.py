@@ -82,7 +82,8 @@ def plan_text(request) -> str:
 
 def plan_for(request):
     """The :class:`~ldm.ledger.plan.MemoryPlan` of a parsed :class:`~optimizedSD.request.GenerationRequest`.
-    The memory is the GPU's: fp16 unless ``--precision full``."""
+    The memory is the GPU's: fp16 unless ``--precision full``; the UNet as ``--quantize`` and ``--tome``
+    make it."""
     import torch
 
     from ldm.config import load_model_config
@@ -105,4 +106,5 @@ def plan_for(request):
     card = gpu_bytes(request.gpu_memory_bytes)
     dtype = torch.float16 if request.precision == "autocast" else torch.float32
     return memory_plan(str(config), shape, dtype, budget_bytes=request.vram_budget_bytes, gpu_bytes=card,
-                       calls=generation_stages(request, prompts, init_image))
+                       calls=generation_stages(request, prompts, init_image), quantize=request.quantize,
+                       tome=request.tome)

@@ -18,6 +18,10 @@ included). Reported: load time (read + build + place), generation time (prompt e
 decode), their sum, seconds per image, and our/diffusers ratios. On CUDA each side first makes a 2-step
 warm-up image (kernel selection, lazy initialisation), not timed.
 
+With ``--quantize int8`` a first row ("check  int8 error") loads the file in fp32 in a process of its own
+and reports one UNet forward (batch 2, the run's latent size) with int8 weights against fp32's, relative
+L2, under the targets as issue 14's 1 % line.
+
 Modes compared on CUDA: ours ``full``, ``medium``, ``low``; diffusers resident (``pipe.to``),
 ``enable_model_cpu_offload``, ``enable_sequential_cpu_offload`` and ``enable_group_offload`` (block level,
 one block per group, side stream) where the installed diffusers has it.
@@ -213,9 +217,36 @@ def run_diffusers(spec: dict) -> dict:
     return result
 
 
+def run_quantization_error(spec: dict) -> dict:
+    """Issue 14's int8 figure: one UNet forward (batch 2, as guidance runs it, at the run's latent size) of
+    the file's fp32 weights against the same UNet with ``--quantize``'s weights, relative L2 error."""
+    import torch
+
+    from ldm.model_loading import load_stable_diffusion
+    from ldm.quantize import quantize_unet
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    sd = load_stable_diffusion(spec["ckpt"], spec["config"], dtype=torch.float32)
+    unet, cfg = sd.unet.to(device), sd.config
+    generator = torch.Generator().manual_seed(spec["seed"])
+    factor = cfg.downsampling_factor
+    x = torch.randn(2, cfg.latent_channels, spec["height"] // factor, spec["width"] // factor, generator=generator)
+    context = torch.randn(2, 77, cfg.unet.context_dim, generator=generator)
+    t = torch.tensor([1.0, 600.0])
+    with torch.no_grad():
+        exact = unet(x.to(device), t.to(device), context.to(device))
+        started = time.time()
+        quantize_unet(unet, spec["quantize"])
+        seconds = time.time() - started
+        error = (unet(x.to(device), t.to(device), context.to(device)) - exact).norm() / exact.norm()
+    return {"forward_error": error.item(), "quantize_s": seconds}
+
+
 def run_worker(spec: dict) -> int:
     logging.basicConfig(level=logging.WARNING)
-    result = run_ours(spec) if spec["side"] == "ours" else run_diffusers(spec)
+    runs = {"ours": run_ours, "diffusers": run_diffusers, "check": run_quantization_error}
+    result = runs[spec["side"]](spec)
     result["peak_rss"] = _peak_rss_bytes()
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
@@ -259,6 +290,9 @@ def format_row(spec: dict, result: dict) -> str:
     name = f"{spec['side']:<10}{setup_name(spec):<19}{spec['batch']:>5}"
     if "error" in result or "skipped" in result:
         return f"{name}   {result.get('error') or 'skipped: ' + result['skipped']}"
+    if "forward_error" in result:
+        return (f"{name}   one UNet forward {100 * result['forward_error']:.2f} % from fp32 (relative L2; "
+                f"quantized in {result['quantize_s']:.1f} s)")
     images = max(result.get("images") or 1, 1)
     generate = result.get("generate_s")
     per_image = (generate if generate is not None else result["total_s"]) / images
@@ -330,6 +364,7 @@ TARGETS = (
     ("full int8", ("ours", "full"), "peak RSS", 0.5),
     ("medium int8", None, "peak VRAM", 1.0),
 )
+FORWARD_ERROR_PERCENT = 1.0  # issue 14: --quantize's UNet forward against fp32's, relative L2
 _KEYS = {"generate": "generate_s", "peak RSS": "peak_rss", "peak VRAM": "peak_vram_allocated"}
 
 
@@ -353,6 +388,12 @@ def target_lines(rows: list[tuple[dict, dict]]) -> list[str]:
             text, against = f"{value:.2f}x {other[0] if other[0] == 'diffusers' else 'our'} {other[1]}", f"{limit}x"
         verdict = "met" if value <= limit else "MISSED"
         lines.append(f"ours {mode}, batch 1: {what} {text} (target at most {against}): {verdict}")
+    for (side, mode, _), result in best.items():
+        if side == "check" and result.get("forward_error") is not None:
+            error = 100 * result["forward_error"]
+            verdict = "met" if error <= FORWARD_ERROR_PERCENT else "MISSED"
+            lines.append(f"{mode}: one UNet forward {error:.2f} % from fp32 (target at most "
+                         f"{FORWARD_ERROR_PERCENT:g} %): {verdict}")
     return lines
 
 
@@ -389,6 +430,8 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
     if args.tome:
         variants.append((f"tome {args.tome:g}", ["--tome", str(args.tome)]))
     plan = []
+    if args.quantize:  # its forward error, in a process of its own (not inside a timed or RSS-measured run)
+        plan.append(dict(common, side="check", mode=f"{args.quantize} error", batch=1, quantize=args.quantize))
     for batch in batches:
         plan += [dict(common, side="ours", mode=m, batch=batch, variant=label, flags=flags)
                  for m in modes for label, flags in variants]

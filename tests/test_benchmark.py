@@ -100,7 +100,7 @@ def test_gpu_targets():
 def test_quantize_and_tome_rows_and_their_targets():
     plan = benchmark.build_plan(benchmark.parse(["--quantize", "int8", "--tome", "0.5", "--modes", "full", "medium"]))
     assert [(s["side"], benchmark.setup_name(s), s.get("flags")) for s in plan] == [
-        ("ours", "full", []), ("ours", "full int8", ["--quantize", "int8"]), ("ours", "full tome 0.5", ["--tome", "0.5"]),
+        ("check", "int8 error", None), ("ours", "full", []), ("ours", "full int8", ["--quantize", "int8"]), ("ours", "full tome 0.5", ["--tome", "0.5"]),
         ("ours", "medium", []), ("ours", "medium int8", ["--quantize", "int8"]),
         ("ours", "medium tome 0.5", ["--tome", "0.5"]), ("diffusers", "resident", None),
     ]
@@ -112,13 +112,28 @@ def test_quantize_and_tome_rows_and_their_targets():
 
     rows = [(specs["full"], result(10.0, 4.5)), (specs["full int8"], result(10.5, 2.0)),
             (specs["medium int8"], result(11.0, 2.0, 0.9)), (specs["full tome 0.5"], result(8.0, 4.5)),
-            (specs["resident"], result(11.0, 4.5))]
-    assert benchmark.target_lines(rows)[-2:] == [
+            (specs["resident"], result(11.0, 4.5)), (specs["int8 error"], {"forward_error": 0.0368, "quantize_s": 9.0})]
+    assert benchmark.target_lines(rows)[-3:] == [
         "ours full int8, batch 1: peak RSS 0.44x our full (target at most 0.5x): met",
         "ours medium int8, batch 1: peak VRAM 0.90 GiB (target at most 1.0 GiB): met",
+        "int8 error: one UNet forward 3.68 % from fp32 (target at most 1 %): MISSED",
     ]
+    assert "one UNet forward 3.68 % from fp32" in benchmark.format_row(specs["int8 error"], rows[-1][1])
     assert "ours full tome 0.5 / diffusers resident, batch 1: generate 0.73x, total wall 0.79x, peak RSS 1.00x" in (
         benchmark.ratio_lines(rows))
+
+
+def test_int8_error_worker_measures_the_quantized_forward(tiny_checkpoint, tiny_config_path):
+    """The figure the int8 error target reads: the tiny model's UNet, int8 against fp32 (tests/test_quantize.py
+    measures 1.80 % at 16x16 latents)."""
+    spec = worker_spec(tiny_checkpoint, tiny_config_path, side="check", mode="int8 error", quantize="int8",
+                       height=128, width=128)
+    threads = torch.get_num_threads()
+    try:
+        result = benchmark.run_quantization_error(spec)
+    finally:
+        torch.set_num_threads(threads)  # a worker's setting; other tests' pixels depend on the thread count
+    assert 0.005 < result["forward_error"] < 0.03 and result["quantize_s"] >= 0
 
 
 @pytest.mark.slow

@@ -108,6 +108,11 @@ class DeviceBytes(TorchDispatchMode):
         if at_phase_peak:
             self.phase_peaks[self._phase] = Peak(self.live, self.weights)
 
+    @property
+    def current_phase(self) -> str | None:
+        """The phase the run is in now (None outside every phase)."""
+        return self._phase
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Attribute the peaks seen inside the block to ``name`` (and to the run's overall peak)."""

@@ -36,17 +36,19 @@ HEADROOM_BYTES = 384 << 20
 MODE_ORDER = ("full", "medium", "low")
 
 
-@functools.lru_cache(maxsize=2)
-def _meta_models(config: str, dtype: torch.dtype):
-    return meta_stable_diffusion(config, dtype)
+@functools.lru_cache(maxsize=4)
+def _meta_models(config: str, dtype: torch.dtype, quantize: str | None = None, tome: float | None = None):
+    return meta_stable_diffusion(config, dtype, quantize, tome)
 
 
-def low_mode_tiles(config: str, shape: RunShape, dtype: torch.dtype = torch.float16) -> bool:
+def low_mode_tiles(config: str, shape: RunShape, dtype: torch.dtype = torch.float16, quantize: str | None = None,
+                   tome: float | None = None) -> bool:
     """Whether low mode decodes ``shape`` in tiles: when the ledger's whole-image decode would peak above
-    the UNet's sampling. One step of DDIM stands for the sampling: its UNet call is every sampler's."""
+    the UNet's sampling. One step of DDIM stands for the sampling: its UNet call is every sampler's.
+    ``quantize`` and ``tome`` as the run's UNet (:func:`~ldm.ledger.simulation.meta_stable_diffusion`)."""
     if shape.tiled:
         return True
-    run = simulate(_meta_models(str(config), dtype), "low", replace(shape, sampler="ddim", steps=1))
+    run = simulate(_meta_models(str(config), dtype, quantize, tome), "low", replace(shape, sampler="ddim", steps=1))
     return run.phase_peaks["vae"].total > run.phase_peaks["unet"].total
 
 
@@ -80,12 +82,12 @@ def pick_mode(modes: dict[str, LedgerRun], gpu_bytes: int | None) -> str | None:
 
 def memory_plan(
     config, shape: RunShape, dtype: torch.dtype = torch.float16, *, budget_bytes: int | None = None,
-    gpu_bytes: int | None = None, calls: Calls | None = None,
+    gpu_bytes: int | None = None, calls: Calls | None = None, quantize: str | None = None, tome: float | None = None,
 ) -> MemoryPlan:
     """Simulate ``shape`` in full, medium and low mode (and low with ``budget_bytes`` when given, as
     "low_budget"), low decoding in tiles where :func:`low_mode_tiles` says so; ``calls`` as
-    :func:`~ldm.ledger.simulation.simulate`'s."""
-    sd = _meta_models(str(config), dtype)
+    :func:`~ldm.ledger.simulation.simulate`'s; ``quantize`` and ``tome`` change the UNet as the run does."""
+    sd = _meta_models(str(config), dtype, quantize, tome)
     shape = replace(shape, steps=plan_steps(shape.sampler, shape.steps))
     modes = {name: simulate(sd, name, shape, calls=calls) for name in ("full", "medium")}
     low = simulate(sd, "low", shape, calls=calls)

@@ -30,12 +30,14 @@ DEVICE = torch.device("meta")
 
 @dataclass(frozen=True)
 class LedgerRun:
-    """What one simulated run needs from the GPU: its peak, the peak of each phase, the kernels chosen."""
+    """What one simulated run needs from the GPU: its peak, the peak of each phase, the kernels chosen, and
+    the bytes copied host -> device in each phase (low mode's streaming: every UNet weight at every step)."""
 
     mode: str
     peak: Peak
     phase_peaks: dict[str, Peak]
     attention_kernels: dict[str, int] = field(default_factory=dict)
+    onload_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int:
@@ -53,9 +55,15 @@ class LedgerRun:
         }
 
 
-def meta_stable_diffusion(config, dtype: torch.dtype = torch.float16):
+def meta_stable_diffusion(config, dtype: torch.dtype = torch.float16, quantize: str | None = None,
+                          tome: float | None = None):
     """SD v1 (or any config's) three models on ``meta`` in ``dtype``, as :func:`load_stable_diffusion`
-    would return them from a checkpoint: the same modules, the same parameter dtypes, no data."""
+    would return them from a checkpoint: the same modules, the same parameter dtypes, no data. With
+    ``quantize`` ("int8") and ``tome`` (a ratio) the UNet is changed as the generation loop changes it
+    (``optimizedSD.generation.speed_up_unet``): int8 weights (and their per-call dequantized copies) and
+    merged tokens are what the ledger then counts."""
+    from ldm.quantize import quantize_unet
+    from ldm.token_merging import apply_token_merging
     from ldm.autoencoder import AutoencoderKL
     from ldm.config import load_model_config
     from ldm.model_loading import StableDiffusion
@@ -68,6 +76,9 @@ def meta_stable_diffusion(config, dtype: torch.dtype = torch.float16):
         unet, vae, text_encoder = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextEncoder(cfg.text)
     for module in (unet, vae, text_encoder):
         module.to(dtype).eval().requires_grad_(False)
+    if quantize:
+        quantize_unet(unet, quantize)
+    apply_token_merging(unet, tome)
     return StableDiffusion(
         unet=unet, vae=vae, text_encoder=text_encoder,
         schedule=DiffusionSchedule.from_config(cfg.schedule),
@@ -107,14 +118,21 @@ def simulate(
     counter = DeviceBytes("meta")
     residency = Residency(sd, DEVICE, mode, budget_bytes, track_cpu_copies=True)
     groups = {group.name: group for group in residency.groups()}
-    residency.on_transfer = lambda event: event.event == "onload" and counter.mark_weights(groups[event.group].tensors)
+    onloaded: dict[str, int] = {}
+
+    def on_transfer(event) -> None:
+        if event.event == "onload":
+            counter.mark_weights(groups[event.group].tensors)
+            onloaded[counter.current_phase] = onloaded.get(counter.current_phase, 0) + event.nbytes
+
+    residency.on_transfer = on_transfer
     replay = CudaAttentionChoice()
     try:
         with attention_backend(shape.attention), replay, counter, torch.no_grad():
             (calls or run_generation_calls)(sd, residency, shape, DEVICE, counter.phase)
     finally:
         residency.release()
-    return LedgerRun(mode, counter.peak, dict(counter.phase_peaks), dict(replay.choices))
+    return LedgerRun(mode, counter.peak, dict(counter.phase_peaks), dict(replay.choices), onloaded)
 
 
 def run_generation_calls(sd, residency, shape: RunShape, device: torch.device, phase: Callable[[str], ContextManager]) -> None:
