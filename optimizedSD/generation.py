@@ -54,7 +54,7 @@ from ldm.model_loading import StableDiffusion, load_stable_diffusion
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
 from ldm.quantize import quantize_unet
-from ldm.residency import Residency, auto_budget_bytes, resolve_mode
+from ldm.residency import Residency, auto_budget_bytes, model_bytes, resolve_mode
 from ldm.streaming import chunked_unet
 from ldm.safety_checker import find_safety_checker_files
 from ldm.schedule import DiffusionSchedule
@@ -63,6 +63,7 @@ from ldm.token_merging import apply_token_merging
 from ldm.vae_decoding import DEFAULT_TILE, decode_latents, should_tile
 from optimizedSD import distributed
 from optimizedSD.arguments import UsageError, resolve_config
+from optimizedSD.batch_memory import PartQuery, grid_fits, grid_host_bytes, images_per_part
 from ldm.messages import escaped
 from optimizedSD.images import image_to_tensor, load_init_image, output_size
 from optimizedSD.input_checks import (
@@ -379,7 +380,8 @@ class Batch:
 
 
 def plan_batches(request: GenerationRequest, prompts: list[str]) -> Iterator[Batch]:
-    """The run's batches in the order their files are written: iterations, then prompts."""
+    """The run's batches in the order their files are written: iterations, then prompts. (A batch larger than
+    the memory holds samples in parts: :func:`batch_parts`.)"""
     size = request.n_samples
     first_image = 0
     for iteration in range(request.n_iter):
@@ -387,6 +389,24 @@ def plan_batches(request: GenerationRequest, prompts: list[str]) -> Iterator[Bat
             start = request.seed + (0 if request.fixed_code else first_image)
             yield Batch(iteration, index, prompt, tuple(start + k for k in range(size)), first_image)
             first_image += size
+
+
+def batch_parts(batch: Batch, size: int) -> Iterator[Batch]:
+    """``batch`` as consecutive parts of at most ``size`` images, each with its own seeds and place in the run
+    (the same images as the whole batch: each image's noise, conditioning and sampling are its own)."""
+    for start in range(0, len(batch.seeds), size):
+        yield Batch(batch.iteration, batch.prompt_index, batch.prompt, batch.seeds[start : start + size],
+                    batch.first_image + start)
+
+
+def part_size(request: GenerationRequest, inputs: RunInputs, model: LoadedModel, outputs: RunOutputs, tiled: bool) -> int:
+    """How many of a batch's images sample together (:mod:`optimizedSD.batch_memory`): all unless the memory
+    available to the run (host memory on a CPU) holds fewer; not even one is a one-line error before sampling."""
+    weights = sum(model_bytes(model.sd).values())
+    query = PartQuery(inputs.config, model.residency.mode, inputs.height, inputs.width, request.dtype, request.sampler,
+                      "sliced" if request.attention == "sliced" else "sdpa", request.unet_bs, request.device, tiled, weights)
+    grid = grid_host_bytes(outputs.images, inputs.height, inputs.width) if outputs.keep_grid else 0
+    return images_per_part(query, request.n_samples, extra_host_bytes=grid)
 
 
 def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder,
@@ -467,6 +487,9 @@ class RunOutputs:
         self.encoder: PromptEncoder | None = None  # set once the prompts are encoded (their metadata fields)
         self.file_numbers: list[int] | None = None  # torchrun: each image's number in a single process's naming
         self.inpainting = inputs.inpainting
+        self.images = request.n_iter * len(inputs.prompts) * request.n_samples
+        # A grid over the cap is not made (one warning line): its images would all stay in host memory.
+        self.keep_grid = not request.skip_grid and grid_fits(self.images, inputs.height, inputs.width)
 
     def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
         """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``)."""
@@ -494,7 +517,7 @@ class RunOutputs:
             self.summary.written.append(self.writer.write_sample(prompt_folder_name(batch.prompt), seed, image, text, number))
         self.summary.images += 1  # after the write: a rank stopped while writing counts only what is on disk
         self.summary.flagged += safety is not None
-        if not request.skip_grid:
+        if self.keep_grid:
             self.grid_images.append((index, image))
             self.grid_text = self.grid_text or text
 
@@ -593,9 +616,11 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
     latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
     tiled = decode_in_tiles(request, inputs, model.residency.mode)
     batches = list(plan_batches(request, inputs.prompts))
+    size = part_size(request, inputs, model, outputs, tiled)
 
     def run_batch(batch: Batch) -> None:
-        decode_and_write(model, batch, sample_batch(request, model, encoder, init, batch, latent_shape), tiled, outputs)
+        for part in batch_parts(batch, size):  # one part unless the batch is larger than the memory holds
+            decode_and_write(model, part, sample_batch(request, model, encoder, init, part, latent_shape), tiled, outputs)
 
     if job is not None:
         run_rank_share(job, request, inputs, batches, run_batch, outputs)
