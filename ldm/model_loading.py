@@ -10,8 +10,9 @@ Steps, each its own function:
 3. split the keys by prefix (:mod:`ldm.checkpoint_layout`): UNet, its EMA copy, VAE, text encoder, schedule
    buffers; training leftovers are dropped, and keys that belong to none of the models are ignored with
    one warning line that counts them;
-4. build each model on the meta device and assign the file's tensors in the run's dtype one at a time, so
-   no second full copy of the weights is held (a file already in that dtype stays memory-mapped). Missing,
+4. build each model on the meta device and assign the file's tensors in the run's dtype one at a time, each
+   copied out of the file's memory map and the map's pages given back as it goes (:func:`owned_copy`), so no
+   second full copy of the weights is held and a file rewritten during the run cannot crash it. Missing,
    unexpected and mis-shaped keys of a model are errors naming them (CompVis loaded with ``strict=False``,
    and a broken file produced noise instead of an error);
 5. the noise schedule comes from the config, computed in float64 as diffusers and ComfyUI do; the file's
@@ -42,6 +43,7 @@ from ldm.checkpoint_layout import (
     is_unused_text_key,
 )
 from ldm.config import DEFAULT_CONFIG, ModelConfig, load_model_config
+from ldm.mapped_pages import FileMappings
 from ldm.schedule import DiffusionSchedule
 from ldm.text_encoder import CLIPTextEncoder, normalize_text_encoder_keys
 from ldm.unet import UNetModel
@@ -125,15 +127,23 @@ def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str,
         problems.append(f"{len(mismatched)} {what} shapes differ from the config ({_describe(mismatched, 3)})")
     if problems:
         raise CheckpointError(f"{path}: {'; '.join(problems)}; does --config match this checkpoint?")
+    pages = FileMappings()
     for key in list(weights):
-        tensor = weights.pop(key)
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)  # no copy when the file is already in this dtype (stays memory-mapped)
-        weights[key] = tensor
+        weights[key] = owned_copy(weights.pop(key), dtype, pages)
     module.load_state_dict(weights, strict=True, assign=True)
     for name, buffer in module.named_buffers():
         if buffer.is_meta:
             raise CheckpointError(f"{path}: {what} buffer {name} was not set by the checkpoint")
+
+
+def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, pages: FileMappings) -> torch.Tensor:
+    """``tensor`` (floating point: in ``dtype``) in memory of its own, never a view into the checkpoint's memory
+    map, whose pages are then given back. A mapped weight would make a file truncated or rewritten during the
+    run kill the process with SIGBUS, which Python cannot turn into a message; the copy costs no memory
+    after loading, since the mapped pages leave as the copies come (docs/hostile-inputs.md has the figures)."""
+    copy = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+    pages.drop(tensor)  # the file's pages of this tensor leave the process (ldm/mapped_pages.py)
+    return copy
 
 
 def _rebuild_position_ids(text_encoder: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""Loading keeps the file memory-mapped where the dtype allows: the host's peak RSS does not grow by a copy.
+"""Loading copies the weights out of the file's memory map (a file rewritten during the run cannot crash it)
+without holding the file twice: the host's peak RSS grows by the weights, not by the weights and the file.
 
 Each load runs in a fresh process (``ru_maxrss`` is a per-process high-water mark) on a mid-size model
 (~120 M parameters) in the SD v1 layout.
@@ -28,14 +29,15 @@ cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, model_channels
 MEASURE = CONFIG + """
 import json, resource, sys, torch
 from ldm.model_loading import load_stable_diffusion
-def rss_kb():
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+def rss_kb(field="VmRSS"):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
-base = rss_kb()
+base, base_file = rss_kb(), rss_kb("RssFile")
 sd = load_stable_diffusion(path, cfg, dtype=dtype)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 weights = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder) for t in m.state_dict().values())
-print(json.dumps({"growth": (peak - base) * 1024, "weights": weights}))
+mapped = (rss_kb("RssFile") - base_file) * 1024  # file pages mapped by the load (torch's libraries were before)
+print(json.dumps({"growth": (peak - base) * 1024, "weights": weights, "rss_file": mapped}))
 """
 
 
@@ -62,10 +64,13 @@ print("ok")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["m32.safetensors", "m32.ckpt"])
-def test_same_dtype_load_stays_mapped(files, name):
-    """A file already in the run's dtype: the parameters are the mapped file (no copy is made)."""
+def test_same_dtype_load_copies_the_weights_once(files, name):
+    """A file already in the run's dtype: the weights are copied out of the map as its pages are given back,
+    so the peak is one copy (not the copy and the file), and nothing of the file stays mapped."""
     measured = json.loads(_run(MEASURE, str(files / name), "float32"))
-    assert measured["growth"] < 0.3 * measured["weights"], measured
+    overhead = 160 * 2**20  # tokenizer, meta-device models, allocator slack: ~120 MB measured
+    assert measured["growth"] < measured["weights"] + overhead, measured
+    assert measured["rss_file"] < 32 * 2**20, measured
 
 
 @pytest.mark.slow
