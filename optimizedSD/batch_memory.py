@@ -217,8 +217,8 @@ def _too_large(query: PartQuery, part: PartMemory, available: int) -> str:
     scale = math.sqrt(max((available - RESERVE_BYTES) / SAFETY - part.weights, 0) / max(part.fixed + part.per_image, 1))
     fits = [max(64, int(side * scale) // 64 * 64) for side in (query.width, query.height)]
     return (f"one {query.width}x{query.height} image needs about {part.need(1) / 2**30:.1f} GiB of {where} memory "
-            f"to sample and decode, {max(available, 0) / 2**30:.1f} GiB is available: about {fits[0]}x{fits[1]} fits "
-            f"(or use a GPU, --unet_bs 1, --vae_tiling)")
+            f"to sample and decode, {max(available, 0) / 2**30:.1f} GiB is available: about {fits[0]}x{fits[1]} fits"
+            + ("" if query.unet_bs == 1 else " (--unet_bs 1 runs the UNet one row at a time)"))
 
 
 def grid_fits(images: int, height: int, width: int) -> bool:

@@ -118,4 +118,5 @@ def test_cli_runs_ten_thousand_images_in_bounded_parts(tiny_checkpoint, tmp_path
     assert written[:3] == ["seed_3_00000.png", "seed_4_00001.png", "seed_5_00002.png"], (written[:5], stderr[-2000:])
     assert "10000 images per batch" in stderr and "parts" in stderr and "no grid: 10000 images" in stderr, stderr[-2000:]
     assert peak < DATA_LIMIT, peak
-    print(f"peak RSS {peak / 2**20:.0f} MiB, {len(written)} images written, exit {code}")
+    parts = next(line for line in stderr.splitlines() if "parts" in line)
+    print(f"peak RSS {peak / 2**20:.0f} MiB, {len(written)} images written, exit {code}; {parts}")
