@@ -38,7 +38,7 @@ def _images(outdir: Path) -> dict[str, np.ndarray]:
     return {str(p.relative_to(outdir)): np.asarray(Image.open(p)) for p in sorted(outdir.rglob("*.png"))}
 
 
-@pytest.mark.parametrize("sampler, unet_bs", [("euler_a", "1"), ("dpm_solver", None)])
+@pytest.mark.parametrize("sampler, unet_bs", [("euler_a", "1"), pytest.param("dpm_solver", None, marks=pytest.mark.slow)])
 def test_a_batch_in_parts_gives_the_same_files_pixels_and_grid(tiny_checkpoint, tmp_path, monkeypatch, caplog, sampler,
                                                                unet_bs):
     """Ancestral (fresh noise each step) and multistep samplers: 3 images in parts of 2 and 1 = one batch of 3.
