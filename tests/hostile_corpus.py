@@ -53,6 +53,7 @@ class Case:
     expect: str  # a fragment of the one-line error
     marker: str | None = None
     slow: bool = False
+    cli_expect: str | None = None  # the command line refuses it before the reader, in its own words
 
 
 class Corpus:
@@ -66,11 +67,11 @@ class Corpus:
         return str(self.directory / "markers" / name)
 
     def add(self, name: str, data: bytes | None, expect: str, suffix: str = ".ckpt", flag: str = "--ckpt",
-            marker: str | None = None, slow: bool = False, path: Path | None = None) -> Path:
+            marker: str | None = None, slow: bool = False, path: Path | None = None, cli_expect: str | None = None) -> Path:
         path = path or self.directory / f"{name}{suffix}"
         if data is not None:
             path.write_bytes(data)
-        self.cases.append(Case(name, str(path), flag, expect, marker, slow))
+        self.cases.append(Case(name, str(path), flag, expect, marker, slow, cli_expect))
         return path
 
 
@@ -403,9 +404,10 @@ def add_file_kinds(corpus: Corpus, clean: Path, tiny_state: dict) -> None:
     fifo = corpus.directory / "fifo.ckpt"
     if not fifo.exists():
         os.mkfifo(fifo)
-    corpus.add("fifo", None, "not a regular file", path=fifo)
-    corpus.add("dev_zero", None, "not a regular file", path=Path("/dev/zero"))
-    corpus.add("dev_stdin", None, "not a regular file", path=Path("/proc/self/fd/0"))
+    not_a_file = "neither a file nor a diffusers model folder"  # the script's check of --ckpt, before the reader
+    corpus.add("fifo", None, "not a regular file", path=fifo, cli_expect=not_a_file)
+    corpus.add("dev_zero", None, "not a regular file", path=Path("/dev/zero"), cli_expect=not_a_file)
+    corpus.add("dev_stdin", None, "not a regular file", path=Path("/proc/self/fd/0"), cli_expect=not_a_file)
     polyglot = _tar_pickle_polyglot(fifo)
     corpus.add("tar_pickle_polyglot_fifo", polyglot, "tar format")
     corpus.add("empty", b"", "empty")
