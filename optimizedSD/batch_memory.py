@@ -80,13 +80,14 @@ def rough_bytes(cfg: ModelConfig, height: int, width: int, dtype: torch.dtype, u
 
 
 def ledger_bytes(cfg: ModelConfig, mode: str, height: int, width: int, dtype: torch.dtype, sampler: str,
-                 attention: str, unet_bs: int | None, device: torch.device, tiled: bool) -> PartMemory:
+                 attention: str, unet_bs: int | None, device: torch.device, tiled: bool,
+                 quantize: str | None = None, tome: float | None = None) -> PartMemory:
     """The VRAM ledger's count (weights apart) for parts of one and of two images: the per-image slope of the
     sampling, and the rest (the larger of the sampling's constant part and one image's decode)."""
     from ldm.ledger import RunShape, meta_stable_diffusion, simulate
     from ldm.ledger.plan import plan_steps
 
-    sd = meta_stable_diffusion(cfg, dtype)
+    sd = meta_stable_diffusion(cfg, dtype, quantize, tome)  # the UNet as --quantize / --tome make it
     shape = RunShape(height, width, 1, sampler, plan_steps(sampler, 20), 7.5, attention, tiled, unet_bs)
     one, two = (simulate(sd, mode, replace(shape, batch=images), calls=_part_calls) for images in (1, 2))
     per_image = max(0, two.phase_peaks["unet"].total - one.phase_peaks["unet"].total)
@@ -185,6 +186,8 @@ class PartQuery:
     unet_bs: int | None
     device: torch.device
     tiled: bool = False  # the decode runs in tiles (--vae_tiling, large images)
+    quantize: str | None = None  # --quantize
+    tome: float | None = None  # --tome
     weight_bytes: int = 0  # the models' weights: on CUDA the rough bound counts them all on the device
 
 
@@ -200,7 +203,7 @@ def images_per_part(query: PartQuery, images: int, extra_host_bytes: int = 0) ->
     if rough.need(images) <= available:
         return images
     part = ledger_bytes(query.cfg, query.mode, query.height, query.width, query.dtype, query.sampler, query.attention,
-                        query.unet_bs, query.device, query.tiled)
+                        query.unet_bs, query.device, query.tiled, query.quantize, query.tome)
     fitting = min(images, part.images_within(available))
     if fitting == 0:
         raise BatchTooLarge(_too_large(query, part, available))

@@ -404,7 +404,8 @@ def part_size(request: GenerationRequest, inputs: RunInputs, model: LoadedModel,
     available to the run (host memory on a CPU) holds fewer; not even one is a one-line error before sampling."""
     weights = sum(model_bytes(model.sd).values())
     query = PartQuery(inputs.config, model.residency.mode, inputs.height, inputs.width, request.dtype, request.sampler,
-                      "sliced" if request.attention == "sliced" else "sdpa", request.unet_bs, request.device, tiled, weights)
+                      "sliced" if request.attention == "sliced" else "sdpa", request.unet_bs, request.device, tiled,
+                      request.quantize, request.tome, weights)
     grid = grid_host_bytes(outputs.images, inputs.height, inputs.width) if outputs.keep_grid else 0
     return images_per_part(query, request.n_samples, extra_host_bytes=grid)
 
