@@ -38,6 +38,13 @@ class FileMappings:
         except (OSError, AttributeError):
             self.libc = None
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s first byte lies in a private file mapping (a view into a checkpoint's map)."""
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            return False
+        start = tensor.data_ptr()
+        return any(lo <= start < hi for lo, hi in self.ranges)
+
     def drop(self, tensor: torch.Tensor) -> int:
         """Bytes given back: the whole pages inside ``tensor``'s bytes, when they lie in one private file
         mapping (0 for anything else: heap memory, a CUDA tensor, another OS)."""

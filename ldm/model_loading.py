@@ -108,7 +108,8 @@ def _describe(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype) -> None:
+def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype,
+                 copy: bool = True) -> None:
     """Assign ``weights`` to a meta-device ``module``; any key or shape disagreement is a CheckpointError."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -129,7 +130,11 @@ def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str,
         raise CheckpointError(f"{path}: {'; '.join(problems)}; does --config match this checkpoint?")
     pages = FileMappings()
     for key in list(weights):
-        weights[key] = owned_copy(weights.pop(key), dtype, pages)
+        tensor = weights.pop(key)
+        if copy:
+            weights[key] = owned_copy(tensor, dtype, pages)
+        else:  # a tensor already in dtype stays a view into the file's map, until own_weights
+            weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     module.load_state_dict(weights, strict=True, assign=True)
     for name, buffer in module.named_buffers():
         if buffer.is_meta:
@@ -144,6 +149,40 @@ def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, pages: FileMappings) ->
     copy = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
     pages.drop(tensor)  # the file's pages of this tensor leave the process (ldm/mapped_pages.py)
     return copy
+
+
+def _build_models(cfg: ModelConfig, parts: CheckpointParts, use_ema: bool, path: Path, vae_path: Path | None, dtype: torch.dtype,
+                  copy: bool) -> tuple[tuple[UNetModel, bool], AutoencoderKL, CLIPTextEncoder]:
+    """The three models, built on meta and given the file's weights strictly; ``((unet, used_ema), vae, text)``."""
+    with torch.device("meta"):
+        unet = UNetModel(cfg.unet)
+    unet_weights, used_ema = choose_unet_weights(parts, list(unet.state_dict()), use_ema, path)
+    _load_strict(unet, unet_weights, "UNet", path, dtype, copy)
+    with torch.device("meta"):
+        autoencoder = AutoencoderKL(cfg.vae)
+    _load_strict(autoencoder, parts.vae, "VAE", vae_path or path, dtype, copy)
+    with torch.device("meta"):
+        text_encoder = CLIPTextEncoder(cfg.text)
+    _rebuild_position_ids(text_encoder)
+    expected = list(text_encoder.transformer.state_dict())
+    _load_strict(text_encoder.transformer, normalize_text_encoder_keys(parts.text, expected), "text encoder", path,
+                 dtype, copy)
+    for module in (unet, autoencoder, text_encoder):
+        module.eval().requires_grad_(False)
+    return (unet, used_ema), autoencoder, text_encoder
+
+
+def own_weights(*modules: nn.Module) -> int:
+    """Copy every parameter and buffer of ``modules`` that is still a view into a checkpoint's memory map
+    into memory of its own (:func:`owned_copy`); after ``load_stable_diffusion(copy_weights=False)`` and
+    whatever replaced most weights first. Returns the number of tensors copied."""
+    pages, copied = FileMappings(), 0
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if pages.holds(tensor):
+                tensor.data = owned_copy(tensor.data, tensor.dtype, pages)
+                copied += 1
+    return copied
 
 
 def _rebuild_position_ids(text_encoder: nn.Module) -> None:
@@ -207,6 +246,7 @@ def load_stable_diffusion(
     dtype: torch.dtype = torch.float32,
     use_ema: bool = False,
     vae: str | Path | None = None,
+    copy_weights: bool = True,
 ) -> StableDiffusion:
     """Load an SD v1.x ``.ckpt`` / ``.safetensors`` file or diffusers folder into CPU modules of ``dtype``.
 
@@ -215,6 +255,9 @@ def load_stable_diffusion(
     AUTOMATIC1111 all sample with the plain weights, so the same seed gives the same picture.
     ``vae``: a VAE file or diffusers VAE folder used instead of the checkpoint's own
     (:func:`ldm.vae_loading.read_vae_weights`). Raises :class:`CheckpointError` with a one-line message.
+    ``copy_weights=False``: weights already in ``dtype`` stay views into the file's memory map, for a caller
+    that replaces most of them first (``--quantize`` reads each fp32 layer once into int8 and gives its
+    pages back, so the load never holds the fp32 UNet) and then calls :func:`own_weights`.
     """
     path = Path(checkpoint)
     cfg = config if isinstance(config, ModelConfig) else load_model_config(config)
@@ -234,21 +277,7 @@ def load_stable_diffusion(
         parts.vae = read_vae_weights(vae_path)
         log.info("using the VAE of %s instead of the checkpoint's", vae_path)
 
-    with torch.device("meta"):
-        unet = UNetModel(cfg.unet)
-    unet_weights, used_ema = choose_unet_weights(parts, list(unet.state_dict()), use_ema, path)
-    _load_strict(unet, unet_weights, "UNet", path, dtype)
-    with torch.device("meta"):
-        autoencoder = AutoencoderKL(cfg.vae)
-    _load_strict(autoencoder, parts.vae, "VAE", vae_path or path, dtype)
-    with torch.device("meta"):
-        text_encoder = CLIPTextEncoder(cfg.text)
-    _rebuild_position_ids(text_encoder)
-    expected = list(text_encoder.transformer.state_dict())
-    _load_strict(text_encoder.transformer, normalize_text_encoder_keys(parts.text, expected), "text encoder", path, dtype)
-
-    for module in (unet, autoencoder, text_encoder):
-        module.eval().requires_grad_(False)
+    (unet, used_ema), autoencoder, text_encoder = _build_models(cfg, parts, use_ema, path, vae_path, dtype, copy_weights)
     return StableDiffusion(
         unet=unet,
         vae=autoencoder,

@@ -31,15 +31,14 @@ the weights, and the layers most sensitive to error, as is usual), and every nor
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.mapped_pages import FileMappings
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def quantize_unet(unet: nn.Module, mode: str = "int8", group_size: int | None = 
     if mode not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantization {mode!r}; choose {', '.join(QUANTIZE_CHOICES)}")
     started, saved, released, count = time.perf_counter(), 0, 0, 0
-    file_pages = _MappedFilePages()
+    file_pages = FileMappings()  # weights still in the checkpoint's map (load_stable_diffusion(copy_weights=False))
     for name, module in list(unet.named_modules()):
         if name in KEEP_FLOAT or type(module) not in (nn.Linear, nn.Conv2d):
             continue
@@ -145,61 +144,11 @@ def quantize_unet(unet: nn.Module, mode: str = "int8", group_size: int | None = 
         setattr(unet.get_submodule(parent_name) if parent_name else unet, child, replacement)
         weight, module.weight = module.weight.data, None  # the float copy goes now, not when the loop ends
         saved += _nbytes(weight) - _nbytes(replacement.weight_int8, replacement.weight_scale)
-        released += file_pages.release(weight)
+        released += file_pages.drop(weight)
         count += 1
     log.info("int8 weights for %d UNet layers in %.1f s (%.2f GiB saved, %.2f GiB of mapped file pages released)",
              count, time.perf_counter() - started, saved / 2**30, released / 2**30)
     return saved
-
-
-class _MappedFilePages:
-    """Gives back to the OS the pages of dead weights that were memory-mapped from the checkpoint file.
-
-    A ``.safetensors`` / zip ``.ckpt`` is read memory-mapped: an fp32 model's weights are the file's pages,
-    which count in the process's memory once read, and stay mapped while any tensor of the file lives (the
-    VAE's, CLIP's), even after the UNet's float weights are dropped. ``madvise(MADV_DONTNEED)`` unmaps the
-    whole pages inside a dropped weight's bytes. Only where that cannot change what anything reads: Linux,
-    a contiguous tensor whose storage nothing else holds (so no other tensor reads those bytes again), and
-    pages inside a private file mapping (the checkpoint's; never the heap).
-    """
-
-    MADV_DONTNEED = 4
-
-    def __init__(self):
-        self.libc, self.ranges = None, []
-        if sys.platform.startswith("linux"):
-            try:
-                self.libc = ctypes.CDLL(None, use_errno=True)
-                self.ranges = self._private_file_mappings()
-            except (OSError, AttributeError):
-                self.libc = None
-
-    @staticmethod
-    def _private_file_mappings() -> list[tuple[int, int]]:
-        ranges = []
-        with open("/proc/self/maps") as maps:
-            for line in maps:  # "start-end perms offset dev inode path"
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
-                    start, end = (int(a, 16) for a in fields[0].split("-"))
-                    ranges.append((start, end))
-        return ranges
-
-    def release(self, tensor: torch.Tensor) -> int:
-        """Bytes given back for ``tensor`` (a dropped weight): 0 where any condition above fails."""
-        if self.libc is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-            return 0
-        storage = tensor.untyped_storage()
-        if torch._C._storage_Use_Count(storage._cdata) > 2:  # ``tensor`` and ``storage``: nobody else
-            return 0
-        page = mmap.PAGESIZE
-        first = -(-tensor.data_ptr() // page) * page
-        last = (tensor.data_ptr() + _nbytes(tensor)) // page * page
-        if last <= first or not any(lo <= first and last <= hi for lo, hi in self.ranges):
-            return 0
-        if self.libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self.MADV_DONTNEED) != 0:
-            return 0
-        return last - first
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:

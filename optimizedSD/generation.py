@@ -50,7 +50,7 @@ from ldm.diffusers_layout import is_diffusers_folder, weight_files
 from ldm.guidance import GuidedDenoiser
 from ldm.inpainting import INPAINTING_CONFIG, INPAINTING_IN_CHANNELS, blend_then, checkpoint_unet_in_channels
 from ldm.lora import LoraFile, apply_loras, lora_hashes_text, text_encoder_lora_key
-from ldm.model_loading import StableDiffusion, load_stable_diffusion
+from ldm.model_loading import StableDiffusion, load_stable_diffusion, own_weights
 from ldm.noise import SeededNoise
 from ldm.out_of_memory import decode_with_retry, retry_lower
 from ldm.quantize import quantize_unet
@@ -222,13 +222,15 @@ def load_model(request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype and put it under a memory mode."""
     log.info("loading %s", request.ckpt)
     try:
+        # --quantize reads the UNet's mapped weights straight into int8 (the load never holds it in float).
         sd = load_stable_diffusion(request.ckpt, inputs.config, dtype=request.dtype, use_ema=request.use_ema,
-                                   vae=request.vae)
+                                   vae=request.vae, copy_weights=not request.quantize)
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     # On the host copy, before the memory mode moves anything.
     loras = apply_loras(sd, [(lora.path, lora.weight) for lora in inputs.loras])
     speed_up_unet(request, sd)
+    own_weights(sd.unet, sd.vae, sd.text_encoder)  # no view into the file is left: see ldm.model_loading.owned_copy
     safety = None
     if request.safety_checker is not None:
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)

@@ -2,7 +2,8 @@
 
 The reader maps the file; had the weights stayed in that map, the first read after the truncation would kill
 the process with SIGBUS (which Python cannot catch: hence a child process). The loader copies them out
-(``ldm.model_loading.owned_copy``), so the run finishes with the weights it loaded.
+(``ldm.model_loading.owned_copy``), so the run finishes with the weights it loaded. With ``--quantize`` the
+UNet is read from the map into int8 first and what is left is copied after (``own_weights``): the same.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from tests.conftest import REPO
 
 CHILD = textwrap.dedent("""
     import os, sys, torch
-    from ldm.model_loading import load_stable_diffusion
+    from ldm.model_loading import load_stable_diffusion, own_weights
+    from ldm.quantize import quantize_unet
     path, config, kind = sys.argv[1:4]
-    sd = load_stable_diffusion(path, config)
+    int8 = kind.endswith("int8")
+    sd = load_stable_diffusion(path, config, copy_weights=not int8)
+    if int8:  # as optimizedSD.generation.load_model does it
+        quantize_unet(sd.unet)
+        own_weights(sd.unet, sd.vae, sd.text_encoder)
     before = {name: t.clone() for name, t in sd.unet.state_dict().items()}
     size = os.path.getsize(path)
     with open(path, "r+b") as file:  # in place, as `cp new.ckpt old.ckpt` or a resumed download does
@@ -36,10 +42,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "ckpt"])
+@pytest.mark.parametrize("kind", ["safetensors", "ckpt", "safetensors int8"])
 def test_a_checkpoint_rewritten_after_loading_does_not_crash_the_run(tiny_checkpoint, tiny_checkpoint_ckpt,
                                                                      tiny_config_path, tmp_path, kind):
-    source = tiny_checkpoint if kind == "safetensors" else tiny_checkpoint_ckpt
+    source = tiny_checkpoint_ckpt if kind == "ckpt" else tiny_checkpoint
     path = shutil.copy(source, tmp_path / source.name)  # the session's fixture stays whole
     done = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tiny_config_path), kind], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
