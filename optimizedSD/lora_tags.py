@@ -9,7 +9,7 @@ of a run must name the same ones; a prompts file whose prompts name different Lo
 
 The images' metadata records each LoRA as the webui records one it adds itself (its "Add network to prompt"
 option): the tag appended to the prompt, and the ``Lora hashes`` field. ``--from_png`` turns those tags back
-into LoRAs (:func:`split_lora_tags` there).
+into LoRAs (``optimizedSD.from_png``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def collect_loras(request: GenerationRequest, prompts: list[str]) -> tuple[list[
     if len(first_with) > 1:
         (tags_a, prompt_a), (tags_b, prompt_b) = list(first_with.items())[:2]
         raise UsageError(
-            f"the prompts name different LoRAs ({describe(tags_a)} in {prompt_a!r}, {describe(tags_b)} in {prompt_b!r}): "
+            f"the prompts name different LoRAs ({_describe(tags_a)} in {prompt_a!r}, {_describe(tags_b)} in {prompt_b!r}): "
             "LoRAs are merged into the weights once per run, so run such prompts separately")
     for name, weight in next(iter(first_with), ()):
         try:
@@ -71,7 +71,7 @@ def collect_loras(request: GenerationRequest, prompts: list[str]) -> tuple[list[
     return texts, tuple(loras)
 
 
-def describe(tags: tuple[tuple[str, float], ...]) -> str:
+def _describe(tags: tuple[tuple[str, float], ...]) -> str:
     return " ".join(lora_tag(name, weight) for name, weight in tags) or "no <lora:...> tag"
 
 
