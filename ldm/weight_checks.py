@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ldm.mapped_pages import FileMappings
 from ldm.messages import escaped
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,14 @@ def check_weights(weights: dict[str, torch.Tensor], shown: str) -> None:
         problem = _layout_problem(tensor) or _dtype_problem(name, tensor)
         if problem:
             raise CheckpointError(f"cannot use {shown}: tensor {escaped(name)} {problem}")
+    pages = FileMappings()
     for name, tensor in weights.items():
         if tensor.is_floating_point() and name not in UNREAD_KEYS and not name.startswith(UNREAD_PREFIXES):
             if not _all_finite(tensor):
                 raise CheckpointError(f"cannot use {shown}: tensor {escaped(name)} has NaN or infinite values (a damaged file?)")
+            # Reading every value brought the tensor's file pages into the process: give them back now, or the
+            # check alone holds the whole file (--quantize int8 then never gets under the fp32 model's size).
+            pages.drop(tensor)
 
 
 def _layout_problem(tensor: torch.Tensor) -> str | None:

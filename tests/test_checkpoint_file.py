@@ -631,3 +631,24 @@ def test_read_torch_data_returns_nested_data_with_module_containers_as_stand_ins
     with pytest.raises(CheckpointError, match="which could run code"):
         checkpoint_file.read_torch_data(evil)
     assert not marker.exists()
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("RssFile:")).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status; madvise is Linux-only")
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_the_weight_check_leaves_no_file_pages_behind(tmp_path, suffix):
+    """The check reads every value of a mapped file; it gives each tensor's pages back, so reading a checkpoint
+    does not hold the file in memory (``--quantize int8`` reads each fp32 layer once more, into int8)."""
+    from ldm.random_checkpoint import save_checkpoint
+
+    weights = {f"w{i}": torch.randn(1024, 4096) for i in range(4)}  # 64 MiB
+    path = save_checkpoint(weights, tmp_path / f"big{suffix}")
+    before = _rss_file_bytes()
+    state = read_checkpoint(path)
+    grown = _rss_file_bytes() - before
+    assert grown < 8 * 2**20, grown / 2**20
+    assert all(torch.equal(state[name], weights[name]) for name in weights)  # and they read as they were
