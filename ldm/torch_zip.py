@@ -17,16 +17,16 @@ opens the file:
 
 from __future__ import annotations
 
-import os
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldm.host_memory import host_available_bytes
 from ldm.messages import escaped
 from ldm.restricted_unpickler import MAX_PICKLE_MEMORY
 
-__all__ = ["ZipRefused", "TorchZipLayout", "inspect_torch_zip", "verify_crcs", "available_memory"]
+__all__ = ["ZipRefused", "TorchZipLayout", "inspect_torch_zip", "verify_crcs"]
 
 MAX_RECORDS = 200_000  # an SD v1 training file with optimizer state has ~5,000
 MAX_COMPRESSION_RATIO = 20  # float weights deflate to ~0.9x; a zip bomb to ~0.001x
@@ -51,21 +51,6 @@ class TorchZipLayout:
     storage_sizes: dict[str, int]  # storage key -> uncompressed bytes of data/<key>
     compressed: bool  # some record is deflated: load without mmap
     infos: tuple[zipfile.ZipInfo, ...]
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel can give without swapping (Linux MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo", "rb") as meminfo:
-            for line in meminfo:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _directory_bounds(file: Path, size: int) -> tuple[int, int, int]:
@@ -135,7 +120,7 @@ def inspect_torch_zip(file: Path, size: int) -> TorchZipLayout:
         raise ZipRefused("a zip archive without data.pkl: not a PyTorch checkpoint")
     if compressed:
         inflated = sum(info.file_size for info in infos)
-        available = available_memory()
+        available = host_available_bytes()
         if available is not None and inflated > available:
             raise ZipRefused(
                 f"its records are compressed and need {inflated / 2**30:.1f} GiB of memory to read "

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from ldm.config import ModelConfig
 from ldm.errors import UserError
+from ldm.host_memory import host_available_bytes
 
 log = logging.getLogger(__name__)
 
@@ -122,43 +121,6 @@ def _part_calls(sd, residency, shape, device: torch.device, phase) -> None:
     side = 2 * DEFAULT_TILE if shape.tiled else None  # a tile with its overlap is at most twice the tile
     with phase("vae"), residency.use("vae.decoder") as vae:
         decode_latents(vae, latents[:1, :, :side, :side] / sd.scale_factor)
-
-
-def host_available_bytes() -> int | None:
-    """Host memory this process may still take: the least of ``MemAvailable``, the cgroup's ``memory.max``
-    less its ``memory.current``, and ``RLIMIT_DATA`` / ``RLIMIT_AS`` less what is used. None off Linux."""
-    candidates = []
-    meminfo = _proc_fields("/proc/meminfo")
-    if "MemAvailable" in meminfo:
-        candidates.append(meminfo["MemAvailable"])
-    cgroup = Path("/sys/fs/cgroup")
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            candidates.append(int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    status = _proc_fields("/proc/self/status")
-    for rlimit, used in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
-        soft = resource.getrlimit(rlimit)[0]
-        if soft != resource.RLIM_INFINITY and used in status:
-            candidates.append(soft - status[used])
-    return max(0, min(candidates)) if candidates else None
-
-
-def _proc_fields(path: str) -> dict[str, int]:
-    """``Name:  123 kB`` lines of a /proc file, in bytes."""
-    fields = {}
-    try:
-        with open(path) as lines:
-            for line in lines:
-                name, _, value = line.partition(":")
-                parts = value.split()
-                if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
-                    fields[name] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return fields
 
 
 def device_available_bytes(device: torch.device) -> int | None:
