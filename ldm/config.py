@@ -19,7 +19,9 @@ from ldm.errors import UserError
 from ldm.messages import escaped, one_line
 from ldm.regular_files import read_utf8_text
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion" / "v1-inference.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # configs/ and models/ (the shipped tokenizer) live here
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+INPAINTING_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml"  # 9-channel UNet
 
 
 MAX_CONFIG_BYTES = 2**20  # CompVis' configs are ~2 KB

@@ -8,3 +8,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Input the user can fix; the message is one line and names what to change."""
+
+
+class UsageError(UserError, ValueError):
+    """Bad command-line input (a flag, a prompt, an image or mask handed in); one line and exit code 2."""

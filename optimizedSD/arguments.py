@@ -17,16 +17,19 @@ from typing import Sequence
 
 import torch
 
+from ldm.checkpoints.hashes import model_hash
 from ldm.config import DEFAULT_CONFIG
-from ldm.errors import UserError
-from ldm.lora import LoraError, find_lora_file, lora_short_hash, parse_lora_argument
-from ldm.safety_checker import MODES as SAFETY_MODES
+from ldm.errors import UsageError
+from ldm.loading.lora import LoraError, find_lora_file, lora_short_hash, parse_lora_argument
+from ldm.models.safety_checker import MODES as SAFETY_MODES
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
-from ldm.textual_inversion import embedding_file_hashes
-from ldm.quantize import QUANTIZE_CHOICES
-from ldm.token_merging import MAX_RATIO
-from optimizedSD.request import IMG2IMG, INPAINT, TXT2IMG, GenerationRequest, MaskOptions
+from ldm.conditioning.embeddings import embedding_file_hashes
+from ldm.models.quantize import QUANTIZE_CHOICES
+from ldm.models.token_merging import MAX_RATIO
+from optimizedSD.from_png import FromPngError, restore_settings
+from optimizedSD.infotext import parse_infotext, read_parameters
+from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, TXT2IMG, GenerationRequest, MaskOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,7 @@ DEFAULT_EMBEDDINGS_DIR = "models/embeddings"
 PROMPT_SYNTAXES = ("fork", "webui")
 VRAM_MODES = ("auto", "full", "medium", "low")
 SEED_MAX = 1_000_000  # the fork draws random seeds from [0, 1e6]
-SIZE_MULTIPLE = 64  # H and W must be multiples of this (the UNet halves 8x8-downsampled latents 3 times)
 MAX_SIDE = 8192  # px; beyond this a single latent no longer fits any GPU or this loop's tensors
-
-
-class UsageError(UserError, ValueError):
-    """Bad command-line input; the scripts print it as one line and exit with code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,7 +159,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
 
 
 def _add_mask_flags(add) -> None:
-    """optimized_inpaint.py's own flags (optimizedSD/masks.py reads the mask)."""
+    """optimized_inpaint.py's own flags (ldm/pipeline/masks.py reads the mask)."""
     add("--mask", type=str, default=None, help="the mask (required): white = repaint, black = keep; any image")
     add("--invert_mask", action="store_true", help="repaint the black part of the mask instead")
     add("--mask_blur", type=float, default=4, metavar="PX",
@@ -287,10 +285,6 @@ _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "pr
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
     """``--from_png``: the image's parameters replace the defaults of the flags not given; what cannot be
     honoured is named in one warning line."""
-    from optimizedSD.from_png import FromPngError, restore_settings  # noqa: PLC0415 - only with --from_png
-    from optimizedSD.infotext import parse_infotext, read_parameters
-    from optimizedSD.outputs import model_hash
-
     source = Path(opt.from_png)
     try:
         text = read_parameters(source)

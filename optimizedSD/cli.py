@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     except RankStopped:  # a torchrun rank that stopped early: its one error line is out already
         return EXIT_RANK_STOPPED
     except (MemoryError, RuntimeError) as error:
-        from ldm.out_of_memory import is_out_of_memory
+        from ldm.memory.out_of_memory import is_out_of_memory
 
         if not is_out_of_memory(error):
             raise

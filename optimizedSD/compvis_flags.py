@@ -14,7 +14,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from optimizedSD.arguments import IMG2IMG, TXT2IMG, UsageError
+from ldm.errors import UsageError
+from ldm.pipeline.request import IMG2IMG, TXT2IMG
 from optimizedSD.cli import EXIT_USAGE, main as engine_main
 
 COMPVIS_DEFAULTS = {

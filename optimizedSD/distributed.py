@@ -297,7 +297,7 @@ def report_stop(prog: str, job: Distributed, error: BaseException, unfinished: S
     import sys
     import traceback
 
-    from ldm.out_of_memory import is_out_of_memory
+    from ldm.memory.out_of_memory import is_out_of_memory
 
     expected = isinstance(error, (UserError, Terminated, KeyboardInterrupt)) or is_out_of_memory(error)
     if not expected:

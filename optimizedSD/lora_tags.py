@@ -4,7 +4,7 @@
 As in AUTOMATIC1111's webui (``modules/extra_networks.py``): every ``<kind:args>`` tag of a prompt is removed
 from the text the text encoder reads; ``lora`` (and its alias ``lyco``) tags name a file in ``--lora_dir``
 by its name without suffix. The negative prompt is read as written (the webui parses extra networks in
-prompts only). LoRAs are merged once, into the loaded weights (:func:`ldm.lora.apply_loras`), so all prompts
+prompts only). LoRAs are merged once, into the loaded weights (:func:`ldm.loading.lora.apply_loras`), so all prompts
 of a run must name the same ones; a prompts file whose prompts name different LoRAs is refused.
 
 The images' metadata records each LoRA as the webui records one it adds itself (its "Add network to prompt"
@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.lora import LoraError, extract_lora_tags, find_lora_file, other_extra_networks
-from optimizedSD.arguments import UsageError
-from optimizedSD.request import GenerationRequest
+from ldm.loading.lora import LoraError, extract_lora_tags, find_lora_file, other_extra_networks
+from ldm.errors import UsageError
+from ldm.pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

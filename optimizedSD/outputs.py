@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from PIL import Image, PngImagePlugin
 from ldm.errors import UserError
 from ldm.samplers import SAMPLERS
 from optimizedSD.atomic_files import write_new_file
-from optimizedSD.input_checks import cut_to_bytes
+from ldm.pipeline.input_checks import cut_to_bytes
 from ldm.samplers.grids import TIMESTEPS
 from optimizedSD import infotext as infotext_module
 from optimizedSD.infotext import user_comment_exif
@@ -138,7 +137,7 @@ def infotext(
         "Denoising strength": None if strength is None else _number(strength),
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
         "Token merging ratio": None if not token_merging_ratio else _number(token_merging_ratio),
-        "Lora hashes": lora_hashes,  # the webui's Lora extension: "name: hash, name: hash" (ldm.lora.lora_hashes_text)
+        "Lora hashes": lora_hashes,  # the webui's Lora extension: "name: hash, name: hash" (ldm.loading.lora.lora_hashes_text)
         "Safety checker": safety_checker,  # "flagged (black)" etc. on images the checker flagged
         **(extra or {}),
         "RNG": "CPU",
@@ -146,15 +145,6 @@ def infotext(
     params_text = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative_text}\n{params_text}".strip()
-
-
-def model_hash(path: str | os.PathLike) -> str:
-    """A1111's ``shorthash`` of a checkpoint: first 10 hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
 
 
 def make_grid(images: Sequence[np.ndarray], per_row: int, padding: int = 2) -> np.ndarray:

@@ -122,7 +122,7 @@ def _build_diffusers_pipeline(spec: dict, torch, dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.config import load_model_config
-    from ldm.text_encoder import clip_text_config
+    from ldm.conditioning.text_encoder import clip_text_config
 
     original_config = OmegaConf.to_container(OmegaConf.load(spec["config"]), resolve=True)
     checkpoint = load_file(spec["ckpt"])  # memory-mapped, as diffusers' from_single_file reads it
@@ -222,8 +222,8 @@ def run_quantization_error(spec: dict) -> dict:
     the file's fp32 weights against the same UNet with ``--quantize``'s weights, relative L2 error."""
     import torch
 
-    from ldm.model_loading import load_stable_diffusion
-    from ldm.quantize import quantize_unet
+    from ldm.loading.stable_diffusion import load_stable_diffusion
+    from ldm.models.quantize import quantize_unet
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])

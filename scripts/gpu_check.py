@@ -3,7 +3,7 @@
 
     python scripts/gpu_check.py --sizes 512 768 1024 --json gpu-ledger.json
 
-For each size and mode, the same calls (``ldm.ledger.simulation.run_generation_calls``: the prompts, one
+For each size and mode, the same calls (``ldm.ledger.calls.generation_calls``, the generation stages themselves: the prompts, one
 batch of sampling, each image's decode) run twice: on the ``meta`` device under the ledger (the
 prediction), and on CUDA with SD v1 weights drawn at random in fp16 (the measurement: the peak of
 ``torch.cuda.memory_allocated`` above what was allocated before, per phase and overall, and the wall

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import ldm.model_loading as model_loading  # noqa: E402
+import ldm.loading.stable_diffusion as model_loading  # noqa: E402
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile")
 

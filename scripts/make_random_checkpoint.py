@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.config import ConfigError, load_model_config  # noqa: E402
-from ldm.random_checkpoint import random_state_dict, save_checkpoint  # noqa: E402
+from ldm.loading.random_weights import random_state_dict, save_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

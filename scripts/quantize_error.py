@@ -4,9 +4,9 @@
     python scripts/quantize_error.py                                   # full SD v1 shapes, 32x32 latents
     python scripts/quantize_error.py --config configs/tiny-random.yaml --size 16
 
-Random weights as ``ldm.random_checkpoint.random_state_dict`` makes them (the module's default initialisation
+Random weights as ``ldm.loading.random_weights.random_state_dict`` makes them (the module's default initialisation
 plus 0.02 Gaussian noise; only the UNet is built), batch 2 (as guidance runs it), t = 1 and 600. For each
-group size (``row``: one scale per output channel) the UNet is quantized by ``ldm.quantize.quantize_unet``
+group size (``row``: one scale per output channel) the UNet is quantized by ``ldm.models.quantize.quantize_unet``
 and the relative L2 error of its output is printed, with the weights' own rms error and the weight bytes as
 a GPU holds them in fp16 (int8 one byte, every float two).
 """
@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ldm.config import load_model_config  # noqa: E402
-from ldm.quantize import KEEP_FLOAT, quantize_unet  # noqa: E402
-from ldm.unet import UNetModel  # noqa: E402
+from ldm.models.quantize import KEEP_FLOAT, quantize_unet  # noqa: E402
+from ldm.models.unet import UNetModel  # noqa: E402
 
 
 def fp16_bytes(module: nn.Module) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.checkpoint_layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ema_key
+from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ema_key
 
 
 def without(state: dict, prefix: str) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldm.config import load_model_config
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny-random.yaml"

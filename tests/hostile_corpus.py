@@ -438,7 +438,7 @@ def _tar_pickle_polyglot(fifo: Path) -> bytes:
 
 def add_weight_cases(corpus: Corpus, tiny_state: dict) -> None:
     import torch
-    from ldm.random_checkpoint import save_checkpoint
+    from ldm.loading.random_weights import save_checkpoint
 
     victim = "model.diffusion_model.input_blocks.0.0.weight"
     variants = {
@@ -514,7 +514,7 @@ def build_corpus(directory: Path) -> list[Case]:
     """Write every case under ``directory`` (about 1,000 files, 60 MB of real disk) and return them."""
     import torch
     from ldm.config import load_model_config
-    from ldm.random_checkpoint import random_state_dict
+    from ldm.loading.random_weights import random_state_dict
 
     corpus = Corpus(directory)
     # The UNet part of the tiny model (2 MB): every case fails before a model is built.
@@ -543,7 +543,7 @@ def check_in_process(cases: list[Case]) -> None:
     """Read every case here, printing one JSON line each (flushed before the next, so a crash names its case)."""
     import time
 
-    from ldm.checkpoint_file import CheckpointError, read_checkpoint
+    from ldm.checkpoints.reader import CheckpointError, read_checkpoint
     from ldm.config import ConfigError, load_model_config
 
     for case in cases:

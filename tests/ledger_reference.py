@@ -26,11 +26,11 @@ def diffusers_models_on_meta(config_path: Path, dtype: torch.dtype = torch.float
     from diffusers.loaders import single_file_utils as convert
     from transformers import CLIPTextModel
 
-    from ldm.autoencoder import AutoencoderKL as OurVAE
+    from ldm.models.autoencoder import AutoencoderKL as OurVAE
     from ldm.config import load_model_config
-    from ldm.random_checkpoint import compvis_state_dict
-    from ldm.text_encoder import CLIPTextEncoder, clip_text_config
-    from ldm.unet import UNetModel
+    from ldm.loading.random_weights import compvis_state_dict
+    from ldm.conditioning.text_encoder import CLIPTextEncoder, clip_text_config
+    from ldm.models.unet import UNetModel
 
     cfg = load_model_config(config_path)
     with torch.device("meta"):  # our models only give the converters the checkpoint's shapes

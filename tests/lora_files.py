@@ -2,7 +2,7 @@
 
 The key names come from the reference models' own module names (diffusers' ``UNet2DConditionModel`` and
 transformers' ``CLIPTextModel``), as kohya's sd-scripts and diffusers name them when they train, or from our
-CompVis-layout UNet for the sgm spelling; never from ``ldm.lora_layouts``, which they test.
+CompVis-layout UNet for the sgm spelling; never from ``ldm.loading.lora_layouts``, which they test.
 """
 
 from __future__ import annotations

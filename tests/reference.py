@@ -39,7 +39,7 @@ def transformers_text_encoder(state: dict, text_config):
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
     from transformers import CLIPTextModel
 
-    from ldm.text_encoder import clip_text_config
+    from ldm.conditioning.text_encoder import clip_text_config
 
     model = CLIPTextModel(clip_text_config(text_config))
     converted = convert_ldm_clip_checkpoint(state)

@@ -29,7 +29,7 @@ def worker_spec(tiny_checkpoint, tiny_config_path, **overrides):
 
 def test_diffusers_side_builds_the_same_model_from_the_same_file(tiny_checkpoint, tiny_config_path):
     """The converted diffusers UNet, VAE and CLIP compute what ours compute from the same checkpoint."""
-    from ldm.model_loading import load_stable_diffusion
+    from ldm.loading.stable_diffusion import load_stable_diffusion
 
     ours = load_stable_diffusion(tiny_checkpoint, tiny_config_path)
     pipe = benchmark._build_diffusers_pipeline(worker_spec(tiny_checkpoint, tiny_config_path), torch, torch.float32)

@@ -1,4 +1,4 @@
-"""ldm.checkpoint_file: round trips, the restricted unpickler (payloads must not run), Lightning/numpy
+"""ldm.checkpoints.reader: round trips, the restricted unpickler (payloads must not run), Lightning/numpy
 stand-ins, and one-line CheckpointErrors for damaged files.
 
 Every payload below tries to create a marker file; each test asserts the marker is absent afterwards,
@@ -27,10 +27,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import ldm.checkpoint_file as checkpoint_file
-import ldm.restricted_unpickler as restricted_unpickler
-from ldm.torch_zip import inspect_torch_zip
-from ldm.checkpoint_file import CheckpointError, read_checkpoint
+import ldm.checkpoints.reader as checkpoint_file
+import ldm.checkpoints.unpickler as restricted_unpickler
+from ldm.checkpoints.zip_container import inspect_torch_zip
+from ldm.checkpoints.reader import CheckpointError, read_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -643,7 +643,7 @@ def _rss_file_bytes() -> int:
 def test_the_weight_check_leaves_no_file_pages_behind(tmp_path, suffix):
     """The check reads every value of a mapped file; it gives each tensor's pages back, so reading a checkpoint
     does not hold the file in memory (``--quantize int8`` reads each fp32 layer once more, into int8)."""
-    from ldm.random_checkpoint import save_checkpoint
+    from ldm.loading.random_weights import save_checkpoint
 
     weights = {f"w{i}": torch.randn(1024, 4096) for i in range(4)}  # 64 MiB
     path = save_checkpoint(weights, tmp_path / f"big{suffix}")

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from ldm.checkpoint_file import CheckpointError
-from ldm.checkpoint_kinds import CheckpointKind, classify_checkpoint, inspect_checkpoint
-from ldm.checkpoint_layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.kinds import CheckpointKind, classify_checkpoint, inspect_checkpoint
+from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.config import ModelConfig
-from ldm.model_loading import load_stable_diffusion
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from optimizedSD import optimized_txt2img
 from tests import checkpoint_variants as variants
 
@@ -85,7 +85,7 @@ REFUSALS = [
 def test_refusal_says_what_the_file_is(tiny_state_dict, tiny_config_path, tmp_path, monkeypatch, name, make, message):
     path = save_checkpoint(make(tiny_state_dict), tmp_path / "file.safetensors")
     # Decided from the keys, before any model is built.
-    monkeypatch.setattr("ldm.model_loading.UNetModel", _must_not_build)
+    monkeypatch.setattr("ldm.loading.stable_diffusion.UNetModel", _must_not_build)
     with pytest.raises(CheckpointError) as error:
         load_stable_diffusion(path, tiny_config_path)
     assert str(error.value).startswith(f"{path}: {message}")

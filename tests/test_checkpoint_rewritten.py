@@ -2,7 +2,7 @@
 
 The reader maps the file; had the weights stayed in that map, the first read after the truncation would kill
 the process with SIGBUS (which Python cannot catch: hence a child process). The loader copies them out
-(``ldm.model_loading.owned_copy``), so the run finishes with the weights it loaded. With ``--quantize`` the
+(``ldm.loading.stable_diffusion.owned_copy``), so the run finishes with the weights it loaded. With ``--quantize`` the
 UNet is read from the map into int8 first and what is left is copied after (``own_weights``): the same.
 """
 
@@ -19,12 +19,12 @@ from tests.conftest import REPO
 
 CHILD = textwrap.dedent("""
     import os, sys, torch
-    from ldm.model_loading import load_stable_diffusion, own_weights
-    from ldm.quantize import quantize_unet
+    from ldm.loading.stable_diffusion import load_stable_diffusion, own_weights
+    from ldm.models.quantize import quantize_unet
     path, config, kind = sys.argv[1:4]
     int8 = kind.endswith("int8")
     sd = load_stable_diffusion(path, config, copy_weights=not int8)
-    if int8:  # as optimizedSD.generation.load_model does it
+    if int8:  # as ldm.pipeline.model.load_model does it
         quantize_unet(sd.unet)
         own_weights(sd.unet, sd.vae, sd.text_encoder)
     before = {name: t.clone() for name, t in sd.unet.state_dict().items()}

@@ -7,12 +7,12 @@ import logging
 import pytest
 import torch
 
-from ldm.checkpoint_file import CheckpointError
-from ldm.checkpoint_layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.config import load_model_config
-from ldm.model_loading import load_stable_diffusion
-from ldm.random_checkpoint import save_checkpoint
-from ldm.schedule import DiffusionSchedule
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.loading.random_weights import save_checkpoint
+from ldm.samplers.schedule import DiffusionSchedule
 from tests import checkpoint_variants as variants
 
 

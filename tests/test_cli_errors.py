@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from optimizedSD import generation, optimized_img2img, optimized_txt2img
+from ldm.pipeline import decode as decode_stage
+from optimizedSD import optimized_img2img, optimized_txt2img, run_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny-random.yaml"
@@ -145,7 +146,7 @@ def test_other_bad_values(base, capsys, flags, fragment):
 
 def test_images_written_before_a_failure_stay(base, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = generation.to_uint8
+    original = run_outputs.to_uint8
 
     def failing_after_first(images):
         calls["n"] += 1
@@ -153,7 +154,7 @@ def test_images_written_before_a_failure_stay(base, tmp_path, monkeypatch):
             raise RuntimeError("simulated failure while decoding the second image")
         return original(images)
 
-    monkeypatch.setattr(generation, "to_uint8", failing_after_first)
+    monkeypatch.setattr(run_outputs, "to_uint8", failing_after_first)
     with pytest.raises(RuntimeError, match="simulated failure"):
         optimized_txt2img.main([*base, "--n_samples", "3"])
     written = sorted(p.name for p in (tmp_path / "out").rglob("seed_*"))
@@ -180,7 +181,7 @@ def test_out_of_memory_is_one_line(base, tmp_path, capsys, monkeypatch):
     def exhausted(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(generation, "decode_image", exhausted)
+    monkeypatch.setattr(decode_stage, "decode_image", exhausted)
     assert optimized_txt2img.main(base) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.checkpoint_layout import VAE_PREFIX
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
+from ldm.checkpoints.layout import VAE_PREFIX
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from optimizedSD import compvis_flags, optimized_img2img, optimized_txt2img
 from optimizedSD.outputs import read_parameters
 from tests import checkpoint_variants as variants

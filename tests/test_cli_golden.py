@@ -83,7 +83,7 @@ if __name__ == "__main__":  # re-record (see the module docstring)
     import tempfile
 
     from ldm.config import load_model_config
-    from ldm.random_checkpoint import random_state_dict, save_checkpoint
+    from ldm.loading.random_weights import random_state_dict, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         # The same weights as conftest's tiny_checkpoint fixture.

@@ -88,8 +88,8 @@ def test_explicit_size_resizes_the_init_image(tiny_checkpoint, tmp_path):
 
 def test_strength_zero_is_the_vae_round_trip(tiny_checkpoint, tmp_path):
     """Strength 0: no denoising step runs; the image is decode(encode(image)) with the seed's posterior sample."""
-    from ldm.model_loading import load_stable_diffusion
-    from ldm.noise import SeededNoise
+    from ldm.loading.stable_diffusion import load_stable_diffusion
+    from ldm.samplers.noise import SeededNoise
 
     init = make_image(tmp_path / "init.png")
     assert run(tiny_checkpoint, tmp_path / "out", init, "--strength", "0", "--skip_grid") == 0

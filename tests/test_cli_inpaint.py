@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from ldm.config import load_model_config
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from optimizedSD import optimized_img2img, optimized_inpaint, optimized_txt2img
 from optimizedSD.arguments import SAMPLERS
 from optimizedSD.outputs import read_parameters

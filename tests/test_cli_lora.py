@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldm.config import load_model_config
-from ldm.lora import lora_short_hash
-from ldm.noise import SeededNoise
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
+from ldm.loading.lora import lora_short_hash
+from ldm.samplers.noise import SeededNoise
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from optimizedSD import optimized_txt2img
 from optimizedSD.outputs import read_parameters
 from tests import lora_files

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.safety_checker import censor
+from ldm.models.safety_checker import censor
 from optimizedSD import optimized_txt2img
 from optimizedSD.outputs import read_parameters
 from tests.test_cli_txt2img import TINY_CONFIG, pixels

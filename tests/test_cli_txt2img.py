@@ -127,7 +127,7 @@ def test_prompts_file_gives_one_folder_per_prompt(tiny_checkpoint, tmp_path):
 
 
 def test_text_encoder_runs_once_per_distinct_prompt(tiny_checkpoint, tmp_path, monkeypatch):
-    from ldm.text_encoder import CLIPTextEncoder
+    from ldm.conditioning.text_encoder import CLIPTextEncoder
 
     seen: list[str] = []
     original = CLIPTextEncoder.chunk_prompt

@@ -38,7 +38,7 @@ def diffusers_pipeline_from_checkpoint(state: dict[str, torch.Tensor], config_pa
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.config import load_model_config
-    from ldm.text_encoder import clip_text_config
+    from ldm.conditioning.text_encoder import clip_text_config
 
     original = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     params = original["model"]["params"]
@@ -76,8 +76,8 @@ def diffusers_pipeline_from_checkpoint(state: dict[str, torch.Tensor], config_pa
 @pytest.mark.parametrize("steps, scale, negative", [(4, 7.5, ""), (5, 3.0, "a blurry photo")])
 def test_cli_matches_diffusers_pipeline(tmp_path, steps, scale, negative, file_dtype):
     from ldm.config import load_model_config
-    from ldm.noise import SeededNoise
-    from ldm.random_checkpoint import random_state_dict, save_checkpoint
+    from ldm.samplers.noise import SeededNoise
+    from ldm.loading.random_weights import random_state_dict, save_checkpoint
 
     state = random_state_dict(load_model_config(TINY_CONFIG), seed=2024)
     # An fp16 file (every tensor cast, the schedule buffers too): diffusers computes the schedule from its config.

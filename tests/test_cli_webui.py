@@ -86,7 +86,7 @@ def test_from_png_flags_win_and_what_cannot_be_honoured_is_one_warning(tmp_path,
 
 @pytest.mark.parametrize("content, message", [(None, "cannot read"), ("", "no generation parameters")])
 def test_from_png_errors_are_one_line(tmp_path, content, message):
-    from optimizedSD.arguments import UsageError
+    from ldm.errors import UsageError
 
     path = tmp_path / "x.png"
     if content is not None:

@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from ldm.checkpoint_file import CheckpointError
-from ldm.checkpoint_layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
-from ldm.diffusers_layout import (
+from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.checkpoints.diffusers_folders import (
     compvis_text_from_transformers,
     compvis_unet_from_diffusers,
     compvis_vae_from_diffusers,
     read_diffusers_folder,
 )
-from ldm.model_loading import load_stable_diffusion
+from ldm.loading.stable_diffusion import load_stable_diffusion
 from tests import checkpoint_variants as variants
 from tests.conftest import REPO, SD_V1_CONFIG
 from tests.reference import diffusers_unet, diffusers_vae, original_config, transformers_text_encoder
@@ -62,11 +62,11 @@ def test_mapping_inverts_diffusers_converters_tiny(tiny_state_dict, tiny_config_
 
 def test_mapping_inverts_diffusers_converters_full_sd_v1_shapes():
     """Every key of a real SD v1 file (meta tensors: shapes only), through diffusers' converters and back."""
-    from ldm.autoencoder import AutoencoderKL
+    from ldm.models.autoencoder import AutoencoderKL
     from ldm.config import load_model_config
-    from ldm.random_checkpoint import compvis_state_dict
-    from ldm.text_encoder import CLIPTextEncoder
-    from ldm.unet import UNetModel
+    from ldm.loading.random_weights import compvis_state_dict
+    from ldm.conditioning.text_encoder import CLIPTextEncoder
+    from ldm.models.unet import UNetModel
 
     cfg = load_model_config(SD_V1_CONFIG)
     with torch.device("meta"):
@@ -124,7 +124,7 @@ def test_fp16_variant_folder(tiny_state_dict, tiny_config_path, tmp_path):
     folder = save_pipeline(half, tiny_config_path, tmp_path / "pipe16", variant="fp16")
     assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     single = load_stable_diffusion(
-        __import__("ldm.random_checkpoint", fromlist=["save_checkpoint"]).save_checkpoint(half, tmp_path / "half.safetensors"),
+        __import__("ldm.loading.random_weights", fromlist=["save_checkpoint"]).save_checkpoint(half, tmp_path / "half.safetensors"),
         tiny_config_path,
     )
     assert_same_model(load_stable_diffusion(folder, tiny_config_path), single)

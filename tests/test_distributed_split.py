@@ -146,7 +146,7 @@ def test_merge_results_orders_as_a_single_process():
 def test_units_are_the_generation_loops_batches(tmp_path, fixed_code):
     """generate() maps unit ``u`` to ``plan_batches(...)[u]``: same order, same seeds, same first image."""
     from optimizedSD.arguments import parse_args
-    from optimizedSD.generation import plan_batches
+    from ldm.pipeline.batches import plan_batches
 
     prompts = ["a", "b", "c"]
     argv = ["--prompt", "x", "--n_iter", "3", "--n_samples", "2", "--seed", "5", "--device", "cpu"]

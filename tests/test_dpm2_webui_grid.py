@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from ldm.config import ScheduleConfig
-from ldm.noise import SeededNoise
+from ldm.samplers.noise import SeededNoise
 from ldm.samplers import SAMPLERS, sample
-from ldm.schedule import DiffusionSchedule
+from ldm.samplers.schedule import DiffusionSchedule
 
 SHAPE = (4, 8, 8)
 

@@ -108,7 +108,7 @@ def test_picklescan_agrees_the_clean_file_is_clean_and_the_gadgets_are_not(corpu
     cases, manifest = corpus
     clean = manifest.parent / "clean_tiny.ckpt"
     assert picklescan.scan_file_path(str(clean)).infected_files == 0
-    from ldm.checkpoint_file import read_checkpoint
+    from ldm.checkpoints.reader import read_checkpoint
 
     assert read_checkpoint(clean)  # and we load it
     flagged = [case for case in cases if case.name.startswith("gadget_posix.system_p2")]

@@ -1,4 +1,4 @@
-"""ldm/inpainting.py: the 9-channel config and checkpoints, the UNet wrapper, the per-step blend in every sampler."""
+"""ldm/pipeline/inpainting.py: the 9-channel config and checkpoints, the UNet wrapper, the per-step blend in every sampler."""
 
 from __future__ import annotations
 
@@ -9,23 +9,21 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm import samplers
-from ldm.checkpoint_file import CheckpointError
+from ldm.checkpoints.reader import CheckpointError
 from ldm.config import load_model_config
-from ldm.inpainting import (
+from ldm.pipeline.inpainting import (
     InpaintingUNet,
     LatentBlend,
     blend_then,
-    checkpoint_unet_in_channels,
-    is_inpainting_checkpoint,
     latent_mask,
     masked_image,
     sampler_blend,
-    unet_in_channels,
 )
-from ldm.model_loading import load_stable_diffusion
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
-from ldm.schedule import DiffusionSchedule
-from ldm.unet import UNetModel
+from ldm.checkpoints.kinds import checkpoint_unet_in_channels, is_inpainting_checkpoint, unet_in_channels
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
+from ldm.samplers.schedule import DiffusionSchedule
+from ldm.models.unet import UNetModel
 from tests.conftest import REPO, SD_V1_CONFIG
 from tests.test_inpainting_vs_diffusers import tiny_inpainting_config
 

@@ -1,4 +1,4 @@
-"""Inpainting (:mod:`ldm.inpainting`) against diffusers' ``StableDiffusionInpaintPipeline`` on the same random
+"""Inpainting (:mod:`ldm.pipeline.inpainting`) against diffusers' ``StableDiffusionInpaintPipeline`` on the same random
 weights, 4- and 9-channel UNets, DDIM.
 
 The pipeline is built offline from the checkpoint by diffusers' converters (see test_cli_vs_diffusers.py).
@@ -27,11 +27,11 @@ from PIL import Image
 
 from ldm import samplers
 from ldm.config import load_model_config
-from ldm.guidance import GuidedDenoiser
-from ldm.inpainting import InpaintingUNet, blend_then, latent_mask, masked_image, sampler_blend
-from ldm.model_loading import load_stable_diffusion
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
-from optimizedSD.masks import load_mask, mask_tensor
+from ldm.samplers.guidance import GuidedDenoiser
+from ldm.pipeline.inpainting import InpaintingUNet, blend_then, latent_mask, masked_image, sampler_blend
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
+from ldm.pipeline.masks import load_mask, mask_tensor
 from tests.test_cli_vs_diffusers import TINY_CONFIG, diffusers_pipeline_from_checkpoint
 
 SIZE = 64

@@ -1,4 +1,4 @@
-"""optimizedSD.input_checks and optimizedSD.atomic_files (issue 17's input rows), as library functions."""
+"""ldm.pipeline.input_checks and optimizedSD.atomic_files (issue 17's input rows), as library functions."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from optimizedSD.arguments import UsageError
+from ldm.errors import UsageError
 from optimizedSD.atomic_files import TEMP_PREFIX, sigterm_as_interrupt, write_new_file
-from optimizedSD.input_checks import (
+from ldm.pipeline.input_checks import (
     check_finite,
     check_input_file,
     check_prompt_weights,

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from ldm.config import load_model_config
-from optimizedSD import batch_memory, optimized_txt2img
+from ldm.ledger import batch_parts as batch_memory
+from optimizedSD import optimized_txt2img
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny-random.yaml"

@@ -28,7 +28,7 @@ cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, model_channels
 
 MEASURE = CONFIG + """
 import json, resource, sys, torch
-from ldm.model_loading import load_stable_diffusion
+from ldm.loading.stable_diffusion import load_stable_diffusion
 def rss_kb(field="VmRSS"):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
@@ -52,7 +52,7 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("medium")
     _run(CONFIG + """
 import sys, torch
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
 state = random_state_dict(cfg, seed=0)
 save_checkpoint(state, sys.argv[1] + "/m32.safetensors")
 save_checkpoint(state, sys.argv[1] + "/m32.ckpt")

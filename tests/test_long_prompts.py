@@ -12,10 +12,11 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.config import TextEncoderConfig
-from ldm.text_encoder import CLIPTextEncoder
-from ldm.token_chunks import Fragment
-from optimizedSD.prompts import EmbeddingCache, PromptEncoder
-from optimizedSD.webui_syntax import parse_prompt_attention
+from ldm.conditioning.text_encoder import CLIPTextEncoder
+from ldm.conditioning.token_chunks import Fragment
+from ldm.conditioning.embedding_cache import EmbeddingCache
+from ldm.conditioning.prompts import PromptEncoder
+from ldm.conditioning.webui_syntax import parse_prompt_attention
 from tests.conftest import REPO
 
 TINY = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3,

@@ -14,9 +14,9 @@ import re
 import pytest
 import torch
 
-from ldm.lora import apply_loras
-from ldm.model_loading import load_stable_diffusion
-from ldm.random_checkpoint import UNET_PREFIX
+from ldm.loading.lora import apply_loras
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.loading.random_weights import UNET_PREFIX
 from tests import lora_files
 from tests.reference import max_abs_diff
 from tests.test_cli_vs_diffusers import diffusers_pipeline_from_checkpoint

@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from ldm.lora import (
+from ldm.loading.lora import (
     LoraError,
     apply_loras,
     extract_lora_tags,
@@ -21,9 +21,9 @@ from ldm.lora import (
     parse_lora_argument,
     text_encoder_lora_key,
 )
-from ldm.lora_layouts import split_lora_key
-from ldm.model_loading import load_stable_diffusion
-from ldm.residency import Residency
+from ldm.loading.lora_layouts import split_lora_key
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.memory.residency import Residency
 from tests import lora_files
 
 KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -53,7 +53,7 @@ def test_split_lora_key_layouts():
 def test_unmatched_keys_one_warning_line_with_the_count(sd, tmp_path, caplog):
     tensors = {**pair(KEY), "lora_unet_no_such_layer.lora_down.weight": torch.ones(2, 3), "bundle_emb.x": torch.ones(1)}
     path = lora_files.save(tensors, tmp_path / "some.safetensors")
-    with caplog.at_level(logging.WARNING, logger="ldm.lora"):
+    with caplog.at_level(logging.WARNING, logger="ldm.loading.lora"):
         (lora, _), = apply_loras(sd, [(path, 1.0)])
     assert lora.unmatched_keys == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from ldm.config import load_model_config
-from ldm.lora_layouts import diffusers_unet_blocks, diffusers_unet_name, lora_targets
-from ldm.random_checkpoint import UNET_PREFIX
-from ldm.text_encoder import CLIPTextEncoder
-from ldm.unet import UNetModel
+from ldm.loading.lora_layouts import diffusers_unet_blocks, diffusers_unet_name, lora_targets
+from ldm.loading.random_weights import UNET_PREFIX
+from ldm.conditioning.text_encoder import CLIPTextEncoder
+from ldm.models.unet import UNetModel
 from tests.conftest import SD_V1_CONFIG, TINY_CONFIG
 from tests.reference import original_config
 

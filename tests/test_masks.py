@@ -1,4 +1,4 @@
-"""optimizedSD/masks.py: reading the mask (modes, alpha, invert, blur, resize), its errors, and the overlay."""
+"""ldm/pipeline/masks.py: reading the mask (modes, alpha, invert, blur, resize), its errors, and the overlay."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from optimizedSD.arguments import UsageError
-from optimizedSD.masks import apply_overlay, init_pixels, load_mask, mask_tensor
+from ldm.errors import UsageError
+from ldm.pipeline.masks import apply_overlay, init_pixels, load_mask, mask_tensor
 
 
 def _rect_mask(value: int = 255, background: int = 0, size=(32, 16)) -> np.ndarray:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.checkpoint_file import CheckpointError
-from ldm.checkpoint_layout import ema_key as _ema_key
-from ldm.model_loading import load_stable_diffusion
-from ldm.random_checkpoint import TEXT_PREFIX, UNET_PREFIX, save_checkpoint
+from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.layout import ema_key as _ema_key
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.loading.random_weights import TEXT_PREFIX, UNET_PREFIX, save_checkpoint
 
 
 def _save(state, tmp_path, name="variant.safetensors"):

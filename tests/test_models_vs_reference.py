@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.model_loading import load_stable_diffusion
+from ldm.loading.stable_diffusion import load_stable_diffusion
 from tests.reference import diffusers_unet, diffusers_vae, max_abs_diff, transformers_text_encoder
 
 TOLERANCE = 1e-4
@@ -65,8 +65,8 @@ def test_text_encoder_matches_transformers(loaded, tiny_state_dict, tiny_config)
 
 def test_schedule_comes_from_the_config(tiny_state_dict, tiny_config_path, tmp_path):
     """The config's float64 schedule, as diffusers and ComfyUI compute it; the file's buffers are not used."""
-    from ldm.random_checkpoint import save_checkpoint
-    from ldm.schedule import DiffusionSchedule
+    from ldm.loading.random_weights import save_checkpoint
+    from ldm.samplers.schedule import DiffusionSchedule
 
     state = dict(tiny_state_dict)
     state["alphas_cumprod"] = state["alphas_cumprod"] * 0.5

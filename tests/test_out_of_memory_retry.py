@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm import residency as residency_module
-from ldm.attention import get_attention_backend, set_attention_backend
-from optimizedSD import generation, optimized_txt2img
+from ldm.memory import residency as residency_module
+from ldm.models.attention import get_attention_backend, set_attention_backend
+from ldm.pipeline import decode as decode_stage, model as model_stage, sample as sample_stage
+from optimizedSD import optimized_txt2img
+
+# Where each stage function the tests make fail is looked up when the run calls it.
+STAGES = {"make_residency": model_stage, "decode_image": decode_stage, "run_sampler": sample_stage}
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny-random.yaml"
@@ -42,19 +46,19 @@ def pixels(png: bytes) -> np.ndarray:
 def managers(monkeypatch):
     """Every Residency the generator builds, to look at its mode and device afterwards."""
     built = []
-    make = generation.make_residency
+    make = model_stage.make_residency
 
     def recording(*args, **kwargs):
         built.append(make(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(generation, "make_residency", recording)
+    monkeypatch.setattr(model_stage, "make_residency", recording)
     return built
 
 
 def failing(monkeypatch, name: str, failures: int):
-    """Make ``generation.<name>`` raise CUDA's out-of-memory error on its first ``failures`` calls."""
-    real = getattr(generation, name)
+    """Make the stage function ``name`` raise CUDA's out-of-memory error on its first ``failures`` calls."""
+    real = getattr(STAGES[name], name)
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -63,7 +67,7 @@ def failing(monkeypatch, name: str, failures: int):
             raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, name, flaky)
+    monkeypatch.setattr(STAGES[name], name, flaky)
     return calls
 
 
@@ -72,13 +76,13 @@ def decode_backends(monkeypatch):
     """The attention backend in force at each decode: the run's backend is scoped to the run (a context
     variable), so what the retried batch used is read while it runs, not after ``main`` returns."""
     seen = []
-    real = generation.decode_image
+    real = decode_stage.decode_image
 
     def recording(*args, **kwargs):
         seen.append(get_attention_backend().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "decode_image", recording)
+    monkeypatch.setattr(decode_stage, "decode_image", recording)
     return seen
 
 
@@ -98,7 +102,7 @@ def test_a_batch_that_runs_out_of_memory_is_retried_lower_with_the_same_images(
     assert len(expected) == 2
 
     calls = failing(monkeypatch, stage, failures)
-    with caplog.at_level(logging.WARNING, logger="ldm.residency"):
+    with caplog.at_level(logging.WARNING, logger="ldm.memory.residency"):
         assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "retried")) == 0
     assert images(tmp_path / "retried") == expected  # the same bytes, no extra or missing file
     assert calls["n"] > failures
@@ -111,7 +115,7 @@ def test_a_batch_that_runs_out_of_memory_is_retried_lower_with_the_same_images(
 def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_try(
     tiny_checkpoint, tmp_path, monkeypatch, capsys, managers
 ):
-    real = generation.run_sampler
+    real = sample_stage.run_sampler
     calls = {"n": 0}
 
     def second_batch_never_fits(*args, **kwargs):
@@ -120,7 +124,7 @@ def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_
             raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "run_sampler", second_batch_never_fits)
+    monkeypatch.setattr(sample_stage, "run_sampler", second_batch_never_fits)
     outdir = tmp_path / "out"
     assert optimized_txt2img.main(argv(tiny_checkpoint, outdir, "--n_iter", "2")) == 1
     err = capsys.readouterr().err
@@ -135,7 +139,7 @@ def test_out_of_memory_in_the_lowest_mode_keeps_written_images_and_says_what_to_
 def test_a_decode_that_does_not_fit_medium_mode_is_tiled_and_the_unet_keeps_its_mode(
     tiny_checkpoint, tmp_path, monkeypatch, caplog, managers
 ):
-    real = generation.decode_image
+    real = decode_stage.decode_image
     tiles = []
 
     def whole_image_never_fits(residency, latent, scale_factor, tiled, tile=None):
@@ -144,7 +148,7 @@ def test_a_decode_that_does_not_fit_medium_mode_is_tiled_and_the_unet_keeps_its_
         tiles.append(tile)
         return real(residency, latent, scale_factor, tiled, tile)
 
-    monkeypatch.setattr(generation, "decode_image", whole_image_never_fits)
+    monkeypatch.setattr(decode_stage, "decode_image", whole_image_never_fits)
     outdir = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
         assert optimized_txt2img.main(argv(tiny_checkpoint, outdir, "--H", "320", "--W", "320")) == 0
@@ -157,7 +161,7 @@ def test_a_decode_that_does_not_fit_medium_mode_is_tiled_and_the_unet_keeps_its_
 
 
 def test_a_decode_that_fails_in_small_tiles_is_sliced_for_that_image_only(tiny_checkpoint, tmp_path, monkeypatch):
-    real = generation.decode_image
+    real = decode_stage.decode_image
     backends = []
 
     def needs_sliced_attention(residency, latent, scale_factor, tiled, tile=None):
@@ -166,7 +170,7 @@ def test_a_decode_that_fails_in_small_tiles_is_sliced_for_that_image_only(tiny_c
             raise residency_module.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
         return real(residency, latent, scale_factor, tiled, tile)
 
-    monkeypatch.setattr(generation, "decode_image", needs_sliced_attention)
+    monkeypatch.setattr(decode_stage, "decode_image", needs_sliced_attention)
     assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "out", "--n_samples", "1")) == 0
     assert backends == [(None, "sdpa"), (None, "sdpa"), (32, "sdpa"), (32, "sliced")]  # full, medium, tiles, sliced
     assert get_attention_backend().name == "sdpa"
@@ -196,8 +200,8 @@ def test_out_of_memory_inside_a_unet_block(tiny_checkpoint, tmp_path, monkeypatc
     the retry gives the images of a run that never failed, and nothing is left on the device."""
     import weakref
 
-    from ldm.residency import Residency
-    from ldm.unet import TimestepEmbedSequential
+    from ldm.memory.residency import Residency
+    from ldm.models.unet import TimestepEmbedSequential
 
     assert optimized_txt2img.main(argv(tiny_checkpoint, tmp_path / "clean")) == 0
     real_forward, calls, alive = TimestepEmbedSequential.forward, {"n": 0}, []

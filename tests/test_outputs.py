@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.checkpoints.hashes import model_hash
 from optimizedSD.outputs import (
     SampleWriter,
     Watermarker,
     infotext,
     make_grid,
-    model_hash,
     prompt_folder_name,
     read_parameters,
     read_watermark,

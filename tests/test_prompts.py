@@ -7,16 +7,12 @@ import torch
 
 from ldm.errors import UserError
 
-from ldm.token_chunks import TokenChunk
-from optimizedSD.prompts import (
-    EmbeddingCache,
-    PromptEncoder,
-    PromptError,
-    checkpoint_fingerprint,
-    parse_prompt,
-    read_prompts_file,
-    split_weighted_subprompts,
-)
+from ldm.conditioning.token_chunks import TokenChunk
+from ldm.checkpoints.hashes import checkpoint_fingerprint
+from ldm.conditioning.embedding_cache import EmbeddingCache
+from ldm.conditioning.fork_syntax import PromptError, parse_prompt, split_weighted_subprompts
+from ldm.conditioning.prompts import PromptEncoder
+from ldm.pipeline.input_checks import read_prompts_file
 
 
 def fork_split_weighted_subprompts(text):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.model_loading import load_stable_diffusion
-from ldm.quantize import Int8Conv2d, Int8Linear, group_width, quantize_grouped, quantize_per_channel, quantize_unet
-from ldm.residency import Residency, TransferEvent
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.models.quantize import Int8Conv2d, Int8Linear, group_width, quantize_grouped, quantize_per_channel, quantize_unet
+from ldm.memory.residency import Residency, TransferEvent
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -153,8 +153,8 @@ def _rss_file_bytes() -> int:
 def test_quantizing_gives_back_the_memory_mapped_float_weights(tmp_path):
     """An fp32 weight read from a memory-mapped .safetensors is the file's pages: once it is quantized, those
     pages leave the process (else the float copy would stay resident next to the int8 one)."""
-    from ldm.checkpoint_file import read_checkpoint
-    from ldm.random_checkpoint import save_checkpoint
+    from ldm.checkpoints.reader import read_checkpoint
+    from ldm.loading.random_weights import save_checkpoint
 
     weights = {"0.weight": torch.randn(4096, 4096), "0.bias": torch.randn(4096), "keep": torch.randn(1024)}
     state = read_checkpoint(save_checkpoint(weights, tmp_path / "big.safetensors"))  # 64 MiB, memory-mapped

@@ -1,4 +1,4 @@
-"""The memory modes (ldm/residency.py): same numbers in every mode, and the residency protocol observed.
+"""The memory modes (ldm/memory/residency.py): same numbers in every mode, and the residency protocol observed.
 
 The protocol tests run on the CPU with ``track_cpu_copies=True``: every onload makes a real, separate copy
 of the weights, so a tensor is "on the device" exactly when its storage is not its home (CPU) storage. The
@@ -14,10 +14,10 @@ import torch
 
 from ldm import samplers
 from ldm.config import load_model_config
-from ldm.guidance import GuidedDenoiser
-from ldm.model_loading import load_stable_diffusion
-from ldm.noise import SeededNoise
-from ldm.residency import (
+from ldm.samplers.guidance import GuidedDenoiser
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.samplers.noise import SeededNoise
+from ldm.memory.residency import (
     MODES,
     Residency,
     auto_budget_bytes,
@@ -31,7 +31,7 @@ from ldm.residency import (
     unet_group_layout,
     unet_parts,
 )
-from ldm.unet import UNetModel
+from ldm.models.unet import UNetModel
 
 
 @pytest.fixture()
@@ -333,7 +333,7 @@ def all_tensors(sd):
 
 
 def test_pinning_moves_every_home_into_pinned_slabs_in_medium_and_low_only(sd, monkeypatch):
-    import ldm.residency as residency_module
+    import ldm.memory.residency as residency_module
 
     buffers = []
     residency = None
@@ -392,7 +392,7 @@ def test_pin_together_packs_tensors_into_power_of_two_slabs():
 
 
 def test_a_host_that_cannot_pin_keeps_pageable_copies(sd, monkeypatch, caplog):
-    import ldm.residency as residency_module
+    import ldm.memory.residency as residency_module
 
     calls = []
 
@@ -408,7 +408,7 @@ def test_a_host_that_cannot_pin_keeps_pageable_copies(sd, monkeypatch, caplog):
     with torch.no_grad():
         expected = sd.unet(x, t, context)
     residency = Residency(sd, "cpu", "full", track_cpu_copies=True, pin=True)
-    with caplog.at_level("WARNING", logger="ldm.residency"):
+    with caplog.at_level("WARNING", logger="ldm.memory.residency"):
         residency.set_mode("low")
     assert len(calls) == 2 and not residency.pin
     assert any("could not pin host memory" in r.getMessage() for r in caplog.records)
@@ -560,7 +560,7 @@ def test_cuda_peak_memory_low_below_medium_below_full(sd):
 
 # ---- low mode's decode: the decoder streamed level by level -----------------------------------------------
 def test_low_mode_decode_streams_the_decoder_one_level_at_a_time(sd):
-    from ldm.streaming import decoder_group_layout
+    from ldm.memory.streaming import decoder_group_layout
 
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.safety_checker import (
+from ldm.models.safety_checker import (
     ImagePreprocessor,
     SafetyCheckerError,
     _center_crop,
@@ -197,8 +197,8 @@ def test_censor_modes():
 def test_runs_under_the_residency_and_its_bytes_are_counted(oracle, tiny_checkpoint, tiny_config_path, mode):
     """On a CPU stand-in device with real copies: in medium and low mode the checker is the only model on the
     device while it runs and leaves when the UNet comes; its bytes are in the residency's count; same flags."""
-    from ldm.model_loading import load_stable_diffusion
-    from ldm.residency import Residency, model_bytes
+    from ldm.loading.stable_diffusion import load_stable_diffusion
+    from ldm.memory.residency import Residency, model_bytes
 
     model, processor, root = oracle
     checker, preprocessor = load_safety_checker(root)
@@ -230,7 +230,7 @@ def test_runs_under_the_residency_and_its_bytes_are_counted(oracle, tiny_checkpo
 def test_auto_mode_counts_the_checker_weights():
     """SD v1 fp16 with the real checker's 304M-parameter ViT-L/14 (0.61 GB fp16): free memory that just fits full
     mode without it picks medium with it."""
-    from ldm.residency import RESERVE_BYTES, SAFETY, model_bytes, resolve_mode, working_bytes
+    from ldm.memory.residency import RESERVE_BYTES, SAFETY, model_bytes, resolve_mode, working_bytes
 
     need = sum(model_bytes().values()) + max(working_bytes(512, 512, 1).values())
     free = int(need * SAFETY + RESERVE_BYTES) + 1

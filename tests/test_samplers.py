@@ -21,13 +21,13 @@ from diffusers import (
 )
 
 from ldm.config import ScheduleConfig
-from ldm.guidance import GuidedDenoiser
-from ldm.noise import SeededNoise
+from ldm.samplers.guidance import GuidedDenoiser
+from ldm.samplers.noise import SeededNoise
 from ldm.samplers import SAMPLER_NAMES, SAMPLERS, sample
 from ldm.samplers.common import ScheduledEps
 from ldm.samplers.grids import SIGMAS
 from ldm.samplers.k_diffusion import lms_coefficients
-from ldm.schedule import DiffusionSchedule
+from ldm.samplers.schedule import DiffusionSchedule
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (4, 8, 8)

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from ldm.config import ScheduleConfig, load_model_config
-from ldm.schedule import DiffusionSchedule, make_betas
+from ldm.samplers.schedule import DiffusionSchedule, make_betas
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

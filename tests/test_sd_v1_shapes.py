@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.autoencoder import AutoencoderKL
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.config import load_model_config
-from ldm.random_checkpoint import compvis_state_dict
-from ldm.text_encoder import CLIPTextEncoder
-from ldm.unet import UNetModel
+from ldm.loading.random_weights import compvis_state_dict
+from ldm.conditioning.text_encoder import CLIPTextEncoder
+from ldm.models.unet import UNetModel
 from tests.conftest import SD_V1_CONFIG
 from tests.reference import original_config
 
@@ -68,8 +68,8 @@ def test_key_layout_is_what_diffusers_converts(sd_v1):
 def test_full_size_checkpoint_loads_strictly_and_matches_diffusers(tmp_path):
     """Every key of a real SD v1 file (schedule buffers and position_ids included), written as .ckpt, loads
     strictly and gives diffusers' UNet output. About 2 minutes and 14 GB of RAM on a 2-core CPU."""
-    from ldm.model_loading import load_stable_diffusion
-    from ldm.random_checkpoint import random_state_dict, save_checkpoint
+    from ldm.loading.stable_diffusion import load_stable_diffusion
+    from ldm.loading.random_weights import random_state_dict, save_checkpoint
     from tests.reference import diffusers_unet, max_abs_diff
 
     cfg = load_model_config(SD_V1_CONFIG)

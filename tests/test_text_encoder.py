@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.config import ConfigError, TextEncoderConfig
-from ldm.text_encoder import CLIPTextEncoder, normalize_text_encoder_keys
+from ldm.conditioning.text_encoder import CLIPTextEncoder, normalize_text_encoder_keys
 
 TINY = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                          num_attention_heads=4, projection_dim=32)
@@ -20,7 +20,7 @@ PROMPTS = ["a photo of a cat", "", "salt &amp; pepper \u2014 \u201cquoted\u201d 
 
 
 def reference_model(seed: int) -> CLIPTextModel:
-    """A CLIPTextModel with random weights, configured here independently of ldm.text_encoder."""
+    """A CLIPTextModel with random weights, configured here independently of ldm.conditioning.text_encoder."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",

@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.config import TextEncoderConfig
-from ldm.text_encoder import CLIPTextEncoder
-from ldm.textual_inversion import EmbeddingError, EmbeddingLibrary, file_sha256, load_embedding
-from ldm.token_chunks import Fragment
-from optimizedSD.prompts import EmbeddingCache, PromptEncoder
+from ldm.conditioning.text_encoder import CLIPTextEncoder
+from ldm.conditioning.embeddings import EmbeddingError, EmbeddingLibrary, file_sha256, load_embedding
+from ldm.conditioning.token_chunks import Fragment
+from ldm.conditioning.embedding_cache import EmbeddingCache
+from ldm.conditioning.prompts import PromptEncoder
 from tests.conftest import REPO
 
 TINY = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -181,7 +182,7 @@ def test_unusable_files_are_skipped_with_one_warning_each(encoder, tmp_path, cap
     (tmp_path / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     torch.save({"a": torch.randn(32), "b": torch.randn(32)}, tmp_path / "two-terms.bin")
     (tmp_path / "notes.txt").write_text("not an embedding")
-    with caplog.at_level(logging.WARNING, logger="ldm.textual_inversion"):
+    with caplog.at_level(logging.WARNING, logger="ldm.conditioning.embeddings"):
         embeddings = library(encoder, tmp_path)
     assert len(embeddings) == 0
     messages = [record.getMessage() for record in caplog.records]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.model_loading import load_stable_diffusion
-from ldm.residency import Residency
-from ldm.token_merging import TokenMerge, TokenMerging, apply_token_merging, transformer_blocks_by_downsample
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.memory.residency import Residency
+from ldm.models.token_merging import TokenMerge, TokenMerging, apply_token_merging, transformer_blocks_by_downsample
 from tests.reference import diffusers_unet, max_abs_diff
 
 tomesd = pytest.importorskip("tomesd")

@@ -22,7 +22,7 @@ import regex
 import torch
 
 from ldm.config import TextEncoderConfig
-from ldm.text_encoder import DEFAULT_TOKENIZER_DIR, CLIPTextEncoder
+from ldm.conditioning.text_encoder import DEFAULT_TOKENIZER_DIR, CLIPTextEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO / "models" / "tokenizer"

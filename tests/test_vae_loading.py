@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.checkpoint_file import CheckpointError
-from ldm.checkpoint_layout import VAE_PREFIX
-from ldm.model_loading import load_stable_diffusion
-from ldm.random_checkpoint import random_state_dict, save_checkpoint
-from ldm.vae_loading import read_vae_weights
+from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.layout import VAE_PREFIX
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
+from ldm.checkpoints.vae_files import read_vae_weights
 from tests import checkpoint_variants as variants
 from tests.reference import diffusers_vae
 from tests.test_checkpoint_variants import assert_same_model

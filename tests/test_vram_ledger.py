@@ -15,7 +15,7 @@ from torch import nn
 from ldm import samplers
 from ldm.ledger import CudaAttentionChoice, DeviceBytes, RunShape, cuda_kernel, meta_stable_diffusion, simulate
 from ldm.ledger.plan import memory_plan, pick_mode, plan_steps
-from ldm.residency import ModuleGroup
+from ldm.memory.residency import ModuleGroup
 from tests.conftest import SD_V1_CONFIG, TINY_CONFIG
 
 GIB = 2**30
@@ -54,7 +54,7 @@ def test_ledger_counts_weights_and_activations_as_counted_by_hand():
 def test_ledger_counts_an_int8_layers_dequantized_weight_while_it_runs():
     """``--quantize int8``: the device holds int8 weights, and each layer's fp16 copy ``scale * q`` is live
     for its call (one layer at a time)."""
-    from ldm.quantize import Int8Linear
+    from ldm.models.quantize import Int8Linear
 
     with torch.device("meta"):
         layer = Int8Linear(nn.Linear(256, 512).half())
@@ -207,8 +207,8 @@ CUDA_OVERHEAD_BYTES = 64 << 20  # cuBLAS/cuDNN workspaces that go through the ca
 @pytest.mark.parametrize("mode", ["full", "medium", "low"])
 def test_ledger_predicts_cuda_max_memory_allocated(tiny_checkpoint, mode, quantize):
     from ldm.ledger.measured import measure_on_cuda
-    from ldm.model_loading import load_stable_diffusion
-    from ldm.quantize import quantize_unet
+    from ldm.loading.stable_diffusion import load_stable_diffusion
+    from ldm.models.quantize import quantize_unet
 
     shape = RunShape(256, 256, sampler="dpm_solver", steps=3)
     predicted = simulate(meta_stable_diffusion(TINY_CONFIG, torch.float16, quantize), mode, shape)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ldm.token_chunks import Fragment
-from optimizedSD.webui_syntax import (
+from ldm.conditioning.token_chunks import Fragment
+from ldm.conditioning.webui_syntax import (
     WebuiSyntaxError,
     parse_fragments,
     parse_prompt_attention,

@@ -8,7 +8,7 @@ when the storage dies (a weak-reference callback). That is what CUDA's caching a
 weights, and what the GPU check calibrates).
 
 Storages that exist before the mode is entered are not counted: a model built on ``meta`` stands for
-the weights' host ("home") copies, and only the device copies that :class:`ldm.residency.Residency`
+the weights' host ("home") copies, and only the device copies that :class:`ldm.memory.residency.Residency`
 makes (``track_cpu_copies``: a real copy on the stand-in device) are device memory. Which of the live
 bytes are weights is told after each onload (:meth:`DeviceBytes.mark_weights`); the rest are activations.
 

@@ -8,9 +8,10 @@ from contextlib import contextmanager
 
 import torch
 
-from ldm.attention import attention_backend
-from ldm.ledger.simulation import RunShape, run_generation_calls
-from ldm.residency import Residency
+from ldm.models.attention import attention_backend
+from ldm.ledger.calls import generation_calls
+from ldm.ledger.shapes import RunShape
+from ldm.memory.residency import Residency
 
 
 def measure_on_cuda(sd, mode: str, shape: RunShape, device: torch.device) -> dict:
@@ -37,7 +38,7 @@ def measure_on_cuda(sd, mode: str, shape: RunShape, device: torch.device) -> dic
     residency = Residency(sd, device, mode)
     started = time.perf_counter()
     with attention_backend(shape.attention), torch.no_grad():
-        run_generation_calls(sd, residency, shape, device, phase)
+        generation_calls()(sd, residency, shape, device, phase)
     torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     residency.release()

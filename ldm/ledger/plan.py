@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ldm.ledger.simulation import Calls, LedgerRun, RunShape, meta_stable_diffusion, simulate
+from ldm.ledger.shapes import Calls, RunShape
+from ldm.ledger.simulation import LedgerRun, meta_stable_diffusion, simulate
 
 # Steps after which a sampler's memory repeats: PLMS keeps 3 earlier eps, LMS 3 earlier derivatives besides
 # the current one, DPM-Solver++(2M) one earlier output (used from its second step, and its last step is

@@ -27,7 +27,7 @@ from torch import Tensor
 from ldm.samplers import ddim, dpm_solver, k_diffusion, plms
 from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
 from ldm.samplers.grids import SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIMESTEPS, SigmaGrid, TimestepGrid
-from ldm.schedule import DiffusionSchedule
+from ldm.samplers.schedule import DiffusionSchedule
 
 __all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "sample"]
 
@@ -83,8 +83,8 @@ def sample(
     Args:
         name: one of :data:`SAMPLER_NAMES`.
         eps_model: ``eps_model(x, t) -> eps``, ``t`` a float32 tensor ``[B]`` (usually a
-            :class:`ldm.guidance.GuidedDenoiser`).
-        schedule: the model's :class:`ldm.schedule.DiffusionSchedule`.
+            :class:`ldm.samplers.guidance.GuidedDenoiser`).
+        schedule: the model's :class:`ldm.samplers.schedule.DiffusionSchedule`.
         noise: standard-normal noise ``[B, C, h, w]`` (e.g. ``SeededNoise.initial``). txt2img starts from it
             (``ddim``/``plms``: ``x_T = noise``, as CompVis; k-samplers: ``sigma_max * noise``); img2img adds it
             to ``init_latent``. The latent keeps ``noise``'s dtype and device.
@@ -135,11 +135,19 @@ def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, steps: int
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init_latent.shape != noise.shape:
             raise ValueError(f"init_latent {tuple(init_latent.shape)} and noise {tuple(noise.shape)} differ in shape")
-    levels = spec.grid.levels(schedule, steps)
+    levels = walk_levels(spec.name, schedule, steps, strength)
     if init_latent is None or strength == 1:
         return spec.grid.start(noise, levels[0]), levels
-    run = min(int(strength * steps), len(levels) - 1)
-    if run == 0:
+    if len(levels) == 1:
         return None
-    levels = levels[-(run + 1):]
     return spec.grid.noised(schedule, init_latent.to(noise.dtype), noise, levels[0]), levels
+
+
+def walk_levels(name: str, schedule: DiffusionSchedule, steps: int, strength: float = 1.0) -> list[float]:
+    """The levels sampler ``name`` walks for ``steps`` steps at img2img ``strength``: its whole grid, or the
+    last ``int(strength * steps)`` steps of it (CompVis' ``t_enc``; one level alone: no step to run)."""
+    levels = SAMPLERS[name].grid.levels(schedule, steps)
+    if strength == 1:
+        return levels
+    run = min(int(strength * steps), len(levels) - 1)
+    return levels[-(run + 1):]

@@ -11,8 +11,8 @@ schedule, which the timestep samplers call as ``model.eps(x, t)`` and the sigma 
 ancestral (stochastic) variant, ``order`` for ``lms``.
 
 An eps model is ``eps_model(x, t) -> eps`` with ``t`` a float32 tensor ``[B]`` (fractional timesteps allowed);
-:class:`ldm.guidance.GuidedDenoiser` is the usual one. A noise sampler is ``noise_sampler(like) -> Tensor``,
-fresh standard-normal noise shaped like ``like`` (``torch.randn_like`` or :class:`ldm.noise.SeededNoise`).
+:class:`ldm.samplers.guidance.GuidedDenoiser` is the usual one. A noise sampler is ``noise_sampler(like) -> Tensor``,
+fresh standard-normal noise shaped like ``like`` (``torch.randn_like`` or :class:`ldm.samplers.noise.SeededNoise`).
 
 Progress: after each step a sampler calls ``callback(step, total, x)`` with the 0-based index of the step
 just finished, the number of steps in this run and the current latent. To stop a run early, raise from the
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ldm.schedule import DiffusionSchedule
+from ldm.samplers.schedule import DiffusionSchedule
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 NoiseSampler = Callable[[Tensor], Tensor]

@@ -1,6 +1,6 @@
 """DDIM: Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models", eq. 12, as CompVis ``ddim.py``.
 
-The walk is over integer DDPM timesteps (:meth:`ldm.schedule.DiffusionSchedule.ddim_levels`): step ``i``
+The walk is over integer DDPM timesteps (:meth:`ldm.samplers.schedule.DiffusionSchedule.ddim_levels`): step ``i``
 goes from ``levels[i]`` to ``levels[i + 1]``, the last level being 0 (CompVis' ``alphas_prev[0] =
 alphas_cumprod[0]``). The latent is in the DDPM ("variance preserving") form ``x_t = sqrt(a_t) x0 +
 sqrt(1 - a_t) eps``; the result is ``x`` at ``alphas_cumprod[0]``, as CompVis returns it.

@@ -1,7 +1,7 @@
 """The two time grids the samplers walk, each with how it starts from noise and how it noises an image.
 
 - :data:`TIMESTEPS`: CompVis' DDIM timesteps, ``range(0, 1000, 1000 // steps) + 1`` descending then a final
-  level 0 (:meth:`ldm.schedule.DiffusionSchedule.ddim_levels`). The latent is in the DDPM form
+  level 0 (:meth:`ldm.samplers.schedule.DiffusionSchedule.ddim_levels`). The latent is in the DDPM form
   ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``; txt2img starts from ``x_T = noise`` as CompVis does.
 - :data:`SIGMAS`: k-diffusion's ``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then
   sigma 0 (Karras et al. 2022). The latent is ``x = x0 + sigma * eps``; txt2img starts from ``sigma_max * noise``.
@@ -16,7 +16,7 @@ import math
 
 from torch import Tensor
 
-from ldm.schedule import DiffusionSchedule
+from ldm.samplers.schedule import DiffusionSchedule
 
 
 class TimestepGrid:

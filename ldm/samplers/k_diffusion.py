@@ -3,7 +3,7 @@
 Karras et al. (2022), "Elucidating the Design Space of Diffusion-Based Generative Models": the latent is
 ``x = x0 + sigma * eps`` and a sampler integrates the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) /
 sigma`` from ``sigmas[0]`` down to ``sigmas[-1] = 0`` with a denoiser ``D`` (:class:`ldm.samplers.common.ScheduledEps`, k-diffusion's
-``CompVisDenoiser``). The grid is :meth:`ldm.schedule.DiffusionSchedule.get_sigmas`.
+``CompVisDenoiser``). The grid is :meth:`ldm.samplers.schedule.DiffusionSchedule.get_sigmas`.
 
 Ancestral variants (``euler_a``, ``dpm2_a``) are the same functions with ``eta = 1``: each step goes down to
 ``sigma_down`` deterministically, then adds fresh noise of std ``sigma_up`` (:func:`ancestral_step`); with

@@ -1,0 +1,50 @@
+"""The hashes that name weight files, each computed here once: the webui's model, LoRA and embedding hashes
+(AUTOMATIC1111's ``modules/hashes.py`` and ``extensions-builtin/Lora/network.py``) and the cheap fingerprint
+that keys cached text encodings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+BLOCK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
+    """sha256 of a file's bytes from offset ``start`` to the end, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        for block in iter(lambda: handle.read(BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """A1111's ``shorthash`` of a checkpoint (AutoV2): the first 10 hex digits of the whole file's sha256."""
+    return file_sha256(path)[:10]
+
+
+def safetensors_data_sha256(path: str | os.PathLike) -> str:
+    """kohya's / additional-networks' hash of a ``.safetensors`` file: the sha256 of everything after the JSON
+    header (the tensor data), so that editing the metadata keeps the hash."""
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+    return file_sha256(path, start=8 + header_length)
+
+
+def checkpoint_fingerprint(path: str | os.PathLike, chunk: int = BLOCK) -> str:
+    """A cheap identity for a checkpoint file: sha256 of its size, first MB and last MB.
+
+    Good enough to key cached text encodings (a different checkpoint of the same size differs in its first
+    or last megabyte in practice), and costs two reads instead of hashing gigabytes.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(handle.read(chunk))
+        if size > chunk:
+            handle.seek(max(chunk, size - chunk))
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()

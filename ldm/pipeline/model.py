@@ -1,0 +1,96 @@
+"""The model stage: the checkpoint loaded once in the run's dtype, its LoRAs merged, the UNet sped up as asked,
+and the memory mode that says which model sits on the device when (:class:`~ldm.memory.residency.Residency`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ldm.checkpoints.reader import CheckpointError
+from ldm.config import ModelConfig
+from ldm.errors import UsageError
+from ldm.loading.lora import LoraFile, apply_loras
+from ldm.loading.stable_diffusion import StableDiffusion, load_stable_diffusion, own_weights
+from ldm.memory.residency import Residency, auto_budget_bytes, resolve_mode
+from ldm.memory.vae_decoding import should_tile
+from ldm.models.quantize import quantize_unet
+from ldm.models.token_merging import apply_token_merging
+from ldm.pipeline.request import GenerationRequest
+from ldm.pipeline.safety import RESIDENCY_NAME as SAFETY_CHECKER, SafetyStage
+from ldm.samplers.schedule import DiffusionSchedule
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_HELP = "see models/README.md for where to get Stable Diffusion v1 weights, or pass --ckpt"
+
+
+@dataclass
+class LoadedModel:
+    """The loaded checkpoint (with its LoRAs merged), its memory mode and its noise schedule."""
+
+    sd: StableDiffusion
+    residency: Residency
+    schedule: DiffusionSchedule
+    loras: list[tuple[LoraFile, float]] = field(default_factory=list)
+    safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
+
+
+def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
+               height: int, width: int) -> LoadedModel:
+    """Load the checkpoint onto the CPU in the run's dtype, merge ``loras`` ((file, weight) in order) and put
+    it under a memory mode for images of ``height`` x ``width``."""
+    log.info("loading %s", request.ckpt)
+    try:
+        # --quantize reads the UNet's mapped weights straight into int8 (the load never holds it in float).
+        sd = load_stable_diffusion(request.ckpt, config, dtype=request.dtype, use_ema=request.use_ema,
+                                   vae=request.vae, copy_weights=not request.quantize)
+    except CheckpointError as error:  # its message names the file
+        raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
+    merged = apply_loras(sd, list(loras))  # on the host copy, before the memory mode moves anything
+    speed_up_unet(request, sd)
+    own_weights(sd.unet, sd.vae, sd.text_encoder)  # no view into the file is left: see ldm.loading.stable_diffusion
+    safety = None
+    if request.safety_checker is not None:
+        safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
+    residency = make_residency(request, sd, height, width, safety)
+    return LoadedModel(sd, residency, sd.schedule, merged, safety)
+
+
+def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:
+    """``--quantize`` (int8 weights, before the residency measures and moves them) and ``--tome`` (token merging)."""
+    if request.quantize:
+        quantize_unet(sd.unet, request.quantize)
+    apply_token_merging(sd.unet, request.tome)
+
+
+def attention_name(name: str, device: torch.device) -> str:
+    """The attention backend ``--attention`` means on ``device``: ``auto`` is PyTorch's fused attention where it
+    has memory-efficient kernels (CUDA, CPU, and the ``meta`` device that stands for CUDA in the VRAM ledger);
+    slices on MPS, whose fused attention builds the whole score matrix (diffusers and A1111 slice there too)."""
+    if name != "auto":
+        return name
+    return "sliced" if device.type == "mps" else "sdpa"
+
+
+def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int, width: int,
+                   safety: SafetyStage | None = None) -> Residency:
+    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``); the safety checker as one more model."""
+    device = request.device
+    dtype = next(sd.unet.parameters()).dtype
+    tiled = should_tile(height, width, request.vae_tiling)
+    extra = {SAFETY_CHECKER: safety.checker} if safety is not None else {}
+    mode = resolve_mode(request.vram, device, height, width, request.n_samples, sd=sd, dtype=dtype, tiled=tiled,
+                        extra_bytes=safety.weight_bytes if safety is not None else 0)
+    budget = request.vram_budget_bytes
+    if budget is None and request.vram == "auto" and mode == "low":
+        budget = auto_budget_bytes(device, height, width, request.n_samples, sd=sd, dtype=dtype)
+    try:
+        residency = Residency(sd, device, mode=mode, budget_bytes=budget, extra_models=extra)
+    except ValueError as error:  # e.g. a --vram_budget too small for the largest block
+        raise UsageError(str(error)) from None
+    log.info("memory mode %s on %s", mode, device)
+    return residency

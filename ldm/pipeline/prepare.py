@@ -1,0 +1,54 @@
+"""The prepare stage: the run's input preparer, its images encoded once (img2img's init image, inpainting's
+mask and masked image); per batch it gives a :class:`~ldm.pipeline.batches.BatchStart`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from ldm.checkpoints.kinds import INPAINTING_IN_CHANNELS
+from ldm.models.autoencoder import DiagonalGaussian
+from ldm.pipeline.batches import BatchStart
+from ldm.pipeline.images import image_to_tensor
+from ldm.pipeline.inpaint_inputs import InpaintingInputs
+from ldm.pipeline.model import LoadedModel
+from ldm.pipeline.request import GenerationRequest
+from ldm.samplers.noise import SeededNoise
+
+
+@dataclass
+class InitImage:
+    """img2img's start: the init image's VAE posterior (encoded once), sampled per image with its seed."""
+
+    posterior: DiagonalGaussian
+    scale_factor: float
+
+    @classmethod
+    def encode(cls, image: Image.Image, width: int, height: int, model: LoadedModel, dtype: torch.dtype) -> InitImage:
+        pixels = image_to_tensor(image, width, height)
+        with model.residency.use("vae.encoder") as vae, torch.no_grad():
+            posterior = vae.encode(pixels.to(device=model.residency.device, dtype=dtype))
+        return cls(posterior, model.sd.scale_factor)
+
+    def latent(self, noise: SeededNoise, x_T: torch.Tensor) -> torch.Tensor:
+        """The images' init latents; each image's generator draws its posterior sample right after its x_T."""
+        return self.scale_factor * self.posterior.sample(noise(x_T)).float()
+
+    def start(self, noise: SeededNoise, x_T: torch.Tensor, scale_factor: float, **walk) -> BatchStart:
+        return BatchStart(self.latent(noise, x_T))
+
+
+def prepare_init(request: GenerationRequest, model: LoadedModel, init_image: Image.Image | None, width: int,
+                 height: int, inpainting: InpaintingInputs | None = None) -> InitImage | InpaintingInputs | None:
+    """The run's input preparer, its images encoded once: img2img's ``InitImage``, inpainting's ``InpaintingInputs``
+    (the init image where it is used, the masked image for a 9-channel UNet), or None (txt2img)."""
+    if inpainting is not None:
+        nine = model.sd.config.unet.in_channels == INPAINTING_IN_CHANNELS
+        inpainting.encode(model.residency, request.device, request.dtype, nine_channel=nine,
+                          needs_init=not nine or request.strength < 1)
+        return inpainting
+    if request.img2img:
+        return InitImage.encode(init_image, width, height, model, request.dtype)
+    return None
