@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import yaml
 from omegaconf import OmegaConf
 
-from ldm.errors import UserError
+from ldm.errors import ConfigError
 from ldm.messages import escaped, one_line
 from ldm.regular_files import read_utf8_text
 
@@ -32,11 +32,6 @@ TOKENIZER_VOCAB = 49408
 TEXT_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 
 
-class ConfigError(UserError, ValueError):
-    """A model config that cannot be read or does not describe an SD v1-style model (one line)."""
-
-    def __init__(self, message: object) -> None:
-        super().__init__(one_line(message))
 
 
 def _int_in(low: int, high: int, also: tuple[int, ...] = ()):

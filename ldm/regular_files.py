@@ -9,6 +9,12 @@ import stat
 from pathlib import Path
 
 
+def require_regular_mode(mode: int, error: type[Exception], message: str) -> None:
+    """Raise ``error(message)`` unless ``mode`` (an ``st_mode`` from ``stat`` or ``fstat``) is a regular file's."""
+    if not stat.S_ISREG(mode):
+        raise error(message)
+
+
 def regular_file_size(path: Path, shown: str, what: str, error: type[Exception], missing: str | None = None) -> int:
     """The size of ``path`` if it is a regular file; otherwise ``error`` with one line naming ``what``
     (``missing``: the wording for a file that does not exist, default ``"<what> not found"``)."""
@@ -18,8 +24,7 @@ def regular_file_size(path: Path, shown: str, what: str, error: type[Exception],
         raise error(f"{missing or what + ' not found'}: {shown}") from None
     except OSError as failure:
         raise error(f"cannot read {what} {shown}: {failure.strerror or failure}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise error(f"cannot read {what} {shown}: not a regular file")
+    require_regular_mode(info.st_mode, error, f"cannot read {what} {shown}: not a regular file")
     return info.st_size
 
 

@@ -20,16 +20,17 @@ import torch
 from ldm.checkpoints.hashes import model_hash
 from ldm.config import DEFAULT_CONFIG
 from ldm.errors import UsageError
-from ldm.loading.lora import LoraError, find_lora_file, lora_short_hash, parse_lora_argument
+from ldm.loading.lora import find_lora_file, lora_short_hash, parse_lora_argument
+from ldm.loading.errors import LoraError
 from ldm.models.safety_checker import MODES as SAFETY_MODES
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
 from ldm.conditioning.embeddings import embedding_file_hashes
 from ldm.models.quantize import QUANTIZE_CHOICES
-from ldm.models.token_merging import MAX_RATIO
+from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
-from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, TXT2IMG, GenerationRequest, MaskOptions
+from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ldm.errors import UserError
+from ldm.memory.out_of_memory import is_out_of_memory
 from ldm.messages import one_line
 from optimizedSD.arguments import parse_args
 from optimizedSD.atomic_files import sigterm_as_interrupt
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     try:
         request = parse_args(argv, mode)
         if request.plan:  # answered from the config alone: no checkpoint is read
-            from optimizedSD.plan import plan_text
+            from optimizedSD.plan import plan_text  # start-up time: the ledger's code only for --plan
 
             print(plan_text(request))
             return 0
@@ -79,8 +80,6 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     except RankStopped:  # a torchrun rank that stopped early: its one error line is out already
         return EXIT_RANK_STOPPED
     except (MemoryError, RuntimeError) as error:
-        from ldm.memory.out_of_memory import is_out_of_memory
-
         if not is_out_of_memory(error):
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -93,3 +92,12 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
     if is_main_process():  # torchrun: rank 0 alone reports, for every rank
         print(summary.line())
     return 0
+
+
+def script(mode: str) -> Callable[[Sequence[str] | None], int]:
+    """The ``main(argv=None) -> exit code`` of one script (``mode``: txt2img, img2img or inpaint)."""
+
+    def run(argv: Sequence[str] | None = None) -> int:
+        return main(argv, mode)
+
+    return run

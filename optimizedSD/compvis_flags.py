@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ldm.errors import UsageError
 from ldm.pipeline.request import IMG2IMG, TXT2IMG
@@ -53,3 +53,12 @@ def main(argv: Sequence[str] | None, mode: str) -> int:
         print(f"{mode}.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     return engine_main(engine_argv, mode)
+
+
+def script(mode: str) -> Callable[[Sequence[str] | None], int]:
+    """The ``main(argv=None) -> exit code`` of one script (``mode``: txt2img, img2img or inpaint)."""
+
+    def run(argv: Sequence[str] | None = None) -> int:
+        return main(argv, mode)
+
+    return run

@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ldm.errors import UserError
+from ldm.memory.out_of_memory import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -294,11 +297,6 @@ def run_share(units: Sequence[WorkUnit], run_unit: Callable[[WorkUnit], None]) -
 def report_stop(prog: str, job: Distributed, error: BaseException, unfinished: Sequence[WorkUnit], seed: int,
                 fixed_code: bool) -> str:
     """Print this rank's one error line (after the traceback when the error is a bug) and return it."""
-    import sys
-    import traceback
-
-    from ldm.memory.out_of_memory import is_out_of_memory
-
     expected = isinstance(error, (UserError, Terminated, KeyboardInterrupt)) or is_out_of_memory(error)
     if not expected:
         traceback.print_exception(error)

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from ldm.loading.lora import LoraError, extract_lora_tags
+from ldm.loading.lora import extract_lora_tags
+from ldm.loading.errors import LoraError
 from optimizedSD.infotext import Infotext
 
 KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM2", "DPM2 a"})  # webui samplers whose Automatic is Karras

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ldm.checkpoints.diffusers_folders import is_diffusers_folder
 from ldm.checkpoints.kinds import INPAINTING_IN_CHANNELS, checkpoint_unet_in_channels
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.conditioning.fork_syntax import parse_prompt
 from ldm.conditioning.prompts import PromptEncoder, distinct
 from ldm.conditioning.webui_syntax import parse_fragments, unsupported_features
@@ -44,7 +44,7 @@ from ldm.ledger.batch_parts import PartQuery, grid_host_bytes, images_per_part
 from ldm.ledger.plan import low_mode_tiles
 from ldm.ledger.shapes import RunShape
 from ldm.loading.lora import lora_hashes_text
-from ldm.memory.residency import model_bytes
+from ldm.memory.estimates import model_bytes
 from ldm.memory.vae_decoding import should_tile
 from ldm.models.attention import attention_backend
 from ldm.models.safety_checker import find_safety_checker_files

@@ -18,7 +18,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.loading.lora import LoraError, extract_lora_tags, find_lora_file, other_extra_networks
+from ldm.loading.lora import extract_lora_tags, find_lora_file, other_extra_networks
+from ldm.loading.errors import LoraError
 from ldm.errors import UsageError
 from ldm.pipeline.request import GenerationRequest
 

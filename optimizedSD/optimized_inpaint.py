@@ -5,22 +5,11 @@ Usage: `python optimizedSD/optimized_inpaint.py --init-img IMG --mask MASK --pro
 docs/cli.md explains them.
 """
 
-from __future__ import annotations
+import os, sys  # noqa: E401
 
-import sys
-from pathlib import Path
-from typing import Sequence
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a file: the repository
 
-if __package__ in (None, ""):  # run as a file: make the repository importable (as the fork's scripts assume)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from optimizedSD.cli import script  # noqa: E402
 
-from optimizedSD.cli import main as _main
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run with `argv` (default: the command line); returns the exit code."""
-    return _main(argv, "inpaint")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+main = script("inpaint")  # main(argv=None) -> exit code
+if __name__ == "__main__": sys.exit(main())  # noqa: E701

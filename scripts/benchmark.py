@@ -74,7 +74,8 @@ def _cuda_peaks(torch, device) -> dict:
 def run_ours(spec: dict) -> dict:
     import torch
 
-    from optimizedSD.arguments import TXT2IMG, parse_args
+    from ldm.pipeline.request import TXT2IMG
+    from optimizedSD.arguments import parse_args
     from optimizedSD.generation import generate
 
     torch.set_num_threads(spec["threads"])

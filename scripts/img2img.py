@@ -2,21 +2,11 @@
 """CompVis' `scripts/img2img.py` command line (`--plms`, `--dpm_solver`, CompVis' defaults) on the
 optimizedSD engine; see optimizedSD/compvis_flags.py for the translation and docs/cli.md for the flags."""
 
-from __future__ import annotations
+import os, sys  # noqa: E401
 
-import sys
-from pathlib import Path
-from typing import Sequence
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a file: the repository
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from optimizedSD.compvis_flags import script  # noqa: E402
 
-from optimizedSD.compvis_flags import main as _main
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return _main(argv, "img2img")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+main = script("img2img")  # main(argv=None) -> exit code
+if __name__ == "__main__": sys.exit(main())  # noqa: E701

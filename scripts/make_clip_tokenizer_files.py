@@ -32,7 +32,7 @@ import json
 import logging
 from pathlib import Path
 
-logger = logging.getLogger("make_clip_tokenizer_files")
+log = logging.getLogger("make_clip_tokenizer_files")
 
 # Sizes fixed by OpenAI's simple_tokenizer.py.
 VOCAB_SIZE = 49408
@@ -90,7 +90,7 @@ def write_tokenizer_files(gz_path: Path, out_dir: Path) -> tuple[Path, Path]:
     """Write ``vocab.json`` and ``merges.txt`` into ``out_dir``; returns their paths."""
     digest = hashlib.sha256(gz_path.read_bytes()).hexdigest()
     if digest != KNOWN_SHA256:
-        logger.warning("%s has sha256 %s, not the known OpenAI file %s", gz_path, digest, KNOWN_SHA256)
+        log.warning("%s has sha256 %s, not the known OpenAI file %s", gz_path, digest, KNOWN_SHA256)
     merges = read_merges(gz_path)
     vocab = build_vocab(merges)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def write_tokenizer_files(gz_path: Path, out_dir: Path) -> tuple[Path, Path]:
     merges_path.write_text(
         "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in merges]) + "\n", encoding="utf-8"
     )
-    logger.info("wrote %s (%d tokens) and %s (%d merges)", vocab_path, len(vocab), merges_path, len(merges))
+    log.info("wrote %s (%d tokens) and %s (%d merges)", vocab_path, len(vocab), merges_path, len(merges))
     return vocab_path, merges_path
 
 

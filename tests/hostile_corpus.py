@@ -543,8 +543,10 @@ def check_in_process(cases: list[Case]) -> None:
     """Read every case here, printing one JSON line each (flushed before the next, so a crash names its case)."""
     import time
 
-    from ldm.checkpoints.reader import CheckpointError, read_checkpoint
-    from ldm.config import ConfigError, load_model_config
+    from ldm.checkpoints.errors import CheckpointError
+    from ldm.checkpoints.reader import read_checkpoint
+    from ldm.config import load_model_config
+    from ldm.errors import ConfigError
 
     for case in cases:
         print(json.dumps({"start": case.name}), flush=True)

@@ -61,7 +61,7 @@ def test_auto_attention_slices_on_mps_only():
     assert attention_name("auto", torch.device("cpu")) == "sdpa"
     assert attention_name("auto", torch.device("meta")) == "sdpa"  # the VRAM ledger's stand-in for CUDA
     assert attention_name("sliced", torch.device("cuda", 0)) == "sliced"
-    assert resolve_attention("sliced", torch.device("cpu")) == "sliced"
+    assert attention_name("sliced", torch.device("cpu")) == "sliced"
 
 
 def test_unknown_backend_is_refused(restore_backend):

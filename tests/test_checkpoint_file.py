@@ -28,9 +28,12 @@ import torch
 from safetensors.torch import save_file
 
 import ldm.checkpoints.reader as checkpoint_file
-import ldm.checkpoints.unpickler as restricted_unpickler
 from ldm.checkpoints.zip_container import inspect_torch_zip
-from ldm.checkpoints.reader import CheckpointError, read_checkpoint
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.pickle_globals import InertStandIn
+from ldm.checkpoints.pickle_limits import PickleLimits
+from ldm.checkpoints.reader import read_checkpoint
+from ldm.checkpoints.unpickler import RestrictedUnpickler, restricted_pickle_module
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def test_zip_is_memory_mapped_and_legacy_is_not(tmp_path, monkeypatch):
         torch.save({"state_dict": _weights()}, path, _use_new_zipfile_serialization=zip_format)
         read_checkpoint(path)
     assert [c["mmap"] for c in calls] == [True, False]
-    assert all(c["pickle_module"].Unpickler.__mro__[1] is restricted_unpickler._RestrictedUnpickler for c in calls)
+    assert all(c["pickle_module"].Unpickler.__mro__[1] is RestrictedUnpickler for c in calls)
     assert all(c["weights_only"] is False for c in calls)
 
 
@@ -411,10 +414,10 @@ def test_numpy_ndarray_is_not_handed_out(tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": _weights(), "x": _Payload(np.ndarray, (1,), np.dtype(object), bytearray(b"\x41" * 8))}, path)
     # Loads (the entry is dropped), and the object array was never built.
-    module = restricted_unpickler.restricted_pickle_module(restricted_unpickler.PickleLimits(
+    module = restricted_pickle_module(PickleLimits(
         record_sizes=inspect_torch_zip(path, path.stat().st_size).storage_sizes))
     unpickled = torch.load(path, pickle_module=module, weights_only=False)
-    assert isinstance(unpickled["x"], restricted_unpickler.InertStandIn)
+    assert isinstance(unpickled["x"], InertStandIn)
     assert "numpy.ndarray" in repr(unpickled["x"])
     assert set(read_checkpoint(path)) == set(_weights())
 
@@ -624,7 +627,7 @@ def test_read_torch_data_returns_nested_data_with_module_containers_as_stand_ins
     data = checkpoint_file.read_torch_data(path)
     assert data["name"] == "cat" and int(data["string_to_token"]["*"]) == 265
     holder = data["string_to_param"]
-    assert isinstance(holder, restricted_unpickler.InertStandIn)
+    assert isinstance(holder, InertStandIn)
     assert torch.equal(holder._stand_in_state["_parameters"]["*"].detach(), vectors)
     evil = tmp_path / "evil.pt"
     torch.save({"name": "x", "p": _Payload(os.system, f"touch {marker}")}, evil)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.kinds import CheckpointKind, classify_checkpoint, inspect_checkpoint
 from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.config import ModelConfig

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.config import load_model_config
 from ldm.loading.stable_diffusion import load_stable_diffusion

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.checkpoints.diffusers_folders import (
     compvis_text_from_transformers,

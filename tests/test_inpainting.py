@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm import samplers
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.config import load_model_config
 from ldm.pipeline.inpainting import (
     InpaintingUNet,

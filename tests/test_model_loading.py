@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.layout import ema_key as _ema_key
 from ldm.loading.stable_diffusion import load_stable_diffusion
 from ldm.loading.random_weights import TEXT_PREFIX, UNET_PREFIX, save_checkpoint

@@ -10,7 +10,8 @@ from ldm.errors import UserError
 from ldm.conditioning.token_chunks import TokenChunk
 from ldm.checkpoints.hashes import checkpoint_fingerprint
 from ldm.conditioning.embedding_cache import EmbeddingCache
-from ldm.conditioning.fork_syntax import PromptError, parse_prompt, split_weighted_subprompts
+from ldm.conditioning.fork_syntax import parse_prompt, split_weighted_subprompts
+from ldm.conditioning.errors import PromptError
 from ldm.conditioning.prompts import PromptEncoder
 from ldm.pipeline.input_checks import read_prompts_file
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from optimizedSD.arguments import IMG2IMG, INPAINT, TXT2IMG, build_parser
+from ldm.pipeline.request import IMG2IMG, INPAINT, TXT2IMG
+from optimizedSD.arguments import build_parser
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -17,20 +17,12 @@ from ldm.config import load_model_config
 from ldm.samplers.guidance import GuidedDenoiser
 from ldm.loading.stable_diffusion import load_stable_diffusion
 from ldm.samplers.noise import SeededNoise
-from ldm.memory.residency import (
-    MODES,
-    Residency,
-    auto_budget_bytes,
-    is_out_of_memory,
-    model_bytes,
-    next_lower_mode,
-    pin_together,
-    plan_streaming,
-    resolve_mode,
-    streaming_window_bytes,
-    unet_group_layout,
-    unet_parts,
-)
+from ldm.memory.estimates import model_bytes
+from ldm.memory.mode_choice import auto_budget_bytes, resolve_mode, streaming_window_bytes
+from ldm.memory.module_groups import pin_together
+from ldm.memory.out_of_memory import is_out_of_memory
+from ldm.memory.residency import MODES, Residency, next_lower_mode, unet_parts
+from ldm.memory.streaming import plan_streaming, unet_group_layout
 from ldm.models.unet import UNetModel
 
 
@@ -333,7 +325,7 @@ def all_tensors(sd):
 
 
 def test_pinning_moves_every_home_into_pinned_slabs_in_medium_and_low_only(sd, monkeypatch):
-    import ldm.memory.residency as residency_module
+    import ldm.memory.module_groups as module_groups
 
     buffers = []
     residency = None
@@ -344,7 +336,7 @@ def test_pinning_moves_every_home_into_pinned_slabs_in_medium_and_low_only(sd, m
         buffers.append(torch.empty(nbytes, dtype=torch.uint8))
         return buffers[-1]
 
-    monkeypatch.setattr(residency_module, "_pinned_buffer", plain_buffer)
+    monkeypatch.setattr(module_groups, "pinned_buffer", plain_buffer)
     x, t, context = unet_inputs(sd)
     with torch.no_grad():
         expected = sd.unet(x, t, context)
@@ -392,7 +384,7 @@ def test_pin_together_packs_tensors_into_power_of_two_slabs():
 
 
 def test_a_host_that_cannot_pin_keeps_pageable_copies(sd, monkeypatch, caplog):
-    import ldm.memory.residency as residency_module
+    import ldm.memory.module_groups as module_groups
 
     calls = []
 
@@ -402,8 +394,8 @@ def test_a_host_that_cannot_pin_keeps_pageable_copies(sd, monkeypatch, caplog):
             raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported later")
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    monkeypatch.setattr(residency_module, "_pinned_buffer", refused)
-    monkeypatch.setattr(residency_module, "PIN_SLAB_BYTES", 4096)
+    monkeypatch.setattr(module_groups, "pinned_buffer", refused)
+    monkeypatch.setattr(module_groups, "PIN_SLAB_BYTES", 4096)
     x, t, context = unet_inputs(sd)
     with torch.no_grad():
         expected = sd.unet(x, t, context)

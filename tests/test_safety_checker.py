@@ -198,7 +198,8 @@ def test_runs_under_the_residency_and_its_bytes_are_counted(oracle, tiny_checkpo
     """On a CPU stand-in device with real copies: in medium and low mode the checker is the only model on the
     device while it runs and leaves when the UNet comes; its bytes are in the residency's count; same flags."""
     from ldm.loading.stable_diffusion import load_stable_diffusion
-    from ldm.memory.residency import Residency, model_bytes
+    from ldm.memory.estimates import model_bytes
+    from ldm.memory.residency import Residency
 
     model, processor, root = oracle
     checker, preprocessor = load_safety_checker(root)
@@ -230,7 +231,8 @@ def test_runs_under_the_residency_and_its_bytes_are_counted(oracle, tiny_checkpo
 def test_auto_mode_counts_the_checker_weights():
     """SD v1 fp16 with the real checker's 304M-parameter ViT-L/14 (0.61 GB fp16): free memory that just fits full
     mode without it picks medium with it."""
-    from ldm.memory.residency import RESERVE_BYTES, SAFETY, model_bytes, resolve_mode, working_bytes
+    from ldm.memory.estimates import DEVICE_RESERVE_BYTES as RESERVE_BYTES, SAFETY, model_bytes, working_bytes
+    from ldm.memory.mode_choice import resolve_mode
 
     need = sum(model_bytes().values()) + max(working_bytes(512, 512, 1).values())
     free = int(need * SAFETY + RESERVE_BYTES) + 1

@@ -10,7 +10,8 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.config import ConfigError, TextEncoderConfig
+from ldm.config import TextEncoderConfig
+from ldm.errors import ConfigError
 from ldm.conditioning.text_encoder import CLIPTextEncoder, normalize_text_encoder_keys
 
 TINY = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,

@@ -7,7 +7,8 @@ import torch
 
 from ldm.loading.stable_diffusion import load_stable_diffusion
 from ldm.memory.residency import Residency
-from ldm.models.token_merging import TokenMerge, TokenMerging, apply_token_merging, transformer_blocks_by_downsample
+from ldm.models.token_matching import TokenMerge, TokenMerging
+from ldm.models.token_merging import apply_token_merging, transformer_blocks_by_downsample
 from tests.reference import diffusers_unet, max_abs_diff
 
 tomesd = pytest.importorskip("tomesd")

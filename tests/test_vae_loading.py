@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.layout import VAE_PREFIX
 from ldm.loading.stable_diffusion import load_stable_diffusion
 from ldm.loading.random_weights import random_state_dict, save_checkpoint

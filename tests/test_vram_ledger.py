@@ -15,7 +15,7 @@ from torch import nn
 from ldm import samplers
 from ldm.ledger import CudaAttentionChoice, DeviceBytes, RunShape, cuda_kernel, meta_stable_diffusion, simulate
 from ldm.ledger.plan import memory_plan, pick_mode, plan_steps
-from ldm.memory.residency import ModuleGroup
+from ldm.memory.module_groups import ModuleGroup
 from tests.conftest import SD_V1_CONFIG, TINY_CONFIG
 
 GIB = 2**30
@@ -131,7 +131,8 @@ def test_pick_mode():
 
 # ---- SD v1 on meta: the targets, through the generation loop's own stages (--plan) --------------------
 def plan_request(size: int, *extra: str):
-    from optimizedSD.arguments import TXT2IMG, parse_args
+    from ldm.pipeline.request import TXT2IMG
+    from optimizedSD.arguments import parse_args
 
     return parse_args(["--plan", "--config", str(SD_V1_CONFIG), "--ckpt", "no-such-file.ckpt", "--device", "cpu",
                        "--H", str(size), "--W", str(size), "--n_samples", "1", "--sampler", "dpm_solver",

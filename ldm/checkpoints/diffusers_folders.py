@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoints.reader import CheckpointError, read_checkpoint
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.reader import read_checkpoint
 from ldm.checkpoints.layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 log = logging.getLogger(__name__)

@@ -30,14 +30,17 @@ from typing import Any
 
 import torch
 
-from ldm.errors import UserError
-from ldm.messages import describe_error, escaped, one_line
-from ldm.checkpoints.unpickler import PickleLimits, PickleRefused, RefusedGlobal, restricted_pickle_module
-from ldm.checkpoints.zip_container import ZipRefused, inspect_torch_zip, verify_crcs
+from ldm.checkpoints.errors import CheckpointError, PickleRefused, RefusedGlobal, ZipRefused
+from ldm.checkpoints.pickle_limits import PickleLimits
+from ldm.checkpoints.unpickler import restricted_pickle_module
+from ldm.checkpoints.weight_checks import check_weights
+from ldm.checkpoints.zip_container import inspect_torch_zip, verify_crcs
+from ldm.messages import describe_error, escaped
+from ldm.regular_files import require_regular_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "read_checkpoint", "read_torch_data"]
+__all__ = ["read_checkpoint", "read_torch_data"]
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # Keys under which training code nests the weights: CompVis/Lightning use "state_dict"; other trainers
@@ -46,13 +49,6 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _MAX_WRAPPER_DEPTH = 4
 _SNIFF_BYTES = 4096
 _TAR_BLOCK = 512
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot (or must not) be read; the message is one line and names the file."""
-
-    def __init__(self, message: object) -> None:
-        super().__init__(one_line(message))
 
 
 class _NoFileno(io.BufferedReader):
@@ -81,8 +77,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     shown = escaped(os.fspath(path), 300)
 
     def read_and_check() -> dict[str, torch.Tensor]:
-        from ldm.checkpoints.weight_checks import check_weights
-
         weights = _read(Path(path), shown)
         check_weights(weights, shown)
         return weights
@@ -161,9 +155,12 @@ def _checked_kind(file: Path, shown: str) -> tuple[str, int]:
         raise CheckpointError(f"cannot read {shown}: {describe_error(error)}") from None
     if stat.S_ISDIR(info.st_mode):
         raise CheckpointError(f"cannot read {shown}: it is a directory, not a checkpoint file")
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"cannot read {shown}: not a regular file (a pipe, socket or device)")
+    _require_regular(info.st_mode, shown)
     return _sniff_format(_read_head(file, shown), info.st_size), info.st_size
+
+
+def _require_regular(mode: int, shown: str) -> None:
+    require_regular_mode(mode, CheckpointError, f"cannot read {shown}: not a regular file (a pipe, socket or device)")
 
 
 def _read(file: Path, shown: str) -> dict[str, torch.Tensor]:
@@ -194,8 +191,7 @@ def _read_head(file: Path, shown: str) -> bytes:
     """The first bytes, opened non-blocking and re-checked as a regular file (it may have been swapped)."""
     fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"cannot read {shown}: not a regular file (a pipe, socket or device)")
+        _require_regular(os.fstat(fd).st_mode, shown)
         return os.read(fd, _SNIFF_BYTES)
     finally:
         os.close(fd)

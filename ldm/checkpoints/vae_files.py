@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoints.reader import CheckpointError, read_checkpoint
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.reader import read_checkpoint
 from ldm.checkpoints.kinds import CheckpointKind, inspect_checkpoint
 from ldm.checkpoints.layout import EMA_PREFIX, VAE_LOSS_PREFIX, VAE_PREFIX
 from ldm.checkpoints.diffusers_folders import MODEL_INDEX, compvis_vae_from_diffusers, looks_like_diffusers_vae, read_component

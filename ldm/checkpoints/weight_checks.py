@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.mapped_pages import FileMappings
 from ldm.messages import escaped
 
@@ -41,8 +42,6 @@ _PIECE = 2**24  # elements widened at once where a dtype has no sum kernel
 
 def check_weights(weights: dict[str, torch.Tensor], shown: str) -> None:
     """Raise ``CheckpointError`` (one line, naming the file and the tensor) for the first unusable tensor."""
-    from ldm.checkpoints.reader import CheckpointError
-
     for name, tensor in weights.items():
         problem = _layout_problem(tensor) or _dtype_problem(name, tensor)
         if problem:

@@ -22,11 +22,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.memory.host_memory import host_available_bytes
+from ldm.checkpoints.errors import ZipRefused
+from ldm.checkpoints.pickle_limits import MAX_PICKLE_MEMORY
+from ldm.host_memory import host_available_bytes
 from ldm.messages import escaped
-from ldm.checkpoints.unpickler import MAX_PICKLE_MEMORY
 
-__all__ = ["ZipRefused", "TorchZipLayout", "inspect_torch_zip", "verify_crcs"]
+__all__ = ["TorchZipLayout", "inspect_torch_zip", "verify_crcs"]
 
 MAX_RECORDS = 200_000  # an SD v1 training file with optimizer state has ~5,000
 MAX_COMPRESSION_RATIO = 20  # float weights deflate to ~0.9x; a zip bomb to ~0.001x
@@ -34,10 +35,6 @@ _EOCD = struct.Struct("<4s4H2LH")
 _ZIP64_LOCATOR = struct.Struct("<4sLQL")
 _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _CHUNK = 2**20
-
-
-class ZipRefused(ValueError):
-    """The zip container is damaged or crafted; the message says how."""
 
 
 def _damaged(detail: str) -> ZipRefused:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ldm.checkpoints.reader import CheckpointError, read_torch_data
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.reader import read_torch_data
 from ldm.checkpoints.hashes import file_sha256
 
 log = logging.getLogger(__name__)

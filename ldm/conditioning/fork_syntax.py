@@ -18,14 +18,12 @@ import math
 import re
 from dataclasses import dataclass
 
-from ldm.errors import UserError
+from ldm.conditioning.errors import PromptError
 
 # A weight: an optionally signed decimal number with an optional exponent ("inf"/"nan" are not weights).
 _WEIGHT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
-class PromptError(UserError, ValueError):
-    """A prompt or prompts file the generator cannot use (reported to the user in one line)."""
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,6 @@
 """Prompts turned into conditioning tensors, in either syntax, each distinct text through the text encoder once.
 
-Weighted prompts follow the optimizedSD fork (basujindal/stable-diffusion, ``split_weighted_subprompts``,
-itself from lstein's ``simplet2i.py``): ``tabby cat:0.25 white duck:0.75 hybrid`` is the sub-prompts
-``tabby cat`` (0.25), ``white duck`` (0.75) and ``hybrid`` (1). A colon ends a sub-prompt; the number
-right after it, up to the next space, is its weight; text after the last colon-number weighs 1. The
-conditioning is ``sum(w_i * E(p_i)) / sum(w_i)`` with ``E`` the CLIP text encoder.
-
-Two deliberate differences from the fork, both where the fork misbehaves:
-- A colon followed by something that is not a number (``cat:abc``, ``10:30am``) is plain text; the fork
-  printed a warning and silently dropped the word after the colon.
-- A single weighted sub-prompt (``cat:0.5``) encodes ``cat``; the fork encoded the raw text ``cat:0.5``.
-
+``fork`` (the default) reads the optimizedSD fork's weighted sub-prompts (:mod:`ldm.conditioning.fork_syntax`);
 ``--prompt_syntax webui`` reads prompts as AUTOMATIC1111's webui does instead (:mod:`ldm.conditioning.webui_syntax`:
 ``(word:1.3)`` weighs tokens, not sub-prompts). In both syntaxes a text longer than 75 tokens is encoded
 in 75-token chunks and concatenated (:mod:`ldm.conditioning.token_chunks`), where the fork cut it at 77 tokens.
@@ -25,7 +15,8 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 
 from ldm.conditioning.embedding_cache import EmbeddingCache
-from ldm.conditioning.fork_syntax import PromptError, parse_prompt
+from ldm.conditioning.fork_syntax import parse_prompt
+from ldm.conditioning.errors import PromptError
 from ldm.conditioning.embeddings import EmbeddingLibrary, TextualInversion
 from ldm.conditioning.token_chunks import Fragment, TokenChunk
 from ldm.conditioning.webui_syntax import WebuiSyntaxError, parse_fragments

@@ -26,6 +26,7 @@ Checkpoint keys: SD v1 files store the text model under ``cond_stage_model.trans
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import html
 import inspect
@@ -40,7 +41,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.config import REPO_ROOT, ConfigError, TextEncoderConfig
+from ldm.config import REPO_ROOT, TextEncoderConfig
+from ldm.errors import ConfigError
 from ldm.conditioning.token_chunks import FindEmbedding, Fragment, TokenChunk, build_chunks
 
 log = logging.getLogger(__name__)
@@ -101,15 +103,7 @@ def clip_text_config(config: TextEncoderConfig) -> CLIPTextConfig:
     Start, end and padding ids are CLIP's (``<|endoftext|>`` pads, as SD v1 was trained).
     """
     return CLIPTextConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        hidden_act=config.hidden_act,
-        projection_dim=config.projection_dim,
-        layer_norm_eps=config.layer_norm_eps,
+        **dataclasses.asdict(config),  # TextEncoderConfig's fields are CLIPTextConfig's
         bos_token_id=START_TOKEN_ID,
         eos_token_id=END_TOKEN_ID,
         pad_token_id=END_TOKEN_ID,

@@ -34,52 +34,16 @@ from ldm.ledger.calls import generation_calls
 from ldm.ledger.plan import plan_steps
 from ldm.ledger.shapes import RunShape
 from ldm.ledger.simulation import meta_stable_diffusion, simulate
-from ldm.memory.host_memory import host_available_bytes
+from ldm.host_memory import host_available_bytes
+from ldm.memory.estimates import HOST_RESERVE_BYTES, SAFETY, PartMemory, image_bytes, rough_bytes
 
 log = logging.getLogger(__name__)
 
 MAX_GRID_PIXELS = 2**26  # 64 Mpx, 192 MiB of 8-bit RGB: 256 images of 512x512
-SAFETY = 1.2  # the ledger counts tensors; the allocators' slack and the kernels' scratch come on top
-RESERVE_BYTES = 256 << 20  # Python objects, PNG encoding, the progress bars
 
 
 class BatchTooLarge(UserError):
     """Not even one image of this size fits the memory the run may use (one line, exit 2)."""
-
-
-@dataclass(frozen=True)
-class PartMemory:
-    """Bytes one part of a batch needs: ``weights + fixed + images * per_image``; ``weights``: what the memory
-    mode holds on a CUDA device at the peak (0 on a CPU, whose weights are in memory already)."""
-
-    fixed: int
-    per_image: int
-    weights: int = 0
-
-    def need(self, images: int) -> int:
-        return int((self.weights + self.fixed + images * self.per_image) * SAFETY) + RESERVE_BYTES
-
-    def images_within(self, available: int) -> int:
-        """The most images ``available`` bytes hold (0: not even one)."""
-        spare = (available - RESERVE_BYTES) / SAFETY - self.weights - self.fixed
-        return max(0, int(spare // max(self.per_image, 1)))
-
-
-def rough_bytes(cfg: ModelConfig, height: int, width: int, dtype: torch.dtype, unet_bs: int | None, weights: int) -> PartMemory:
-    """An upper bound without the ledger (about 6x the ledger's count for SD v1 at 512 px): 48 tensors of the
-    UNet's widest channels at the latent size per UNet row, 8 of the VAE's widest at the (tile's) image size."""
-    size = torch.empty((), dtype=dtype).element_size()
-    latent = (height // cfg.downsampling_factor) * (width // cfg.downsampling_factor)
-    rows_per_image = 2  # classifier-free guidance: prompt and negative prompt
-    activation_row = latent * cfg.unet.model_channels * max(cfg.unet.channel_mult) * size * 48
-    tile_px = min(height, 1024) * min(width, 1024)  # larger images decode in tiles
-    vae = tile_px * cfg.vae.ch * max(cfg.vae.ch_mult) * size * 8 + image_bytes(height, width)
-    conditioning = 2 * 77 * cfg.unet.context_dim * size * 4
-    state = latent * cfg.latent_channels * 4 * 12  # fp32 latents: noise, x, denoised, sampler history
-    per_image = rows_per_image * activation_row + conditioning + state
-    if unet_bs:
-        return PartMemory(max(vae, unet_bs * activation_row), conditioning + state, weights)
-    return PartMemory(vae, per_image, weights)
 
 
 def ledger_bytes(cfg: ModelConfig, mode: str, height: int, width: int, dtype: torch.dtype, sampler: str,
@@ -94,11 +58,6 @@ def ledger_bytes(cfg: ModelConfig, mode: str, height: int, width: int, dtype: to
     per_image = max(0, two.phase_peaks["unet"].total - one.phase_peaks["unet"].total)
     fixed = max(0, one.peak.total - one.peak.weights - per_image) + image_bytes(height, width) * tiled
     return PartMemory(fixed, per_image, one.peak.weights if device.type == "cuda" else 0)
-
-
-def image_bytes(height: int, width: int) -> int:
-    """One decoded image as the loop holds it: fp32 pixels and their 8-bit copy."""
-    return 3 * height * width * (4 + 1)
 
 
 def device_available_bytes(device: torch.device) -> int | None:
@@ -157,7 +116,7 @@ def images_per_part(query: PartQuery, images: int, extra_host_bytes: int = 0) ->
 def _too_large(query: PartQuery, part: PartMemory, available: int) -> str:
     """One line: what one image needs, what is available, and the largest size of the same shape that fits."""
     where = "host" if query.device.type == "cpu" else "device"
-    scale = math.sqrt(max((available - RESERVE_BYTES) / SAFETY - part.weights, 0) / max(part.fixed + part.per_image, 1))
+    scale = math.sqrt(max((available - HOST_RESERVE_BYTES) / SAFETY - part.weights, 0) / max(part.fixed + part.per_image, 1))
     fits = [max(64, int(side * scale) // 64 * 64) for side in (query.width, query.height)]
     return (f"one {query.width}x{query.height} image needs about {part.need(1) / 2**30:.1f} GiB of {where} memory "
             f"to sample and decode, {max(available, 0) / 2**30:.1f} GiB is available: about {fits[0]}x{fits[1]} fits"

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ldm.checkpoints.reader import CheckpointError, read_checkpoint
+from ldm.checkpoints.errors import CheckpointError
+from ldm.loading.errors import LoraError
+from ldm.checkpoints.reader import read_checkpoint
 from ldm.checkpoints.hashes import file_sha256, safetensors_data_sha256
 from ldm.loading.lora_layouts import LoraTarget, lora_targets, split_lora_key
 
@@ -59,8 +61,6 @@ _OTHER_LAYOUTS = (
 )
 
 
-class LoraError(CheckpointError):
-    """A LoRA file that cannot be used; the message is one line and names the file."""
 
 
 @dataclass(frozen=True)

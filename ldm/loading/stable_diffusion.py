@@ -29,7 +29,10 @@ import torch
 from torch import nn
 
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.checkpoints.reader import CheckpointError, read_checkpoint
+from ldm.checkpoints.diffusers_folders import is_diffusers_folder, read_diffusers_folder
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.reader import read_checkpoint
+from ldm.checkpoints.vae_files import read_vae_weights
 from ldm.checkpoints.kinds import inspect_checkpoint, refusal
 from ldm.checkpoints.layout import (
     EMA_PREFIX,
@@ -230,8 +233,6 @@ def _schedule(cfg: ModelConfig, buffers: dict[str, torch.Tensor], path: Path) ->
 
 def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A checkpoint file's flat state dict, or a diffusers folder's weights in the CompVis layout."""
-    from ldm.checkpoints.diffusers_folders import is_diffusers_folder, read_diffusers_folder
-
     if is_diffusers_folder(checkpoint):
         return read_diffusers_folder(checkpoint)
     if checkpoint.is_dir():
@@ -272,8 +273,6 @@ def load_stable_diffusion(
                     path, len(parts.ignored), _describe(sorted(parts.ignored), 3))
     vae_path = Path(vae) if vae is not None else None
     if vae_path is not None:
-        from ldm.checkpoints.vae_files import read_vae_weights
-
         parts.vae = read_vae_weights(vae_path)
         log.info("using the VAE of %s instead of the checkpoint's", vae_path)
 

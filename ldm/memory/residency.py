@@ -47,13 +47,9 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from ldm.memory.out_of_memory import is_out_of_memory  # noqa: F401  (the one detector; re-exported for callers)
-from ldm.memory.streaming import StreamedUNet, StreamedVAE, StreamPlan, decoder_group_layout, plan_streaming, unet_group_layout
-
-__all__ = ["MODES", "ModuleGroup", "Residency", "StreamPlan", "StreamedUNet", "StreamedVAE", "TransferEvent",
-           "VRAM_CHOICES", "auto_budget_bytes", "is_out_of_memory", "model_bytes", "next_lower_mode",
-           "pin_together", "plan_streaming", "resolve_mode", "streaming_window_bytes", "unet_group_layout",
-           "unet_parts", "working_bytes"]
+from ldm.memory import module_groups
+from ldm.memory.module_groups import ModuleGroup, pin_together, tensors_of
+from ldm.memory.streaming import StreamedUNet, StreamedVAE, decoder_group_layout, plan_streaming, unet_group_layout
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +59,6 @@ MODEL_NAMES = ("text_encoder", "unet", "vae")
 # What ``Residency.use`` hands out: a model, or the VAE's half that a decode or an encode needs.
 USE_NAMES = MODEL_NAMES + ("vae.encoder", "vae.decoder")
 
-# SD v1 parameter counts (exact, tests/test_sd_v1_shapes.py), for estimates made before a model is loaded.
-SD_V1_PARAMETERS = {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863}
 
 
 class TransferEvent(NamedTuple):
@@ -81,124 +75,6 @@ def next_lower_mode(mode: str) -> str | None:
         raise ValueError(f"unknown vram mode {mode!r}; choose one of {', '.join(MODES)}")
     index = MODES.index(mode)
     return MODES[index + 1] if index + 1 < len(MODES) else None
-
-
-def _tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:
-    """The parameters and buffers of ``modules``, each once (a shared tensor is moved once)."""
-    seen: set[int] = set()
-    tensors = []
-    for module in modules:
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                tensors.append(tensor)
-    return tensors
-
-
-class ModuleGroup:
-    """Some modules whose parameters and buffers move together between their CPU home and a device.
-
-    The CPU copy ("home") is the only one kept on the host; :meth:`onload` points every ``tensor.data``
-    at a fresh device copy, :meth:`offload` points it back at the home copy and drops the device one.
-    """
-
-    def __init__(self, name: str, modules: list[nn.Module], home: str = "cpu"):
-        self.name = name
-        self.tensors = _tensors_of(modules)
-        for tensor in self.tensors:
-            if tensor.device.type != home:
-                raise ValueError(f"{name}: models must be on the CPU when handed to Residency (found {tensor.device})")
-        self.refresh_home()
-        self.on_device = False
-        self.ready: torch.cuda.Event | None = None  # set when the copy was issued on a side stream
-
-    def refresh_home(self) -> None:
-        """Take the tensors' current (CPU) storage as their home, e.g. after :func:`pin_together` moved it."""
-        self.home = [tensor.data for tensor in self.tensors]
-        self.nbytes = sum(home.numel() * home.element_size() for home in self.home)
-
-    def onload(self, device: torch.device, copy: bool, stream: torch.cuda.Stream | None = None) -> None:
-        """Point the tensors at device copies; on CUDA with ``stream``, copy there and record ``ready``.
-
-        All or nothing: if a copy fails (out of memory halfway through), every tensor points back at its
-        home copy before the error goes on, so no device copy is left behind unaccounted for.
-        """
-        try:
-            self._copy_to(device, copy, stream)
-        except BaseException:
-            self.offload()
-            raise
-        self.on_device = True
-
-    def _copy_to(self, device: torch.device, copy: bool, stream: torch.cuda.Stream | None) -> None:
-        if device.type == "cuda" and stream is not None:
-            with torch.cuda.stream(stream):
-                for tensor, home in zip(self.tensors, self.home):
-                    tensor.data = home.to(device, non_blocking=True)
-                self.ready = torch.cuda.Event()
-                self.ready.record(stream)
-        elif device.type in ("cpu", "meta"):
-            if copy:  # a stand-in device (CPU for tests, meta for the VRAM ledger): a real, separate copy
-                for tensor, home in zip(self.tensors, self.home):
-                    tensor.data = home.clone()
-        else:
-            for tensor, home in zip(self.tensors, self.home):
-                tensor.data = home.to(device, non_blocking=home.is_pinned())
-
-    def wait(self) -> None:
-        """Make the current CUDA stream wait for a side-stream copy, and tell the allocator it uses it."""
-        if self.ready is None or not self.tensors:
-            return
-        current = torch.cuda.current_stream(self.tensors[0].device)  # the group's device, not the current one
-        current.wait_event(self.ready)
-        for tensor in self.tensors:
-            # The copy was allocated on the side stream: without this, freeing it at offload could let the
-            # next prefetch reuse the memory while the compute stream still reads it.
-            tensor.data.record_stream(current)
-        self.ready = None
-
-    def offload(self) -> None:
-        for tensor, home in zip(self.tensors, self.home):
-            tensor.data = home
-        self.on_device = False
-        self.ready = None
-
-
-def _pinned_buffer(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-
-PIN_SLAB_BYTES = 256 << 20
-
-
-def pin_together(
-    tensors: list[torch.Tensor], allocate: Callable[[int], torch.Tensor] = _pinned_buffer, slab_bytes: int = PIN_SLAB_BYTES
-) -> int:
-    """Move the tensors' CPU storage into page-locked slabs; returns the bytes allocated.
-
-    Pinned memory is what lets a host-to-device copy run on a side stream. PyTorch's pinned host allocator
-    rounds every allocation up to a power of two (pinning each of SD v1's ~1,100 weights alone cost about a
-    third more host memory), so the tensors are packed, largest first, into slabs of ``slab_bytes`` (a
-    power of two). Each tensor's old storage is freed as it moves, if nothing else holds it: the host
-    peak is the weights plus about one slab, not twice the weights. Tensors already pinned stay.
-    """
-    todo = sorted((t for t in tensors if not t.data.is_pinned()), key=lambda t: -t.numel() * t.element_size())
-    slabs: list[list] = []  # [buffer, bytes used]
-    allocated = 0
-    for tensor in todo:
-        nbytes = tensor.numel() * tensor.element_size()
-        size = -(-nbytes // 64) * 64  # 64-byte aligned starts, so any dtype can view the bytes
-        slab = next((slab for slab in slabs if slab[1] + size <= slab[0].numel()), None)
-        if slab is None:
-            capacity = max(slab_bytes, 1 << max(size - 1, 0).bit_length())
-            slab = [allocate(capacity), 0]
-            slabs.append(slab)
-            allocated += capacity
-        home = slab[0][slab[1] : slab[1] + nbytes].view(tensor.dtype).view(tensor.shape)
-        home.copy_(tensor.data)
-        tensor.data = home
-        slab[1] += size
-    return allocated
 
 
 def unet_parts(unet: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -329,7 +205,8 @@ class Residency:
         for group in groups:
             group.home = []  # hold no reference to the old storage, so it is freed as each tensor moves
         try:
-            self.pinned_bytes = pin_together(_tensors_of(list(self.models.values())), _pinned_buffer, PIN_SLAB_BYTES)
+            self.pinned_bytes = pin_together(tensors_of(list(self.models.values())), module_groups.pinned_buffer,
+                                             module_groups.PIN_SLAB_BYTES)  # looked up here: tests replace them
             log.info("pinned %.2f GiB of host memory for the weights' CPU copies", self.pinned_bytes / 2**30)
         except RuntimeError as error:
             self.pin = False
@@ -344,12 +221,12 @@ class Residency:
         if self.on_transfer is not None:
             self.on_transfer(TransferEvent(event, group.name, group.nbytes))
 
-    def _onload(self, group: ModuleGroup, side_stream: bool = False) -> None:
+    def onload(self, group: ModuleGroup, side_stream: bool = False) -> None:
         group.onload(self.device, self.track_cpu_copies, self._copy_stream if side_stream else None)
         self.resident_bytes += group.nbytes
         self._report("onload", group)
 
-    def _offload(self, group: ModuleGroup) -> None:
+    def offload(self, group: ModuleGroup) -> None:
         group.offload()
         self.resident_bytes -= group.nbytes
         self._report("offload", group)
@@ -357,12 +234,12 @@ class Residency:
     def _evict_except(self, name: str) -> None:
         for key, group in self.whole.items():
             if key not in self.needs[name] and group.on_device:
-                self._offload(group)
+                self.offload(group)
         if name != "unet":
             self._streamed = None
         for group in self.unet_groups + self.decoder_groups:
             if group.on_device and not (name == "unet" and group in self.unet_groups):
-                self._offload(group)
+                self.offload(group)
 
     # -- public -----------------------------------------------------------------------------------------
     @contextmanager
@@ -381,7 +258,7 @@ class Residency:
             return
         for key in self.needs[name]:
             if not self.whole[key].on_device:
-                self._onload(self.whole[key])
+                self.onload(self.whole[key])
         yield self.models[name.split(".")[0]]
 
     def _streamer(self, name: str) -> StreamedUNet | StreamedVAE | None:
@@ -398,7 +275,7 @@ class Residency:
         """Offload everything: no weight of any model is left on the device."""
         for group in self.groups():
             if group.on_device:
-                self._offload(group)
+                self.offload(group)
         self._streamed = None
         if self.device.type == "cuda":  # no copy or kernel still reading or writing what was just dropped
             torch.cuda.current_stream(self.device).synchronize()
@@ -412,113 +289,3 @@ class Residency:
     def on_device(self) -> list[str]:
         """Names of the groups whose weights are on the device now."""
         return [group.name for group in self.groups() if group.on_device]
-
-
-# -- choosing a mode ----------------------------------------------------------------------------------------
-def model_bytes(sd=None, dtype: torch.dtype = torch.float16) -> dict[str, int]:
-    """Weight bytes per model: measured from ``sd`` when given, else SD v1's parameter counts in ``dtype``."""
-    if sd is not None:
-        models = {"text_encoder": sd.text_encoder, "unet": sd.unet, "vae": sd.vae}
-        return {name: sum(t.numel() * t.element_size() for t in _tensors_of([m])) for name, m in models.items()}
-    size = torch.empty((), dtype=dtype).element_size()
-    return {name: count * size for name, count in SD_V1_PARAMETERS.items()}
-
-
-def working_bytes(height: int, width: int, batch: int, dtype: torch.dtype = torch.float16, tiled: bool = False) -> dict[str, int]:
-    """Rough activation memory of one UNet call (classifier-free guidance doubles the batch) and one VAE
-    decode, for SD v1's widths. Rules of thumb, not measurements: the OOM fallback covers misses.
-
-    UNet: about 48 live tensors of 320 channels at the latent size (skips, GroupNorm's fp32 copies,
-    the feed-forward's 8x width), plus one 64 MiB attention slice. VAE: one image at a time (the
-    generator decodes and encodes images singly, whatever the batch), about 8 tensors of 256 channels at
-    the image size: the decoder's last level has 128, but its convolutions hold input and output at once.
-    ``tiled``: the VAE decodes 512 px tiles, so a tile's size counts, not the image's.
-    """
-    size = torch.empty((), dtype=dtype).element_size()
-    latent = (height // 8) * (width // 8)
-    unet = 2 * batch * latent * 320 * size * 48 + (64 << 20)
-    if tiled:
-        from ldm.memory.vae_decoding import DEFAULT_TILE
-
-        height, width = min(height, DEFAULT_TILE * 8), min(width, DEFAULT_TILE * 8)
-    vae = height * width * 256 * size * 8
-    return {"unet": unet, "vae": vae, "text_encoder": 2 * batch * 77 * 768 * size * 16}
-
-
-RESERVE_BYTES = 512 << 20  # CUDA context's share, kernels' workspaces, allocator fragmentation
-SAFETY = 1.2
-
-
-def resolve_mode(
-    mode: str,
-    device: torch.device | str,
-    height: int,
-    width: int,
-    batch: int,
-    *,
-    sd=None,
-    dtype: torch.dtype = torch.float16,
-    free_bytes: int | None = None,
-    tiled: bool = False,
-    extra_bytes: int = 0,
-) -> str:
-    """``mode`` itself, or for "auto" the fastest mode whose estimated peak fits the free device memory.
-
-    full needs all weights + the largest working memory; medium the largest (model + its working
-    memory); anything less streams the UNet (low). Non-CUDA devices get "full". ``tiled``: the VAE will
-    decode in tiles (``--vae_tiling``, or automatically for large images). ``extra_bytes``: the weights of
-    the ``extra_models`` (the safety checker), on the device with the rest in full mode, alone in medium.
-    """
-    if mode != "auto":
-        if mode not in MODES:
-            raise ValueError(f"unknown vram mode {mode!r}; choose one of {', '.join(VRAM_CHOICES)}")
-        return mode
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "full"
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
-    weights = model_bytes(sd, dtype)
-    work = working_bytes(height, width, batch, dtype, tiled)
-    full = sum(weights.values()) + extra_bytes + max(work.values())
-    medium = max(max(weights[name] + work[name] for name in MODEL_NAMES), extra_bytes)
-    for name, need in (("full", full), ("medium", medium)):
-        if need * SAFETY + RESERVE_BYTES <= free_bytes:
-            chosen = name
-            break
-    else:
-        chosen = "low"
-    log.info("vram auto: %.2f GB free -> %s mode", free_bytes / 2**30, chosen)
-    return chosen
-
-
-def auto_budget_bytes(
-    device: torch.device | str, height: int, width: int, batch: int, *, sd=None, dtype: torch.dtype = torch.float16,
-    free_bytes: int | None = None,
-) -> int | None:
-    """For low mode: the UNet weight bytes that may stay on the device besides the UNet's working memory,
-    or None (stream everything) where that leaves nothing. The VAE does not count: low mode empties the
-    UNet's groups off the device before the VAE comes on."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
-    work = working_bytes(height, width, batch, dtype)
-    spare = int((free_bytes - RESERVE_BYTES) / SAFETY) - work["unet"]
-    # Below the streaming window a budget would only turn prefetching off: streaming everything is faster.
-    return spare if spare > streaming_window_bytes(sd, dtype) else None
-
-
-def streaming_window_bytes(sd=None, dtype: torch.dtype = torch.float16) -> int:
-    """The two largest UNet block groups: what low mode without a budget keeps on the device at once.
-    Measured from ``sd`` when given, else SD v1's (22% of its UNet weights)."""
-    if sd is None:
-        return int(model_bytes(None, dtype)["unet"] * 0.22)
-    parts = dict(unet_parts(sd.unet))
-    sizes = sorted(
-        (sum(t.numel() * t.element_size() for t in _tensors_of([parts[n] for n in names]))
-         for names in unet_group_layout(sd.unet)),
-        reverse=True,
-    )
-    return sum(sizes[:2])

@@ -13,13 +13,22 @@ The model's forward is the one that runs: a change to the UNet or the VAE is mad
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from ldm.memory.residency import ModuleGroup, Residency
+from ldm.memory.module_groups import ModuleGroup
+
+
+class GroupMover(Protocol):
+    """What a streamer needs of :class:`~ldm.memory.residency.Residency`: its device, and moving one group."""
+
+    device: torch.device
+
+    def onload(self, group: ModuleGroup, side_stream: bool = False) -> None: ...
+
+    def offload(self, group: ModuleGroup) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ class PartStreamer:
     """
 
     def __init__(
-        self, residency: Residency, parts: list[tuple[str, nn.Module]], groups: list[ModuleGroup],
+        self, residency: GroupMover, parts: list[tuple[str, nn.Module]], groups: list[ModuleGroup],
         layout: list[list[str]], plan: StreamPlan, wrap: bool = True,
     ):
         self.residency = residency
@@ -137,7 +146,7 @@ class PartStreamer:
         if index is not None:
             group = self.groups[index]
             if not group.on_device:
-                self.residency._onload(group)
+                self.residency.onload(group)
             group.wait()
 
     def _prefetch_after(self, part: str) -> None:
@@ -157,12 +166,12 @@ class PartStreamer:
         if self._last_offload_done is not None:
             self._last_offload_done.synchronize()
             self._last_offload_done = None
-        self.residency._onload(nxt, side_stream=True)
+        self.residency.onload(nxt, side_stream=True)
 
     def _leave(self, part: str) -> None:
         index = self.last_part.get(part)
         if index is not None and index not in self.plan.resident:
-            self.residency._offload(self.groups[index])
+            self.residency.offload(self.groups[index])
             device = self.residency.device
             if device.type == "cuda":
                 self._last_offload_done = torch.cuda.Event()
@@ -172,7 +181,7 @@ class PartStreamer:
         """Offload the streamed groups (a prefetched one included); resident groups stay."""
         for index in self.streamed:
             if self.groups[index].on_device:
-                self.residency._offload(self.groups[index])
+                self.residency.offload(self.groups[index])
         self._last_offload_done = None
 
 
@@ -180,7 +189,7 @@ class StreamedUNet(PartStreamer):
     """``unet(x, t, context) -> eps`` with the UNet's weights streamed group by group through
     ``UNetModel.forward``'s part hook."""
 
-    def __init__(self, residency: Residency, unet: nn.Module, groups: list[ModuleGroup], layout: list[list[str]], plan: StreamPlan):
+    def __init__(self, residency: GroupMover, unet: nn.Module, groups: list[ModuleGroup], layout: list[list[str]], plan: StreamPlan):
         super().__init__(residency, unet.parts(), groups, layout, plan, wrap=True)
         self.unet = unet
 
@@ -203,7 +212,7 @@ class StreamedVAE(PartStreamer):
     """The VAE for decoding with its decoder streamed level by level (one pass per image, no prefetch):
     ``decode``, ``dtype``, ``config`` and ``fp32_copy`` as :class:`ldm.models.autoencoder.AutoencoderKL`'s."""
 
-    def __init__(self, residency: Residency, vae: nn.Module, groups: list[ModuleGroup], layout: list[list[str]]):
+    def __init__(self, residency: GroupMover, vae: nn.Module, groups: list[ModuleGroup], layout: list[list[str]]):
         plan = StreamPlan(frozenset(), False, max(group.nbytes for group in groups))
         super().__init__(residency, vae.decoder_parts(), groups, layout, plan, wrap=False)
         self.vae = vae

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.token_merging import TokenMerging, plan_merge
+from ldm.models.token_matching import TokenMerging, plan_merge
 
 
 BACKENDS = ("sdpa", "sliced")

@@ -15,7 +15,7 @@ from torch import nn
 
 from ldm.models.attention import attention
 from ldm.config import VAEConfig
-from ldm.models.unet import PartHook, call_part
+from ldm.models.unet import PartHook, Upsample, call_part  # the same layers as the UNet's
 
 
 def normalize(channels: int) -> nn.GroupNorm:
@@ -76,15 +76,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Asymmetric padding (right and bottom only), as CompVis trained it.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class MidBlock(nn.Module):

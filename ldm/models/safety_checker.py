@@ -41,6 +41,8 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.reader import read_checkpoint
 from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -291,8 +293,6 @@ def _check_keys(module: nn.Module, weights: dict[str, torch.Tensor], path: Path)
 def load_safety_checker(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[SafetyChecker, ImagePreprocessor]:
     """The checker (CPU, eval mode, ``dtype``) and its preprocessing from a local folder; raises
     :class:`SafetyCheckerError` (one line naming the file) for anything missing, damaged or mismatched."""
-    from ldm.checkpoints.reader import CheckpointError, read_checkpoint
-
     files = find_safety_checker_files(directory)
     config_path = files.folder / "config.json"
     config = _read_json(config_path)

@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldm.conditioning.fork_syntax import PromptError
+from ldm.conditioning.errors import PromptError
 from ldm.messages import escaped
 from ldm.regular_files import read_utf8_text, regular_file_size
 from ldm.errors import UsageError

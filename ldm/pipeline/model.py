@@ -10,12 +10,13 @@ from typing import Sequence
 
 import torch
 
-from ldm.checkpoints.reader import CheckpointError
+from ldm.checkpoints.errors import CheckpointError
 from ldm.config import ModelConfig
 from ldm.errors import UsageError
 from ldm.loading.lora import LoraFile, apply_loras
 from ldm.loading.stable_diffusion import StableDiffusion, load_stable_diffusion, own_weights
-from ldm.memory.residency import Residency, auto_budget_bytes, resolve_mode
+from ldm.memory.mode_choice import auto_budget_bytes, resolve_mode
+from ldm.memory.residency import Residency
 from ldm.memory.vae_decoding import should_tile
 from ldm.models.quantize import quantize_unet
 from ldm.models.token_merging import apply_token_merging
