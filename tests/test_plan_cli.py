@@ -15,7 +15,7 @@ TINY = ["--config", str(TINY_CONFIG), "--ckpt", "no-such-file.ckpt", "--device",
         "--n_samples", "1", "--sampler", "ddim", "--ddim_steps", "2"]
 
 
-def test_plan_json_needs_no_checkpoint_and_has_the_issues_shape(capsys):
+def test_plan_json_needs_no_checkpoint_and_has_its_documented_shape(capsys):
     assert optimized_txt2img.main(["--plan", "--json", *TINY]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["height"], data["width"], data["batch"]) == (64, 64, 1)
@@ -45,14 +45,35 @@ def test_img2img_plan_reads_the_init_image_size_and_encodes_it(tmp_path, capsys)
 
 
 def test_the_plan_is_the_generation_loops_run(capsys):
-    """The stages the plan runs are generate's; the library's driver (used by scripts/gpu_check.py) makes the
-    same calls: the weights at each mode's peak agree, and so does the text encoder's phase."""
+    """The plan runs the generation stages with the run's request; the ledger's default run (what
+    scripts/gpu_check.py measures) runs the same stages with the scripts' defaults: the weights at each mode's
+    peak agree, and so does the text encoder's phase."""
     assert optimized_txt2img.main(["--plan", "--json", "--negative_prompt", "", *TINY]) == 0
     stages = json.loads(capsys.readouterr().out)["modes"]
     library = memory_plan(str(TINY_CONFIG), RunShape(64, 64, 1, "ddim", 2)).as_json()["modes"]
     for mode in ("full", "medium", "low"):
         assert stages[mode]["weight_bytes"] == library[mode]["weight_bytes"]
         assert stages[mode]["phase_peaks"]["text_encoder"] == library[mode]["phase_peaks"]["text_encoder"]
+
+
+def test_the_run_and_the_ledger_call_the_same_stage_functions():
+    """One generation loop: the command line and the VRAM ledger (--plan, batch parts, low mode's tiles,
+    scripts/gpu_check.py) hold the very same stage functions of ldm.pipeline, not copies."""
+    from ldm.ledger import calls
+    from ldm.pipeline import batches, decode, encode, prepare, sample
+    from optimizedSD import generation
+
+    stages = {"encode_prompts": encode, "sample_batch": sample, "decode_and_write": decode, "plan_batches": batches}
+    for name, module in stages.items():
+        assert getattr(calls, name) is getattr(module, name) is getattr(generation, name)
+    assert calls.InitImage is prepare.InitImage
+
+
+def test_plan_prints_its_table_only(capfd):
+    """No progress bar of the simulated sampling comes before the table."""
+    assert optimized_txt2img.main(["--plan", *TINY]) == 0
+    out, err = capfd.readouterr()
+    assert out.splitlines()[0].startswith("64x64, batch 1, ddim") and err == ""
 
 
 @pytest.mark.parametrize("extra, message", [(["--json"], "go with --plan"), (["--gpu_memory", "2"], "go with --plan"),
