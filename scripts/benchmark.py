@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py                      # CPU: SD v1 shapes, 256x256, 10 DDIM steps, batch 1
     python scripts/benchmark.py --device cuda        # GPU: 512x512 fp16, 20 DPM-Solver++ steps, batch 1 and 4
-    python scripts/benchmark.py --H 512 --W 512 --steps 20 --quantize int8 --tome 0.5   # issue 14's CPU run, plus
+    python scripts/benchmark.py --H 512 --W 512 --steps 20 --quantize int8 --tome 0.5   # the CPU targets' run, plus
                                                      # rows of our modes with --quantize int8 and with --tome 0.5
 
 Both sides read the same checkpoint (``--ckpt``; by default random weights in the SD v1 layout are written
@@ -20,7 +20,7 @@ warm-up image (kernel selection, lazy initialisation), not timed.
 
 With ``--quantize int8`` a first row ("check  int8 error") loads the file in fp32 in a process of its own
 and reports one UNet forward (batch 2, the run's latent size) with int8 weights against fp32's, relative
-L2, under the targets as issue 14's 1 % line.
+L2, and the targets check it against at most 1 %.
 
 Modes compared on CUDA: ours ``full``, ``medium``, ``low``; diffusers resident (``pipe.to``),
 ``enable_model_cpu_offload``, ``enable_sequential_cpu_offload`` and ``enable_group_offload`` (block level,
@@ -219,7 +219,7 @@ def run_diffusers(spec: dict) -> dict:
 
 
 def run_quantization_error(spec: dict) -> dict:
-    """Issue 14's int8 figure: one UNet forward (batch 2, as guidance runs it, at the run's latent size) of
+    """The int8 error figure: one UNet forward (batch 2, as guidance runs it, at the run's latent size) of
     the file's fp32 weights against the same UNet with ``--quantize``'s weights, relative L2 error."""
     import torch
 
@@ -360,12 +360,12 @@ TARGETS = (
     ("medium", ("ours", "full"), "generate", 1.05),
     ("full", ("diffusers", "resident"), "generate", 1.0),
     ("full", ("diffusers", "resident"), "peak RSS", 1.0),
-    # issue 14, CPU at 512x512, 20 steps, fp32; and --quantize int8 (rows with --quantize int8)
+    # CPU at 512x512, 20 steps, fp32; and --quantize int8 (rows with --quantize int8)
     ("full", ("diffusers", "resident"), "generate", 0.85),
     ("full int8", ("ours", "full"), "peak RSS", 0.5),
     ("medium int8", None, "peak VRAM", 1.0),
 )
-FORWARD_ERROR_PERCENT = 1.0  # issue 14: --quantize's UNet forward against fp32's, relative L2
+FORWARD_ERROR_PERCENT = 1.0  # target: --quantize's UNet forward against fp32's, relative L2, at most this
 _KEYS = {"generate": "generate_s", "peak RSS": "peak_rss", "peak VRAM": "peak_vram_allocated"}
 
 

@@ -3,7 +3,7 @@
 
     python scripts/make_random_checkpoint.py --config configs/stable-diffusion/v1-inference.yaml --out /tmp/sd.safetensors
     python scripts/load_memory.py /tmp/sd.safetensors              # the loader as it is (weights copied out of the map)
-    python scripts/load_memory.py /tmp/sd.safetensors --mapped     # weights left in the map, as before issue 17
+    python scripts/load_memory.py /tmp/sd.safetensors --mapped     # weights left in the map (the old loader)
 
 Prints one JSON line, MiB over the process's state before the load: ``maxrss_growth`` (``ru_maxrss``), the
 highest ``RssAnon`` and ``RssFile`` seen by a 20 ms sampler, both after loading and after reading every weight

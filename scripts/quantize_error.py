@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""int8 variants of ``--quantize``: one UNet forward's error against fp32, and the weight bytes (issue 14).
+"""int8 variants of ``--quantize``: one UNet forward's error against fp32, and the weight bytes.
 
     python scripts/quantize_error.py                                   # full SD v1 shapes, 32x32 latents
     python scripts/quantize_error.py --config configs/tiny-random.yaml --size 16

@@ -4,7 +4,7 @@
 Every case must be refused in one line (exit 2 from the scripts) within 20 s and 1 GB of RSS, and no
 payload may create its marker file. Families:
 
-- the rows of issue 17's table: deep tuple keys, an OrderedDict whose state sets ``get``, colliding
+- malformed and crafted files and configs: deep tuple keys, an OrderedDict whose state sets ``get``, colliding
   integer keys, pickle/tar polyglots with links to FIFOs, zero-filled and sparse files, ``bytearray(N)``,
   compressed / bit-flipped / bomb zips, unusable weights (int, bool, complex, NaN, inf, stride 0), names
   with newlines and ANSI escapes, bad configs;
@@ -275,7 +275,7 @@ def add_fickling_injections(corpus: Corpus, clean: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the issue's table, and opcode-level attacks
+# malformed and crafted files (deep keys, colliding keys, polyglots, bad weights), and opcode-level attacks
 # ---------------------------------------------------------------------------------------------------
 
 

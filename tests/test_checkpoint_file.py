@@ -527,7 +527,7 @@ def test_forced_weights_only_env_gives_a_clear_error(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# issue 17: legitimate files the hardened reader must still load, and what it reads them through
+# legitimate files the hardened reader must still load, and what it reads them through
 # ----------------------------------------------------------------------------------------------------
 
 

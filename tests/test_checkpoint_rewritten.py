@@ -1,4 +1,4 @@
-"""Issue 17: a checkpoint truncated or rewritten in place after loading does not crash the run.
+"""A checkpoint truncated or rewritten in place after loading does not crash the run.
 
 The reader maps the file; had the weights stayed in that map, the first read after the truncation would kill
 the process with SIGBUS (which Python cannot catch: hence a child process). The loader copies them out

@@ -1,4 +1,4 @@
-"""Issue 17's input rows through the scripts: one line and exit 2 for bad input, the run goes on where it should."""
+"""Hostile inputs through the scripts: one line and exit 2 for bad input, the run goes on where it should."""
 
 from __future__ import annotations
 

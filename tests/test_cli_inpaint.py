@@ -83,7 +83,7 @@ def test_cli_equals_diffusers_inpaint_pipeline(files, tmp_path, kind):
     assert ours.shape == theirs.shape == (64, 64, 3) and ours.std() > 1
     difference = np.abs(ours - theirs).mean()
     print(f"{kind}: mean |CLI - diffusers| = {difference:.4f} levels")
-    assert difference <= 1.0, difference  # the bound: one 8-bit level on average
+    assert difference <= 1.0, difference  # the bound: one 8-bit level on average
 
 
 @pytest.mark.parametrize("kind", ["four", "nine"])

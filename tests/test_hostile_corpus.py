@@ -1,4 +1,4 @@
-"""Issue 17's corpus of hostile checkpoints and configs (built by tests/hostile_corpus.py, no binaries).
+"""A corpus of hostile checkpoints and configs (built by tests/hostile_corpus.py, no binaries).
 
 Each case must be refused in exactly one line, within 20 s and 1 GB of RSS, and no payload may create
 its marker. The reader check runs every case in one child process (a crash there cannot take pytest

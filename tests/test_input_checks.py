@@ -1,4 +1,4 @@
-"""ldm.pipeline.input_checks and optimizedSD.atomic_files (issue 17's input rows), as library functions."""
+"""ldm.pipeline.input_checks and optimizedSD.atomic_files (input checks, atomic writes), as library functions."""
 
 from __future__ import annotations
 

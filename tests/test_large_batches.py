@@ -1,4 +1,4 @@
-"""Issue 17: large batches run in parts bounded by the memory the run may use, with the same images.
+"""Large batches run in parts bounded by the memory the run may use, with the same images.
 
 The split run is forced in-process by lowering what ``host_available_bytes`` reports (the seam the CPU run
 reads); the command-line runs set a real ``RLIMIT_DATA``, which the run reads as its host memory limit

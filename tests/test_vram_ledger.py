@@ -1,8 +1,10 @@
-"""The VRAM ledger (ldm/ledger): exact on what can be counted by hand, and the issue's targets on SD v1.
+"""The VRAM ledger (ldm/ledger): exact on what can be counted by hand, and the memory targets on SD v1.
 
 The SD v1 tests build the real models on the meta device from the config (no weights, no memory) and run
 the generator's code on meta: seconds, not a GPU. Figures are GiB of simulated ``max_memory_allocated``
-for fp16, batch 1 with guidance (scale 7.5), sdpa attention, DPM-Solver++(2M).
+for fp16, batch 1 with guidance (scale 7.5), sdpa attention, DPM-Solver++(2M). Targets: low mode at most
+0.40 / 0.45 / 0.60 GiB at 512 / 768 / 1024, low < medium < full, medium at most 1.75 GiB at 512, full no
+more than diffusers' resident pipeline; with ``--quantize int8`` medium under 1.0 GiB at 512.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def test_pick_mode():
     assert pick_mode(runs, GIB // 4) == "low"  # the last resort
 
 
-# ---- SD v1 on meta: the issue's targets, through the generation loop's own stages (--plan) --------------------
+# ---- SD v1 on meta: the memory targets, through the generation loop's own stages (--plan) ---------------------
 def plan_request(size: int, *extra: str):
     from ldm.pipeline.request import TXT2IMG
     from optimizedSD.arguments import parse_args
@@ -170,7 +172,7 @@ def test_full_mode_is_no_more_than_diffusers_resident_pipeline(sd_v1_plans):
 
 
 def test_int8_targets():
-    """Issue 14: with ``--quantize int8`` medium mode at 512x512 needs under 1.0 GiB (fp16: 1.734), and low
+    """With ``--quantize int8`` medium mode at 512x512 needs under 1.0 GiB (fp16: 1.734), and low
     mode streams about half fp16's bytes at every step (the UNet's norms, biases, scales and first and
     last convs stay fp16; measured 0.516x). Per step: the UNet onloads of two steps less those of one."""
     from optimizedSD.plan import plan_for

@@ -14,7 +14,7 @@ call) and runs the ordinary kernel.
 Why groups of 64: on SD v1 shapes with random weights one UNet forward is 5.20 % (relative L2) from fp32
 with one scale per row, 3.94 / 3.68 / 3.26 % with groups of 128 / 64 / 32, for 0.501 / 0.508 / 0.516 /
 0.532x the fp16 weight bytes (docs/benchmarks.md). The forward's error is 6.2x the weights' rms error in
-every variant; the 1 % the issue asks for needs 0.16 % per weight, which costs 9.3 bits per weight for
+every variant; the 1 % target (scripts/benchmark.py) needs 0.16 % per weight, which costs 9.3 bits per weight for
 Gaussian weights (these nearly are) by Shannon's rate-distortion bound, more than the 8.96 bits that
 0.56x fp16 allows, whatever the code. 64 keeps low mode's streamed bytes at about half fp16's (0.516x) and medium mode under 1 GiB.
 
