@@ -156,17 +156,20 @@ def check_prompts(request: GenerationRequest, prompts: list[str]) -> None:
         raise UsageError(f"--embeddings_dir {request.embeddings_dir}: no such folder")
 
 
-
 # ---- 2. batches: sample, decode, write -------------------------------------------------------------------
 class StepBar:
-    """The progress bar over one batch's sampling steps (rank 0 only under torchrun), made at the first step."""
+    """The progress bar over one batch's sampling steps (rank 0 only under torchrun), made at the first step and
+    started again when a retry one memory mode lower starts the walk again."""
 
     def __init__(self, sampler: str) -> None:
         self.sampler, self.bar = sampler, None
 
     def __call__(self, step: int, total: int, x: torch.Tensor) -> None:
-        self.bar = self.bar or tqdm(total=total, desc=f"Sampling ({self.sampler})", leave=False, unit="step",
-                                    disable=not distributed.is_main_process())
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=f"Sampling ({self.sampler})", leave=False, unit="step",
+                            disable=not distributed.is_main_process())
+        elif step == 0:
+            self.bar.reset(total=total)
         self.bar.update(1)
 
     def close(self) -> None:
