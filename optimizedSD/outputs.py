@@ -36,7 +36,6 @@ from ldm.samplers import SAMPLERS
 from optimizedSD.atomic_files import write_new_file
 from ldm.pipeline.input_checks import cut_to_bytes
 from ldm.samplers.grids import TIMESTEPS
-from optimizedSD import infotext as infotext_module
 from optimizedSD.infotext import user_comment_exif
 
 log = logging.getLogger(__name__)
@@ -288,8 +287,3 @@ class SampleWriter:
         pil, kwargs = _encode_image(self.postprocess(grid), "png", text)
         path, _ = _write_exclusive(self.outdir, lambda n: f"grid-{n:04}.png", _highest(self.outdir, _GRID_NAME) + 1, pil, kwargs)
         return path
-
-
-def read_parameters(path: str | os.PathLike) -> str | None:
-    """The A1111 ``parameters`` text of a written PNG or JPEG (None when absent)."""
-    return infotext_module.read_parameters(path)

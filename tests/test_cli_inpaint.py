@@ -20,7 +20,7 @@ from ldm.config import load_model_config
 from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from optimizedSD import optimized_img2img, optimized_inpaint, optimized_txt2img
 from optimizedSD.arguments import SAMPLERS
-from optimizedSD.outputs import read_parameters
+from optimizedSD.infotext import read_parameters
 from tests.test_cli_vs_diffusers import TINY_CONFIG, diffusers_pipeline_from_checkpoint
 from tests.test_inpainting_vs_diffusers import tiny_inpainting_config, write_test_images
 

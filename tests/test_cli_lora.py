@@ -14,7 +14,7 @@ from ldm.loading.lora import lora_short_hash
 from ldm.samplers.noise import SeededNoise
 from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from optimizedSD import optimized_txt2img
-from optimizedSD.outputs import read_parameters
+from optimizedSD.infotext import read_parameters
 from tests import lora_files
 from tests.test_cli_vs_diffusers import TINY_CONFIG, diffusers_pipeline_from_checkpoint
 

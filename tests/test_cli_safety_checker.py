@@ -11,7 +11,7 @@ from PIL import Image
 
 from ldm.models.safety_checker import censor
 from optimizedSD import optimized_txt2img
-from optimizedSD.outputs import read_parameters
+from optimizedSD.infotext import read_parameters
 from tests.test_cli_txt2img import TINY_CONFIG, pixels
 from tests.test_safety_checker import clip_processor_class
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from optimizedSD.arguments import SAMPLERS
-from optimizedSD.outputs import read_parameters
+from optimizedSD.infotext import read_parameters
 from tests.test_cli_errors import expect_usage_error
 from tests.test_cli_txt2img import optimized_txt2img, pixels, run, samples
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from optimizedSD import optimized_txt2img
 from optimizedSD.arguments import SAMPLERS
-from optimizedSD.outputs import read_parameters
+from optimizedSD.infotext import read_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny-random.yaml"

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from ldm.checkpoints.hashes import model_hash
+from optimizedSD.infotext import read_parameters
 from optimizedSD.outputs import (
     SampleWriter,
     Watermarker,
     infotext,
     make_grid,
     prompt_folder_name,
-    read_parameters,
     read_watermark,
     to_uint8,
 )

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from optimizedSD import optimized_txt2img
-from optimizedSD.outputs import read_parameters
+from optimizedSD.infotext import read_parameters
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds the rank's process through /proc")
 

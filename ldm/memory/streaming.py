@@ -132,11 +132,7 @@ class PartStreamer:
         return out
 
     def _compute(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        size = self.chunk
-        if not size or args[0].shape[0] <= size:
-            return module(*args)
-        pieces = range(0, args[0].shape[0], size)
-        return torch.cat([module(*(a[i : i + size] for a in args)) for i in pieces])
+        return in_chunks(module, self.chunk, *args)
 
     def _on_device_bytes(self) -> int:
         return sum(group.nbytes for group in self.groups if group.on_device)
@@ -238,9 +234,12 @@ def chunked_unet(unet, chunk: int | None):
     if isinstance(unet, StreamedUNet):  # chunks inside one streamed pass, not one pass per chunk
         return lambda x, t, context: unet(x, t, context, chunk)
 
-    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= chunk:
-            return unet(x, t, context)
-        return torch.cat([unet(x[i : i + chunk], t[i : i + chunk], context[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+    return lambda x, t, context: in_chunks(unet, chunk, x, t, context)
 
-    return call
+
+def in_chunks(call, chunk: int | None, *rows: torch.Tensor) -> torch.Tensor:
+    """``call(*rows)`` on at most ``chunk`` rows of each tensor at a time, the results concatenated (the fork's
+    ``--unet_bs``: for the whole UNet, or inside low mode's streamed pass for each part)."""
+    if not chunk or rows[0].shape[0] <= chunk:
+        return call(*rows)
+    return torch.cat([call(*(r[i : i + chunk] for r in rows)) for i in range(0, rows[0].shape[0], chunk)])
