@@ -221,3 +221,45 @@ def test_ledger_predicts_cuda_max_memory_allocated(tiny_checkpoint, mode, quanti
     measured = measure_on_cuda(sd, mode, shape, torch.device("cuda"))
     print(mode, quantize, "ledger", predicted.peak_bytes, "measured", measured["peak_bytes"])
     assert predicted.peak_bytes - (1 << 20) <= measured["peak_bytes"] <= predicted.peak_bytes + CUDA_OVERHEAD_BYTES
+
+
+@pytest.mark.parametrize("mode", ["full", "low"])
+def test_the_ledgers_calls_run_on_a_real_device_as_the_cli_does(tiny_checkpoint, tmp_path, mode):
+    """scripts/gpu_check.py measures the ledger's calls on CUDA with real weights; the same calls on the CPU with
+    the tiny checkpoint's weights draw the image the command line draws for the same seed, prompt and steps
+    (one loop: the ledger's calls are the generation stages)."""
+    from contextlib import nullcontext
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.ledger.calls import generation_calls, shape_request
+    from ldm.loading.stable_diffusion import load_stable_diffusion
+    from ldm.memory.residency import Residency
+    from optimizedSD import optimized_txt2img
+    from optimizedSD.outputs import to_uint8
+
+    shape = RunShape(64, 64, sampler="ddim", steps=2)
+    kept = []
+
+    class Keep:
+        def pixels(self, decoded):
+            return to_uint8(decoded)[0]
+
+        def add(self, batch, k, decoded):
+            kept.append(self.pixels(decoded))
+
+    sd = load_stable_diffusion(tiny_checkpoint, TINY_CONFIG, dtype=torch.float32)
+    residency = Residency(sd, torch.device("cpu"), mode)
+    calls = generation_calls(shape_request(shape), sink=Keep())
+    try:
+        with torch.no_grad():
+            calls(sd, residency, shape, torch.device("cpu"), lambda name: nullcontext())
+    finally:
+        residency.release()
+    argv = ["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu", "--H", "64", "--W", "64",
+            "--ddim_steps", "2", "--sampler", "ddim", "--seed", "0", "--n_samples", "1", "--prompt", "a prompt",
+            "--outdir", str(tmp_path), "--no-watermark", "--skip_grid", "--vram", mode]
+    assert optimized_txt2img.main(argv) == 0
+    (written,) = sorted(tmp_path.rglob("seed_0_*.png"))
+    assert np.abs(np.asarray(Image.open(written), dtype=np.int16) - kept[0].astype(np.int16)).max() <= 1

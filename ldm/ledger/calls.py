@@ -19,7 +19,7 @@ from PIL import Image
 
 from ldm.memory.vae_decoding import DEFAULT_TILE
 from ldm.pipeline.batches import Batch, plan_batches
-from ldm.pipeline.decode import decode_and_write, decode_image
+from ldm.pipeline.decode import ImageSink, decode_and_write, decode_image
 from ldm.pipeline.encode import encode_prompts
 from ldm.pipeline.model import LoadedModel
 from ldm.pipeline.prepare import InitImage
@@ -60,11 +60,13 @@ def shape_request(shape: RunShape) -> GenerationRequest:
 
 
 def generation_calls(request: GenerationRequest | None = None, prompts: Sequence[str] = (PROMPT,),
-                     init_image: Image.Image | None = None, *, first_tile_only: bool = False) -> Calls:
+                     init_image: Image.Image | None = None, *, first_tile_only: bool = False,
+                     sink: ImageSink | None = None) -> Calls:
     """The stages of ``request`` (default: :func:`shape_request` of the simulated shape) as the ledger's calls.
     The shape simulated (size, batch, sampler, steps, guidance, chunk, tiling) overrides the request's.
     ``first_tile_only``: decode only the first image's largest tile (a tiled decode runs its tiles one after the
-    other, and simulating all of them on ``meta`` takes minutes at 8192 px)."""
+    other, and simulating all of them on ``meta`` takes minutes at 8192 px). ``sink``: where decoded images go
+    (default: nowhere; a run on a real device may keep them)."""
 
     def calls(sd, residency, shape: RunShape, device: torch.device, phase) -> None:
         dtype = next(sd.unet.parameters()).dtype
@@ -91,6 +93,6 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
                 side = 2 * DEFAULT_TILE if shape.tiled else None  # a tile with its overlap is at most twice the tile
                 decode_image(residency, latents[:1, :, :side, :side], sd.scale_factor, False, None)
             else:
-                decode_and_write(model, batch, latents, shape.tiled, Discard())
+                decode_and_write(model, batch, latents, shape.tiled, sink or Discard())
 
     return calls
