@@ -25,6 +25,8 @@ from ldm.loading.errors import LoraError
 from ldm.models.safety_checker import MODES as SAFETY_MODES
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
+from ldm.samplers import find_sampler
+from ldm.samplers.schedules import SCHEDULE_NAMES, find_schedule
 from ldm.conditioning.embeddings import embedding_file_hashes
 from ldm.models.quantize import QUANTIZE_CHOICES
 from ldm.models.token_matching import MAX_RATIO
@@ -95,7 +97,11 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--scale", type=float, default=7.5,
         help="classifier-free guidance scale: eps = eps(x, neg) + scale * (eps(x, cond) - eps(x, neg))")
     add("--sampler", type=str, default="ddim" if img2img else "plms",
-        help="one of: " + ", ".join(SAMPLERS) + (" (default ddim)" if img2img else " (default plms)"))
+        help="one of: " + ", ".join(SAMPLERS) + (" (default ddim)" if img2img else " (default plms)")
+        + "; the webui's labels too (\"DPM++ 2M\", \"DPM++ 2M Karras\"); dpm_solver is dpmpp_2m")
+    add("--schedule", type=str, default="automatic", metavar="NAME",
+        help="the sigma samplers' schedule type: " + ", ".join(SCHEDULE_NAMES)
+        + " (default automatic: the sampler's webui default, Karras for dpmpp_2m, dpmpp_2s_a, dpm2, dpm2_a)")
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: fp16 weights on CUDA (fp32 elsewhere); full: fp32 everywhere")
     add("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: cuda, else mps, else cpu)")
@@ -219,9 +225,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
     check_args(opt)
     return GenerationRequest(
         mode=mode,
-        prompt=opt.prompt,
-        negative_prompt=opt.negative_prompt,
-        prompt_syntax=opt.prompt_syntax,
+        prompt=opt.prompt, negative_prompt=opt.negative_prompt, prompt_syntax=opt.prompt_syntax,
         from_file=Path(opt.from_file) if opt.from_file else None,
         init_img=Path(opt.init_img) if mode in (IMG2IMG, INPAINT) else None,
         strength=opt.strength if mode in (IMG2IMG, INPAINT) else None,
@@ -232,6 +236,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         n_iter=opt.n_iter,
         steps=opt.ddim_steps,
         sampler=opt.sampler,
+        schedule=opt.schedule,
         eta=opt.ddim_eta,
         scale=opt.scale,
         fixed_code=opt.fixed_code,
@@ -280,7 +285,8 @@ def given_flags(mode: str, argv: Sequence[str] | None) -> set[str]:
 # --from_png's settings (optimizedSD/from_png.py) -> flag destinations
 _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "prompt_syntax": "prompt_syntax",
                    "steps": "ddim_steps", "sampler": "sampler", "scale": "scale", "seed": "seed", "width": "W",
-                   "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora"}
+                   "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora",
+                   "schedule": "schedule"}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
@@ -344,10 +350,24 @@ def require_values(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> 
             raise UsageError(f"{action.option_strings[0]} needs a value")
 
 
+def sampler_and_schedule(sampler: str, schedule: str) -> tuple[str, str]:
+    """``--sampler`` and ``--schedule`` in this tool's names; a webui label that names a schedule sets it."""
+    found = find_sampler(sampler)
+    if found is None:
+        raise UsageError(f"unknown --sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)} or a webui label")
+    record = find_schedule(schedule)
+    if record is None:
+        raise UsageError(f"unknown --schedule {schedule!r}; choose one of: {', '.join(SCHEDULE_NAMES)}")
+    named = found[1]
+    if named is not None and record.name not in ("automatic", named):
+        raise UsageError(f"--sampler {sampler!r} names the {named} schedule; --schedule {schedule} contradicts it")
+    return found[0].name, named or record.name
+
+
 def check_args(opt: argparse.Namespace) -> None:
-    """The checks that need no file: numbers in range, a known sampler."""
-    if opt.sampler not in SAMPLERS:
-        raise UsageError(f"unknown --sampler {opt.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    """The checks that need no file: numbers in range, a known sampler and schedule (both then in this
+    tool's names: ``"DPM++ 2M Karras"`` becomes ``dpmpp_2m`` on ``karras``)."""
+    opt.sampler, opt.schedule = sampler_and_schedule(opt.sampler, opt.schedule)
     if opt.H is not None:
         _positive_multiple("H", opt.H)
     if opt.W is not None:

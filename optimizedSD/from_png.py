@@ -8,8 +8,9 @@ How the webui's fields are read (webui >= 1.9, ``infotext_utils.parse_generation
 
 - a missing ``RNG`` means GPU noise (the webui's default), which this tool does not make: only ``RNG: CPU``
   reproduces;
-- a missing ``Schedule type`` means "Automatic", which for DPM++ 2M, DPM2 and DPM2 a is Karras (their
-  default scheduler there); for the other samplers it is k-diffusion's own grid, the one used here;
+- a missing ``Schedule type`` means "Automatic", each sampler's default (Karras for DPM++ 2M, DPM2 and
+  DPM2 a), as ``--schedule automatic`` here; a named one (``Uniform``, ``Karras``, ...) becomes ``--schedule``;
+  an old label that names it (``DPM++ 2M Karras``) too;
 - ``Clip skip`` missing means 1; ``Denoising strength`` in a txt2img infotext belongs to the hires fix;
 - a prompt from the webui is in its syntax; this tool writes ``Prompt syntax: fork`` when its own syntax
   would read the prompt differently;
@@ -24,10 +25,9 @@ from typing import Callable, Mapping
 
 from ldm.loading.lora import extract_lora_tags
 from ldm.loading.errors import LoraError
+from ldm.samplers.schedules import find_schedule
 from optimizedSD.infotext import Infotext
 
-KARRAS_BY_DEFAULT = frozenset({"DPM++ 2M", "DPM2", "DPM2 a"})  # webui samplers whose Automatic is Karras
-SIGMA_SCHEDULES = frozenset({"Automatic", "Uniform"})  # webui schedule types that are k-diffusion's grid
 _SCHEDULE_SUFFIXES = (" Karras", " Exponential")  # old labels that named the schedule ("DPM++ 2M Karras")
 # Fields read for the record only: they change nothing in the image.
 _INFORMATIONAL = frozenset({"Model", "Version", "Pad conds", "Size-1", "Size-2"})
@@ -78,7 +78,7 @@ def restore_settings(
 ) -> RestoredSettings:
     """Settings keyed ``prompt``, ``negative_prompt``, ``prompt_syntax``, ``steps``, ``sampler``, ``scale``,
     ``seed``, ``width``, ``height``, ``clip_skip``, ``strength`` (img2img), ``eta`` (DDIM's), ``loras``
-    (``[(path, weight)]``).
+    (``[(path, weight)]``), ``schedule`` (the sigma samplers' ``--schedule``).
 
     ``sampler_labels`` maps the webui's labels (``"Euler a"``) to this tool's names (``"euler_a"``);
     ``model_hash`` is the checkpoint's (webui "Model hash"); ``embedding_hashes`` maps the textual-inversion
@@ -151,15 +151,13 @@ def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapp
         out.ignored.append(f"Sampler: {label}")
         return
     out.values["sampler"] = name
-    if name in timestep_samplers:
-        if schedule not in (None, *SIGMA_SCHEDULES):
-            out.ignored.append(f"Schedule type: {schedule}")
+    if name in timestep_samplers:  # the webui's DDIM and PLMS walk their own timesteps whatever it says
         return
-    effective = schedule or "Automatic"
-    if effective == "Automatic" and label in KARRAS_BY_DEFAULT:
-        out.ignored.append(f"Schedule type: {schedule or 'missing'} (Karras for {label} in the webui)")
-    elif effective not in SIGMA_SCHEDULES:
+    found = find_schedule(schedule or "Automatic")
+    if found is None:
         out.ignored.append(f"Schedule type: {schedule}")
+    else:
+        out.values["schedule"] = found.name
 
 
 def _check_environment(fields: dict[str, str], out: RestoredSettings, model_hash: str | None,

@@ -32,10 +32,11 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.errors import UserError
-from ldm.samplers import SAMPLERS
+from ldm.samplers import find_sampler, resolve_schedule
 from optimizedSD.atomic_files import write_new_file
 from ldm.pipeline.input_checks import cut_to_bytes
 from ldm.samplers.grids import TIMESTEPS
+from ldm.samplers.schedules import SCHEDULES
 from optimizedSD.infotext import user_comment_exif
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def infotext(
     extra: Mapping[str, str] | None = None,
     token_merging_ratio: float | None = None,
     safety_checker: str | None = None,
+    schedule: str = "automatic",
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
@@ -117,15 +119,17 @@ def infotext(
         Negative prompt: <negative>          (only when there is one)
         Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 27, Size: 512x512, Model hash: abcdef1234, ...
 
-    ``Schedule type: Uniform`` (k-diffusion's own grid) for the sigma samplers and ``RNG: CPU`` are written
-    because the webui (>= 1.9) reads their absence as Karras (DPM++ 2M, DPM2, DPM2 a) and GPU noise.
+    ``Schedule type`` is the label of the schedule the sigma samplers walked, ``automatic`` resolved (``Karras``
+    for DPM++ 2M, ``Uniform`` for Euler a: the webui v1.10 writes the resolved label where the sampler has a
+    default schedule and ``Automatic``, the same grid as Uniform, where it has none); none for DDIM and PLMS,
+    which ignore it. ``RNG: CPU`` is written because the webui reads its absence as GPU noise.
     ``extra``: fields of the prompt encoding (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``).
     """
-    record = SAMPLERS[sampler]
+    record, _ = find_sampler(sampler)
     params: dict[str, object | None] = {
         "Steps": steps,
         "Sampler": record.label,
-        "Schedule type": None if record.grid is TIMESTEPS else "Uniform",
+        "Schedule type": None if record.grid is TIMESTEPS else SCHEDULES[resolve_schedule(sampler, schedule)].label,
         "CFG scale": _number(scale),
         "Seed": seed,
         "Size": f"{width}x{height}",

@@ -113,6 +113,7 @@ class RunOutputs:
         negative = request.negative_prompt if request.guided else ""
         return infotext(
             metadata_prompt(prompt, self.loras), negative, steps=request.steps, sampler=request.sampler,
+            schedule=request.schedule,
             scale=request.scale, seed=seed, width=self.size[0], height=self.size[1], model_hash=self.model_hash,
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
             strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,

@@ -106,7 +106,7 @@ def test_overlay_returns_the_init_pixels_where_the_blurred_mask_is_zero(files, t
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler(files, tmp_path, sampler):
-    kind = "nine" if sampler in ("euler_a", "dpm_solver", "plms") else "four"
+    kind = "nine" if sampler in ("euler_a", "dpmpp_2m", "plms", "dpm_fast") else "four"
     assert run(files, kind, tmp_path, "--sampler", sampler, "--n_samples", "2", "--ddim_steps", "3",
                "--strength", "0.8", "--mask_blur", "0") == 0
     first, second = samples(tmp_path)

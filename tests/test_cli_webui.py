@@ -46,7 +46,7 @@ def test_webui_features_written_read_back_and_reproduced_by_from_png(tiny_checkp
     assert fields["Negative prompt"] == "lowres, (my-style:0.8)"
     assert {key: fields[key] for key in ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size",
                                          "Clip skip", "RNG", "TI hashes", "Pad conds")} == {
-        "Steps": "3", "Sampler": "DPM2 a", "Schedule type": "Uniform", "CFG scale": "6.5", "Seed": "5",
+        "Steps": "3", "Sampler": "DPM2 a", "Schedule type": "Karras", "CFG scale": "6.5", "Seed": "5",
         "Size": "64x64", "Clip skip": "2", "RNG": "CPU", "TI hashes": f"my-style: {sha[:12]}", "Pad conds": "True"}
     assert "Prompt syntax" not in fields  # the webui's own syntax needs no note
     with Image.open(first / "grid-0000.png") as grid:  # the grid carries its first image's parameters

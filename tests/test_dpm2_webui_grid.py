@@ -108,7 +108,7 @@ def test_dpm2_grid_is_the_webuis(k_diffusion, schedule, eps_model, steps):
     denoiser = k_diffusion.external.CompVisDenoiser(InnerModel(eps_model, schedule))
     expected = webui_dpm2_sigmas(denoiser, steps)
     for name in ("dpm2", "dpm2_a"):
-        levels = torch.tensor(SAMPLERS[name].grid.levels(schedule, steps))
+        levels = torch.tensor(SAMPLERS[name].grid.levels(schedule, steps, "uniform"))
         assert len(levels) == steps + 1
         torch.testing.assert_close(levels.float(), expected, rtol=1e-4, atol=0)  # k-diffusion computes them in float32
     plain = torch.tensor(SAMPLERS["euler"].grid.levels(schedule, steps))
@@ -122,7 +122,7 @@ def test_dpm2_equals_k_diffusion_driven_with_the_same_sigmas(k_diffusion, schedu
     sigmas = webui_dpm2_sigmas(denoiser, steps)
     with torch.no_grad():
         expected = k_diffusion.sampling.sample_dpm_2(denoiser, noise * sigmas[0], sigmas, disable=True)
-    got = sample("dpm2", eps_model, schedule, noise, steps)
+    got = sample("dpm2", eps_model, schedule, noise, steps, schedule_type="uniform")
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4 * max(1.0, expected.abs().max().item()))
 
 
@@ -135,5 +135,5 @@ def test_dpm2_a_equals_k_diffusion_given_the_same_noise(k_diffusion, schedule, e
         draws = Recorder(9)  # k-diffusion asks noise_sampler(sigma, sigma_next) for noise shaped like x
         expected = k_diffusion.sampling.sample_dpm_2_ancestral(
             denoiser, noise * sigmas[0], sigmas, disable=True, noise_sampler=lambda sigma, sigma_next: draws(noise))
-    got = sample("dpm2_a", eps_model, schedule, noise, steps, noise_sampler=Recorder(9))
+    got = sample("dpm2_a", eps_model, schedule, noise, steps, noise_sampler=Recorder(9), schedule_type="uniform")
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4 * max(1.0, expected.abs().max().item()))

@@ -137,7 +137,7 @@ def _user_comment_type(exif: bytes) -> int:
 
 
 # ---- --from_png -----------------------------------------------------------------------------------
-LABELS = {"DDIM": "ddim", "PLMS": "plms", "DPM++ 2M": "dpm_solver", "Euler": "euler", "Euler a": "euler_a",
+LABELS = {"DDIM": "ddim", "PLMS": "plms", "DPM++ 2M": "dpmpp_2m", "Euler": "euler", "Euler a": "euler_a",
           "Heun": "heun", "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms"}
 
 
@@ -149,7 +149,8 @@ def test_our_own_infotext_is_honoured_whole():
                                 model_hash="6ce0161689", embedding_hashes={"my-style": "0123456789ab"})
     assert restored.values == {
         "prompt": "a (red:1.3) cat", "negative_prompt": "blurry", "prompt_syntax": "webui", "sampler": "dpm2_a",
-        "steps": 20, "scale": 6.5, "seed": 1234, "clip_skip": 2, "width": 64, "height": 128, "strength": 0.6}
+        "steps": 20, "scale": 6.5, "seed": 1234, "clip_skip": 2, "width": 64, "height": 128, "strength": 0.6,
+        "schedule": "uniform"}
     assert restored.ignored == [] and restored.warning() is None
 
 
@@ -158,11 +159,12 @@ def test_what_cannot_be_honoured_is_named_in_one_line():
             "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent, TI hashes: \"gone: 111111111111\", "
             "Lora hashes: \"x: 1\", ENSD: 31337")
     restored = restore_settings(parse_infotext(text), img2img=False, sampler_labels=LABELS, model_hash="6ce0161689")
-    assert restored.values["sampler"] == "dpm_solver" and restored.values["steps"] == 20
+    assert restored.values["sampler"] == "dpmpp_2m" and restored.values["steps"] == 20
+    assert restored.values["schedule"] == "automatic"  # Karras for DPM++ 2M, as the webui
     assert "strength" not in restored.values  # a txt2img "Denoising strength" is the hires fix's
     warning = restored.warning()
     assert warning.count("\n") == 0
-    for part in ["Schedule type: missing (Karras for DPM++ 2M in the webui)", "RNG: GPU",
+    for part in ["RNG: GPU",
                  "Model hash: deadbeef00", "Hires upscale: 2", "Hires upscaler: Latent", "Denoising strength: 0.7",
                  "TI hashes: gone (not found)", "Lora hashes: x (no <lora:x> tag in the prompt)", "ENSD: 31337"]:
         assert part in warning, part
@@ -182,8 +184,9 @@ def test_lora_tags_become_loras_checked_against_lora_hashes():
 
 
 @pytest.mark.parametrize("sampler, schedule, honoured", [
-    ("Euler a", None, True), ("Euler", "Automatic", True), ("DPM2", "Uniform", True), ("DPM2", None, False),
-    ("DPM++ 2M Karras", None, False), ("Euler a", "Karras", False), ("DDIM", None, True), ("UniPC", None, False),
+    ("Euler a", None, True), ("Euler", "Automatic", True), ("DPM2", "Uniform", True), ("DPM2", None, True),
+    ("DPM++ 2M Karras", None, True), ("Euler a", "Karras", True), ("DDIM", None, True), ("UniPC", None, False),
+    ("Euler", "Karras Exponential", False),
 ])
 def test_sampler_and_schedule(sampler, schedule, honoured):
     fields = {"Sampler": sampler, "RNG": "CPU"} | ({"Schedule type": schedule} if schedule else {})

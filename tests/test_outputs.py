@@ -92,7 +92,7 @@ def test_infotext_parses_with_a1111_rules():
 
     re_param = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
     text = infotext("tabby cat:0.25 white duck:0.75", "dark", steps=3, sampler="dpm2_a", scale=7.5, seed=99,
-                    width=64, height=128, model_hash="abcdef1234", eta=0.5)
+                    schedule="uniform", width=64, height=128, model_hash="abcdef1234", eta=0.5)
     prompt, negative, params = text.split("\n")
     assert prompt == "tabby cat:0.25 white duck:0.75" and negative == "Negative prompt: dark"
     parsed = {k: v for k, v in re_param.findall(params)}

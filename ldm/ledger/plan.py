@@ -20,17 +20,20 @@ import torch
 
 from ldm.ledger.shapes import Calls, RunShape
 from ldm.ledger.simulation import LedgerRun, meta_stable_diffusion, simulate
+from ldm.samplers import find_sampler
 
 # Steps after which a sampler's memory repeats: PLMS keeps 3 earlier eps, LMS 3 earlier derivatives besides
 # the current one, DPM-Solver++(2M) one earlier output (used from its second step, and its last step is
 # first order); the others keep nothing between steps.
-_HISTORY_STEPS = {"plms": 5, "lms": 5, "dpm_solver": 3}
+_HISTORY_STEPS = {"plms": 5, "lms": 5, "dpmpp_2m": 3}
 DEFAULT_HISTORY_STEPS = 2
 
 
 def plan_steps(sampler: str, steps: int) -> int:
     """How many of ``steps`` the plan simulates: as many as the sampler needs to reach its steady state."""
-    return min(steps, _HISTORY_STEPS.get(sampler, DEFAULT_HISTORY_STEPS))
+    found = find_sampler(sampler)
+    name = found[0].name if found is not None else sampler
+    return min(steps, _HISTORY_STEPS.get(name, DEFAULT_HISTORY_STEPS))
 # Device memory max_memory_allocated does not see but a card must have free besides the peak: cuBLAS and
 # cuDNN workspaces and the caching allocator's fragmentation. A first guess; scripts/gpu_check.sh measures it.
 HEADROOM_BYTES = 384 << 20

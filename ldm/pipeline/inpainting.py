@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.samplers import SAMPLERS, walk_levels
+from ldm.samplers import find_sampler, walk_levels
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,17 @@ def blend_then(blend: LatentBlend, callback: StepCallback | None = None) -> Step
 
 
 def sampler_blend(
-    name: str, schedule, steps: int, strength: float, init_latent: Tensor, mask: Tensor, noise: Tensor
+    name: str, schedule, steps: int, strength: float, init_latent: Tensor, mask: Tensor, noise: Tensor,
+    schedule_type: str = "automatic",
 ) -> LatentBlend | None:
-    """The blend for ``samplers.sample(name, ..., steps, strength=strength)``: the same walk (the sampler's
-    grid, cut to its last ``int(strength * steps)`` steps as :func:`ldm.samplers.sample` cuts it), None when
-    that walk has no step."""
-    levels = walk_levels(name, schedule, steps, strength)
+    """The blend for ``samplers.sample(name, ..., steps, strength=strength, schedule_type=schedule_type)``: the
+    same walk (the sampler's grid on that schedule, cut to its last ``int(strength * steps)`` steps as
+    :func:`ldm.samplers.sample` cuts it; where the sampler's steps end elsewhere, ``dpm_fast``, those ends),
+    None when that walk has no step."""
+    levels = walk_levels(name, schedule, steps, strength, schedule_type)
     if len(levels) == 1:
         return None
-    grid = SAMPLERS[name].grid
-    return LatentBlend(init_latent, mask, noise, schedule, grid, levels)
+    record, _ = find_sampler(name)
+    if record.step_levels is not None:
+        levels = record.step_levels(levels)
+    return LatentBlend(init_latent, mask, noise, schedule, record.grid, levels)

@@ -86,6 +86,7 @@ class GenerationRequest:
     safety_checker: Path | None = None  # a diffusers-format safety_checker folder; None: no check
     safety_checker_mode: str = "black"  # what a flagged image becomes: black, blur or warn
     mask: MaskOptions | None = None  # inpaint
+    schedule: str = "automatic"  # --schedule: the sigma samplers' schedule type (ldm/samplers/schedules.py)
 
     @property
     def img2img(self) -> bool:

@@ -58,7 +58,7 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
         start = BatchStart()
         if init is not None:  # each image's generator draws its posterior samples right after its x_T
             start = init.start(noise, x_T, model.sd.scale_factor, sampler=request.sampler, schedule=model.schedule,
-                               steps=request.steps, strength=request.strength)
+                               steps=request.steps, strength=request.strength, schedule_type=request.schedule)
         return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, start, noise,
                            progress)
 
@@ -77,4 +77,5 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
         return samplers.sample(
             request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta, init_latent=start.init_latent,
             strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,
+            schedule_type=request.schedule,
         )

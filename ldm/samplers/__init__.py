@@ -2,18 +2,22 @@
 
 - ``ddim``: DDIM with the caller's eta (ddim.py), over CompVis' DDIM timesteps; 1 model call a step.
 - ``plms``: PLMS (plms.py), same timesteps; 1 call a step, 2 in the first.
-- ``dpm_solver``: DPM-Solver++(2M) (dpm_solver.py), over k-diffusion sigmas; 1 call a step.
+- ``dpmpp_2m`` (also ``dpm_solver``): DPM-Solver++(2M) (dpm_solver.py); 1 call a step.
+- ``dpmpp_2s_a``: DPM-Solver++(2S) ancestral (dpm_solver.py); 2 calls a step, 1 in the last.
+- ``dpm_fast``: DPM-Solver of order 3 with fixed steps (dpm_fast.py); ``steps`` calls in about steps / 3 steps.
 - ``euler``, ``euler_a``: Euler and Euler ancestral (k_diffusion.py); 1 call a step.
 - ``heun``: Heun; 2 calls a step, 1 in the last.
 - ``dpm2``, ``dpm2_a``: DPM-Solver-2-style midpoint steps, plain and ancestral; 2 calls a step, 1 in the last.
 - ``lms``: linear multistep, order 4; 1 call a step.
 
 Each sampler is one :class:`Sampler` record in :data:`SAMPLERS` (its name, the webui's label, the function,
-its grid, its fixed options): the scripts' names, this dispatcher and the images' metadata all read it.
-Grids (:mod:`ldm.samplers.grids`): the DDIM one is CompVis' ``range(0, 1000, 1000 // steps) + 1`` (more than
-``steps`` timesteps when ``steps`` does not divide 1000, as CompVis); the sigma one is k-diffusion's
-``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then sigma 0; ``dpm2`` and ``dpm2_a``
-walk it for ``steps + 1`` with the next-to-last sigma dropped, as AUTOMATIC1111's webui does.
+its grid, its fixed options, its ``automatic`` schedule): the scripts' names, this dispatcher and the images'
+metadata all read it. Grids (:mod:`ldm.samplers.grids`): the DDIM one is CompVis' ``range(0, 1000, 1000 //
+steps) + 1`` (more than ``steps`` timesteps when ``steps`` does not divide 1000, as CompVis); the sigma one
+is the levels of a schedule type (:mod:`ldm.samplers.schedules`), ``automatic`` standing for the sampler's
+webui default (Karras for DPM++ 2M, DPM++ 2S a, DPM2, DPM2 a; uniform, k-diffusion's ``get_sigmas(steps)``,
+for the others); ``dpm2`` and ``dpm2_a`` walk it for ``steps + 1`` with the next-to-last sigma dropped, as
+AUTOMATIC1111's webui does.
 """
 
 from __future__ import annotations
@@ -24,19 +28,23 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ldm.samplers import ddim, dpm_solver, k_diffusion, plms
+from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms
 from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
 from ldm.samplers.grids import SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIMESTEPS, SigmaGrid, TimestepGrid
 from ldm.samplers.schedule import DiffusionSchedule
+from ldm.samplers.schedules import SCHEDULES, find_schedule
 
-__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "sample"]
+__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "find_sampler", "resolve_schedule", "sample", "walk_levels"]
 
 
 @dataclass(frozen=True)
 class Sampler:
     """Everything about one sampler: the name the scripts take, the name AUTOMATIC1111 writes in its
     infotext (so its parser maps it back), the function (see :mod:`ldm.samplers.common` for the calling
-    convention), the grid it walks, its fixed options and whether it takes the caller's DDIM eta."""
+    convention), the grid it walks, its fixed options, whether it takes the caller's DDIM eta, the schedule
+    type ``automatic`` means for it (the webui's default for it), further names ``--sampler`` takes, and, for
+    a sampler whose steps do not end on its walk's levels, the levels they end at (``step_levels(walk)``,
+    first the start: what inpainting's blend follows)."""
 
     name: str
     label: str
@@ -44,6 +52,9 @@ class Sampler:
     grid: TimestepGrid | SigmaGrid
     options: tuple[tuple[str, float], ...] = ()
     takes_eta: bool = False
+    automatic: str = "uniform"
+    aliases: tuple[str, ...] = ()
+    step_levels: Callable[[list[float]], list[float]] | None = None
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -51,16 +62,53 @@ SAMPLERS: dict[str, Sampler] = {
     for s in (
         Sampler("ddim", "DDIM", ddim.sample_ddim, TIMESTEPS, takes_eta=True),
         Sampler("plms", "PLMS", plms.sample_plms, TIMESTEPS),
-        Sampler("dpm_solver", "DPM++ 2M", dpm_solver.sample_dpmpp_2m, SIGMAS),
-        Sampler("euler", "Euler", k_diffusion.sample_euler, SIGMAS),
-        Sampler("euler_a", "Euler a", k_diffusion.sample_euler, SIGMAS, options=(("eta", 1.0),)),
-        Sampler("heun", "Heun", k_diffusion.sample_heun, SIGMAS),
-        Sampler("dpm2", "DPM2", k_diffusion.sample_dpm2, SIGMAS_WITHOUT_PENULTIMATE),
-        Sampler("dpm2_a", "DPM2 a", k_diffusion.sample_dpm2, SIGMAS_WITHOUT_PENULTIMATE, options=(("eta", 1.0),)),
-        Sampler("lms", "LMS", k_diffusion.sample_lms, SIGMAS),
+        Sampler("dpmpp_2m", "DPM++ 2M", dpm_solver.sample_dpmpp_2m, SIGMAS, automatic="karras",
+                aliases=("dpm_solver", "k_dpmpp_2m")),
+        Sampler("euler", "Euler", k_diffusion.sample_euler, SIGMAS, aliases=("k_euler",)),
+        Sampler("euler_a", "Euler a", k_diffusion.sample_euler, SIGMAS, options=(("eta", 1.0),),
+                aliases=("k_euler_a", "k_euler_ancestral")),
+        Sampler("heun", "Heun", k_diffusion.sample_heun, SIGMAS, aliases=("k_heun",)),
+        Sampler("dpm2", "DPM2", k_diffusion.sample_dpm2, SIGMAS_WITHOUT_PENULTIMATE, automatic="karras",
+                aliases=("k_dpm_2",)),
+        Sampler("dpm2_a", "DPM2 a", k_diffusion.sample_dpm2, SIGMAS_WITHOUT_PENULTIMATE, options=(("eta", 1.0),),
+                automatic="karras", aliases=("k_dpm_2_a",)),
+        Sampler("lms", "LMS", k_diffusion.sample_lms, SIGMAS, aliases=("k_lms",)),
+        Sampler("dpmpp_2s_a", "DPM++ 2S a", dpm_solver.sample_dpmpp_2s_ancestral, SIGMAS, options=(("eta", 1.0),),
+                automatic="karras", aliases=("k_dpmpp_2s_a",)),
+        Sampler("dpm_fast", "DPM fast", dpm_fast.sample_dpm_fast, SIGMAS, options=(("eta", 1.0),),
+                aliases=("k_dpm_fast",), step_levels=dpm_fast.fast_step_levels),
     )
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+
+
+def find_sampler(name: str) -> tuple[Sampler, str | None] | None:
+    """The sampler a name means and the schedule type it names, or None: a name (``"dpmpp_2m"``), an alias
+    (``"dpm_solver"``, the webui's ``"k_dpmpp_2m"``), a webui label (``"DPM++ 2M"``) or an old webui label
+    that names a schedule (``"DPM++ 2M Karras"``: ``(dpmpp_2m, "karras")``). Case-sensitive, as the webui."""
+    for record in SAMPLERS.values():
+        if name in (record.name, record.label, *record.aliases):
+            return record, None
+    base, _, suffix = name.rpartition(" ")
+    schedule = find_schedule(suffix) if base else None
+    found = find_sampler(base) if schedule is not None and schedule.function is not None else None
+    if found is None or found[1] is not None:
+        return None
+    return found[0], schedule.name
+
+
+def resolve_schedule(name: str, schedule_type: str) -> str:
+    """The schedule type sampler ``name`` walks: ``automatic`` is the sampler's own default."""
+    if schedule_type not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule_type!r}; valid schedules: {', '.join(SCHEDULES)}")
+    return _record(name).automatic if schedule_type == "automatic" else schedule_type
+
+
+def _record(name: str) -> Sampler:
+    found = find_sampler(name)
+    if found is None or found[1] is not None:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
+    return found[0]
 
 
 @torch.no_grad()
@@ -76,12 +124,13 @@ def sample(
     strength: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
     callback: Callback | None = None,
+    schedule_type: str = "automatic",
 ) -> Tensor:
     """Sample latents: ``sample(name, eps_model, schedule, noise, steps, *, eta=0.0, init_latent=None,
-    strength=1.0, noise_sampler=None, callback=None) -> Tensor``.
+    strength=1.0, noise_sampler=None, callback=None, schedule_type="automatic") -> Tensor``.
 
     Args:
-        name: one of :data:`SAMPLER_NAMES`.
+        name: one of :data:`SAMPLER_NAMES` or an alias (``dpm_solver``).
         eps_model: ``eps_model(x, t) -> eps``, ``t`` a float32 tensor ``[B]`` (usually a
             :class:`ldm.samplers.guidance.GuidedDenoiser`).
         schedule: the model's :class:`ldm.samplers.schedule.DiffusionSchedule`.
@@ -104,16 +153,16 @@ def sample(
             per-image seeds.
         callback: ``callback(step, total, x)`` after each step (0-based step, steps in this run, latent).
             Raise from it to stop the run; the exception propagates unchanged.
+        schedule_type: the sigma samplers' (:mod:`ldm.samplers.schedules`); ``ddim``/``plms`` ignore it.
 
     Returns:
         The denoised latent (``ddim``/``plms``: at ``alphas_cumprod[0]``, as CompVis).
     """
-    spec = SAMPLERS.get(name)
-    if spec is None:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
+    spec = _record(name)
     if eta != 0 and not spec.takes_eta:
         raise ValueError(f"eta={eta} applies only to the ddim sampler, not {name!r}")
-    start = _start(spec, schedule, noise, steps, init_latent, strength)
+    levels = walk_levels(name, schedule, steps, strength, schedule_type)
+    start = _start(spec, schedule, noise, levels, init_latent, strength)
     if start is None:
         return init_latent.clone()
     x, levels = start
@@ -125,7 +174,7 @@ def sample(
     return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
 
 
-def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, steps: int, init_latent: Tensor | None,
+def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, levels: list[float], init_latent: Tensor | None,
            strength: float) -> tuple[Tensor, list[float]] | None:
     """The latent the walk starts from and the levels it walks; None when img2img has no step to run."""
     if init_latent is None and strength != 1:
@@ -135,7 +184,6 @@ def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, steps: int
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init_latent.shape != noise.shape:
             raise ValueError(f"init_latent {tuple(init_latent.shape)} and noise {tuple(noise.shape)} differ in shape")
-    levels = walk_levels(spec.name, schedule, steps, strength)
     if init_latent is None or strength == 1:
         return spec.grid.start(noise, levels[0]), levels
     if len(levels) == 1:
@@ -143,10 +191,12 @@ def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, steps: int
     return spec.grid.noised(schedule, init_latent.to(noise.dtype), noise, levels[0]), levels
 
 
-def walk_levels(name: str, schedule: DiffusionSchedule, steps: int, strength: float = 1.0) -> list[float]:
-    """The levels sampler ``name`` walks for ``steps`` steps at img2img ``strength``: its whole grid, or the
-    last ``int(strength * steps)`` steps of it (CompVis' ``t_enc``; one level alone: no step to run)."""
-    levels = SAMPLERS[name].grid.levels(schedule, steps)
+def walk_levels(name: str, schedule: DiffusionSchedule, steps: int, strength: float = 1.0,
+                schedule_type: str = "automatic") -> list[float]:
+    """The levels sampler ``name`` walks for ``steps`` steps at img2img ``strength`` on ``schedule_type``: its
+    whole grid, or the last ``int(strength * steps)`` steps of it (CompVis' ``t_enc``; one level alone: no
+    step to run)."""
+    levels = _record(name).grid.levels(schedule, steps, resolve_schedule(name, schedule_type))
     if strength == 1:
         return levels
     run = min(int(strength * steps), len(levels) - 1)

@@ -9,6 +9,9 @@ Written over the k-diffusion denoiser (:class:`ldm.samplers.common.ScheduledEps`
 (the paper's eq. in the "x = alpha * x0 + sigma * eps" form divided by alpha). The first step has no
 history and is first order (DPM-Solver++(1) = DDIM); the last step goes to sigma 0, where lambda is infinite,
 and is first order too (lower-order final step): it returns the denoiser's output.
+
+DPM-Solver++(2S) ancestral (``dpmpp_2s_a``): the same data-prediction update, single-step with a midpoint
+model call at ``lambda + h / 2``, each step ending at the ancestral ``sigma_down`` before fresh noise.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ldm.samplers.common import Callback, ScheduledEps, report
+from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, report
+from ldm.samplers.k_diffusion import ancestral_step
 
 
 @torch.no_grad()
@@ -46,5 +50,37 @@ def sample_dpmpp_2m(
             x = (sigma_next / sigma) * x - math.expm1(-h) * d
             h_last = h
         old_denoised = denoised
+        x = report(callback, i, total, x)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    model: ScheduledEps,
+    x: Tensor,
+    sigmas: Sequence[float] | Tensor,
+    *,
+    eta: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2S) (the paper's Algorithm 1, single-step, second order, r = 1/2) down to each step's
+    ``sigma_down``, then fresh noise of std ``sigma_up`` (:func:`ldm.samplers.k_diffusion.ancestral_step`), as
+    k-diffusion's ``sample_dpmpp_2s_ancestral``; a step down to 0 is Euler."""
+    sigmas = [float(s) for s in sigmas]
+    total = len(sigmas) - 1
+    for i in range(total):
+        sigma = sigmas[i]
+        denoised = model(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
+        if sigma_down == 0:
+            x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        else:
+            h = math.log(sigma) - math.log(sigma_down)
+            sigma_mid = math.sqrt(sigma * sigma_down)  # lambda + h / 2
+            x_2 = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
+            x = (sigma_down / sigma) * x - math.expm1(-h) * model(x_2, sigma_mid)
+        if sigma_up > 0:
+            x = x + (noise_sampler or torch.randn_like)(x) * sigma_up
         x = report(callback, i, total, x)
     return x

@@ -3,11 +3,14 @@
 - :data:`TIMESTEPS`: CompVis' DDIM timesteps, ``range(0, 1000, 1000 // steps) + 1`` descending then a final
   level 0 (:meth:`ldm.samplers.schedule.DiffusionSchedule.ddim_levels`). The latent is in the DDPM form
   ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``; txt2img starts from ``x_T = noise`` as CompVis does.
-- :data:`SIGMAS`: k-diffusion's ``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then
-  sigma 0 (Karras et al. 2022). The latent is ``x = x0 + sigma * eps``; txt2img starts from ``sigma_max * noise``.
-- :data:`SIGMAS_WITHOUT_PENULTIMATE`: ``get_sigmas(steps + 1)`` with the next-to-last sigma dropped, ``steps``
-  steps again: AUTOMATIC1111's grid for DPM2 and DPM2 a (``discard_next_to_last_sigma``), whose second-order
-  step would otherwise spend a model call on the tiny next-to-last interval.
+- :data:`SIGMAS`: the levels of a schedule type (:mod:`ldm.samplers.schedules`; ``uniform`` is k-diffusion's
+  ``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then sigma 0). The latent is
+  ``x = x0 + sigma * eps`` (Karras et al. 2022); txt2img starts from ``sigma_max * noise``.
+- :data:`SIGMAS_WITHOUT_PENULTIMATE`: the schedule's levels for ``steps + 1`` with the next-to-last dropped,
+  ``steps`` steps again: AUTOMATIC1111's grid for DPM2 and DPM2 a (``discard_next_to_last_sigma``), whose
+  second-order step would otherwise spend a model call on the tiny next-to-last interval.
+
+The timestep grid ignores the schedule type, as the webui's DDIM and PLMS do.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 from torch import Tensor
 
 from ldm.samplers.schedule import DiffusionSchedule
+from ldm.samplers.schedules import schedule_levels
 
 
 class TimestepGrid:
@@ -24,7 +28,7 @@ class TimestepGrid:
 
     name = "timesteps"
 
-    def levels(self, schedule: DiffusionSchedule, steps: int) -> list[float]:
+    def levels(self, schedule: DiffusionSchedule, steps: int, schedule_type: str = "uniform") -> list[float]:
         return schedule.ddim_levels(steps)
 
     def start(self, noise: Tensor, level: float) -> Tensor:
@@ -36,12 +40,12 @@ class TimestepGrid:
 
 
 class SigmaGrid:
-    """k-diffusion's noise levels (every other sampler)."""
+    """A schedule type's noise levels (every other sampler)."""
 
     name = "sigmas"
 
-    def levels(self, schedule: DiffusionSchedule, steps: int) -> list[float]:
-        return schedule.get_sigmas(steps).tolist()
+    def levels(self, schedule: DiffusionSchedule, steps: int, schedule_type: str = "uniform") -> list[float]:
+        return schedule_levels(schedule_type, schedule, steps)
 
     def start(self, noise: Tensor, level: float) -> Tensor:
         return noise * level
@@ -51,12 +55,12 @@ class SigmaGrid:
 
 
 class SigmaGridWithoutPenultimate(SigmaGrid):
-    """k-diffusion's noise levels for one step more, the next-to-last dropped (the webui's DPM2 grid)."""
+    """A schedule's noise levels for one step more, the next-to-last dropped (the webui's DPM2 grid)."""
 
     name = "sigmas without the next-to-last"
 
-    def levels(self, schedule: DiffusionSchedule, steps: int) -> list[float]:
-        sigmas = schedule.get_sigmas(steps + 1).tolist()
+    def levels(self, schedule: DiffusionSchedule, steps: int, schedule_type: str = "uniform") -> list[float]:
+        sigmas = schedule_levels(schedule_type, schedule, steps + 1)
         return sigmas[:-2] + sigmas[-1:]
 
 
