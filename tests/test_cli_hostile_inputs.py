@@ -95,7 +95,7 @@ def test_a_damaged_cache_entry_is_recomputed_and_replaced(base, tmp_path, caplog
         bad = [torch.full((77, 32), float("nan")), torch.zeros(3, dtype=torch.float64)][index % 2]
         save_file({"encoding": bad}, str(entry))
     assert optimized_txt2img.main([*base, "--embedding_cache", str(cache), "--outdir", str(tmp_path / "second")]) == 0
-    assert "ignoring unusable cached encoding" in caplog.text
+    assert "entries unusable, computed again" in caplog.text
     second = np.asarray(Image.open(next((tmp_path / "second").rglob("*.png"))))
     assert np.array_equal(first, second)
     assert all(torch.isfinite(load_file(str(entry))["encoding"]).all() for entry in entries)  # replaced

@@ -132,25 +132,33 @@ def test_text_encoder_runs_once_per_distinct_prompt(tiny_checkpoint, tmp_path, m
     from ldm.conditioning.text_encoder import CLIPTextEncoder
 
     seen: list[str] = []
-    original = CLIPTextEncoder.chunk_prompt
+    encoded: list[int] = []
+    original, original_encode = CLIPTextEncoder.chunk_prompt, CLIPTextEncoder.encode_chunks
 
     def counting(self, fragments, find_embedding=None):  # every text is chunked once, then encoded
         seen.append("".join(fragment.text for fragment in fragments))
         return original(self, fragments, find_embedding)
 
+    def counting_encode(self, chunks, clip_skip=1):
+        encoded.append(len(chunks))
+        return original_encode(self, chunks, clip_skip)
+
     monkeypatch.setattr(CLIPTextEncoder, "chunk_prompt", counting)
+    monkeypatch.setattr(CLIPTextEncoder, "encode_chunks", counting_encode)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat:1 a dog:3\na cat\na cat:1 a dog:3\n", encoding="utf-8")
     cache = tmp_path / "cache"
     assert run(tiny_checkpoint, tmp_path / "out1", "--from-file", str(prompts), "--n_iter", "2",
                "--embedding_cache", str(cache)) == 0
-    assert sorted(seen) == ["", "a cat", "a dog"]
+    assert sorted(seen) == ["", "a cat", "a dog"] and sum(encoded) == 3
     assert len(samples(tmp_path / "out1")) == 6
 
     seen.clear()  # a second run finds every encoding on disk and gives the same images
+    encoded.clear()
     assert run(tiny_checkpoint, tmp_path / "out2", "--from-file", str(prompts), "--n_iter", "2",
                "--embedding_cache", str(cache)) == 0
-    assert seen == []
+    assert encoded == []
+    assert sorted(seen) == ["", "a cat", "a dog"]  # only chunked: the shape each cached entry must have
     assert [p.read_bytes() for p in samples(tmp_path / "out1")] == [p.read_bytes() for p in samples(tmp_path / "out2")]
 
 

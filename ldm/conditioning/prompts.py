@@ -18,7 +18,7 @@ from ldm.conditioning.embedding_cache import EmbeddingCache
 from ldm.conditioning.fork_syntax import parse_prompt
 from ldm.conditioning.errors import PromptError
 from ldm.conditioning.embeddings import EmbeddingLibrary, TextualInversion
-from ldm.conditioning.token_chunks import Fragment, TokenChunk
+from ldm.conditioning.token_chunks import CHUNK_TOKENS, Fragment, TokenChunk
 from ldm.conditioning.webui_syntax import WebuiSyntaxError, parse_fragments
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class PromptEncoder:
     memoised in memory for the run and, with ``cache``, on disk across runs, under a key that holds
     everything that changes them (syntax, clip skip, the embeddings, the chunking, and ``weights_key``:
     whatever changed the text encoder's weights after loading, such as LoRA files and their weights).
+    ``chunker`` (the text encoder, only its tokenizer is used) says what shape a text's encoding has, so that a
+    cached entry of another shape is computed again, not used; without it only the entry's rank is checked.
 
     Contexts of different lengths (a long prompt, a short negative prompt; sub-prompts of a weighted
     fork prompt) are padded to the longest with chunks of the empty prompt's encoding, as the webui's
@@ -60,6 +62,7 @@ class PromptEncoder:
         clip_skip: int = 1,
         embeddings: EmbeddingLibrary | None = None,
         weights_key: str = "",
+        chunker: ChunkEncoder | None = None,
     ) -> None:
         if syntax not in SYNTAXES:
             raise ValueError(f"prompt syntax must be one of {SYNTAXES}, got {syntax!r}")
@@ -67,10 +70,13 @@ class PromptEncoder:
         self.syntax = syntax
         self.clip_skip = clip_skip
         self.embeddings = embeddings
+        self.chunker = chunker
         fingerprint = embeddings.fingerprint() if embeddings is not None and len(embeddings) else ""
         self.variant = (f"{CHUNKING_VERSION}|syntax={syntax}|clip_skip={clip_skip}|embeddings={fingerprint}"
                         f"|weights={weights_key}")
         self._memory: dict[str, torch.Tensor] = {}
+        self._not_cached: set[str] = set()  # texts the disk cache did not have (or had unusable)
+        self._chunked: dict[str, list[TokenChunk]] = {}  # the chunker's chunks of each text
         self.encoder_calls = 0  # texts actually run through the text encoder (tests check the memoisation)
 
     # ---- what a prompt is made of ----------------------------------------------------------------
@@ -158,9 +164,19 @@ class PromptEncoder:
         if self._needs_padding(prompts) and not self._recall(EMPTY_PROMPT):
             self._encode([EMPTY_PROMPT], text_encoder)  # its own call: the batches above stay as before
 
-    def _encode(self, texts: list[str], text_encoder: ChunkEncoder) -> None:
+    def _chunks(self, text: str, text_encoder: ChunkEncoder) -> list[TokenChunk]:
+        """``text`` cut into chunks; once per text with the ``chunker`` (a cache check, then its encoding)."""
+        mine = text_encoder is self.chunker
+        if mine and text in self._chunked:
+            return self._chunked[text]
         find = self.embeddings.find if self.embeddings is not None and len(self.embeddings) else None
-        chunked = [text_encoder.chunk_prompt(self.fragments(text), find) for text in texts]
+        chunks = text_encoder.chunk_prompt(self.fragments(text), find)
+        if mine:
+            self._chunked[text] = chunks
+        return chunks
+
+    def _encode(self, texts: list[str], text_encoder: ChunkEncoder) -> None:
+        chunked = [self._chunks(text, text_encoder) for text in texts]
         rows = [chunk for chunks in chunked for chunk in chunks]
         with torch.no_grad():  # in batches: a long prompts file must not become one huge CLIP batch
             encoded = torch.cat([
@@ -179,10 +195,22 @@ class PromptEncoder:
     def _recall(self, text: str) -> bool:
         if text in self._memory:
             return True
-        cached = self.cache.get(self._cache_key(text)) if self.cache is not None else None
-        if cached is not None:
-            self._memory[text] = cached
-        return cached is not None
+        if self.cache is None or text in self._not_cached:
+            return False
+        cached = self.cache.get(self._cache_key(text), self._shape(text))
+        if cached is None:
+            self._not_cached.add(text)  # asked once: a bad entry is counted once, and read once
+            return False
+        self._memory[text] = cached
+        return True
+
+    def _shape(self, text: str) -> tuple[int | None, int | None]:
+        """``(77 * chunks, D)`` of ``text``'s encoding, as far as the ``chunker`` tells (None: not known)."""
+        if self.chunker is None:
+            return (None, None)
+        config = getattr(self.chunker, "config", None)
+        rows = (CHUNK_TOKENS + 2) * len(self._chunks(text, self.chunker))  # start and end token: 77 a chunk
+        return (rows, getattr(config, "hidden_size", None))
 
     def _cache_key(self, text: str) -> str:
         return f"{self.variant}\0{text}"

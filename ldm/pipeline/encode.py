@@ -36,6 +36,9 @@ def load_embeddings(request: GenerationRequest, sd: StableDiffusion) -> Embeddin
 def encode_prompts(request: GenerationRequest, prompts: Sequence[str], model: LoadedModel) -> PromptEncoder:
     """Every distinct (sub-)prompt through the text encoder once; from ``--embedding_cache`` when there.
 
+    A fault of the cache (:class:`EmbeddingCache`: unreadable, unwritable, full, a bad entry) is one warning line
+    for the run; the encodings it could not give are computed.
+
     The cache key names the LoRAs merged into the text encoder (:func:`ldm.loading.lora.text_encoder_lora_key`),
     so encodings cached without them (or with others) are not reused."""
     cache = None
@@ -47,11 +50,14 @@ def encode_prompts(request: GenerationRequest, prompts: Sequence[str], model: Lo
             log.warning("not using --embedding_cache %s: %s", escaped(request.embedding_cache),
                         escaped(error.strerror or error))
     encoder = PromptEncoder(cache, syntax=request.prompt_syntax, clip_skip=request.clip_skip,
-                            embeddings=load_embeddings(request, model.sd))
+                            embeddings=load_embeddings(request, model.sd), chunker=model.sd.text_encoder)
     needed = distinct(prompts) + ([request.negative_prompt] if request.guided else [])
     if encoder.missing(needed):
         with model.residency.use("text_encoder") as text_encoder:
             encoder.encode_missing(needed, text_encoder)
+    faults = cache.fault_line() if cache is not None else None
+    if faults:  # one line for the run, however many entries were bad or could not be written
+        log.warning("%s", faults)
     return encoder
 
 
