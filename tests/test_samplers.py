@@ -396,5 +396,6 @@ def test_sample_rejects_bad_arguments(eps_model, schedule, noise):
 
 
 def test_the_dispatch_table_covers_the_public_names():
-    assert SAMPLER_NAMES == ("ddim", "plms", "dpm_solver", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms")
+    assert SAMPLER_NAMES == ("ddim", "plms", "dpm_solver", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms",
+                             "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
     assert tuple(SAMPLERS) == SAMPLER_NAMES
