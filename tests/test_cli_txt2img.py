@@ -50,7 +50,8 @@ def test_every_sampler_writes_named_images_with_metadata_and_a_grid(tiny_checkpo
     folder = tmp_path / "a_tiny_test"
     assert sorted(p.name for p in folder.iterdir()) == ["seed_41_00000.png", "seed_42_00001.png"]
     labels = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a",
-              "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lms": "LMS"}
+              "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lms": "LMS", "dpmpp_sde": "DPM++ SDE",
+              "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_3m_sde": "DPM++ 3M SDE"}
     schedule = "" if sampler in ("ddim", "plms") else "Schedule type: Uniform, "
     assert read_parameters(folder / "seed_42_00001.png") == (
         "a tiny test\nNegative prompt: blurry, dark\n"

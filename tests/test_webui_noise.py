@@ -9,6 +9,7 @@ come from Philox, as the webui's ``torchsde_randn``.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchsde._brownian.brownian_interval as brownian_interval
@@ -16,6 +17,8 @@ import torchsde._brownian.brownian_interval as brownian_interval
 from ldm.samplers import SAMPLERS, sample
 from ldm.samplers.noise import SeededNoise, make_generator
 from ldm.samplers.philox import PhiloxGenerator
+from optimizedSD.infotext import read_parameters
+from tests.test_cli_txt2img import pixels, run, samples
 from tests.test_dpm2_webui_grid import InnerModel, eps_model, k_diffusion, schedule  # noqa: F401 (fixtures)
 
 SHAPE = (4, 8, 8)
@@ -46,15 +49,19 @@ def test_philox_is_fast_and_standard_normal_for_sd_latents():
 
 
 def webui_slerp(val, low, high):
-    """modules/rng.py's slerp, written out again: norms over dim 1."""
-    low_norm = low / torch.norm(low, dim=1, keepdim=True)
-    high_norm = high / torch.norm(high, dim=1, keepdim=True)
-    dot = (low_norm * high_norm).sum(1)
-    if dot.mean() > 0.9995:
-        return low * val + high * (1 - val)
-    omega = torch.acos(dot)
-    so = torch.sin(omega)
-    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+    """modules/rng.py's slerp written per column: for each channel c and column w, the H values of the two
+    noises are two vectors at angle omega, blended sin((1 - val) omega) / sin(omega) and sin(val omega) / sin(omega);
+    the webui blends linearly (with its swapped weights) when the mean cosine is above 0.9995."""
+    cosine = torch.nn.functional.cosine_similarity(low, high, dim=1)  # (C, W)
+    if cosine.mean() > 0.9995:
+        return val * low + (1 - val) * high
+    out = torch.empty_like(low)
+    for c in range(low.shape[0]):
+        for w in range(low.shape[2]):
+            omega = torch.acos(cosine[c, w])
+            a, b = torch.sin((1 - val) * omega) / torch.sin(omega), torch.sin(val * omega) / torch.sin(omega)
+            out[c, :, w] = a * low[c, :, w] + b * high[c, :, w]
+    return out
 
 
 @pytest.mark.parametrize("rng", ["cpu", "gpu"])
@@ -134,3 +141,47 @@ def test_sde_image_k_of_a_batch_equals_a_single_run_and_eta_0_draws_nothing(sche
     torch.testing.assert_close(run([7, 8])[1:], run([8]), rtol=0, atol=1e-6)
     assert not torch.allclose(run([8]), run([9]), atol=1e-3)  # the tree's seed is the image's
     torch.testing.assert_close(run([8], eta=0.0), run([9], eta=0.0), rtol=0, atol=0)
+
+
+# Through the scripts: the flags, the metadata, the memory modes.
+
+
+def test_cli_noise_flags_are_recorded_as_the_webui_writes_them(tiny_checkpoint, tmp_path):
+    flags = ("--sampler", "dpmpp_2m_sde", "--n_samples", "2", "--seed", "5", "--rng", "gpu", "--subseed", "100",
+             "--subseed_strength", "0.25", "--seed_resize_from", "128x64", "--eta", "0.5", "--ensd", "31337")
+    assert run(tiny_checkpoint, tmp_path / "varied", *flags) == 0
+    files = samples(tmp_path / "varied")
+    assert [p.name for p in files] == ["seed_5_00000.png", "seed_5_00001.png"]  # a strength: one seed, subseeds count up
+    text = read_parameters(files[1])
+    for field in ("Variation seed: 101", "Variation seed strength: 0.25", "Seed resize from: 128x64", "Eta: 0.5",
+                  "ENSD: 31337", "RNG: NV", "Sampler: DPM++ 2M SDE"):
+        assert field in text
+    assert not np.array_equal(pixels(files[0]), pixels(files[1]))  # other variation seeds, other images
+    assert run(tiny_checkpoint, tmp_path / "plain", "--sampler", "euler_a", "--n_samples", "1", "--seed", "5") == 0
+    text = read_parameters(samples(tmp_path / "plain")[0])
+    assert "RNG: CPU" in text and "Eta" not in text and "ENSD" not in text and "Variation" not in text
+    assert run(tiny_checkpoint, tmp_path / "gpu", "--sampler", "euler_a", "--n_samples", "1", "--seed", "5",
+               "--rng", "gpu") == 0
+    assert not np.array_equal(pixels(samples(tmp_path / "plain")[0]), pixels(samples(tmp_path / "gpu")[0]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--sampler", "euler", "--eta", "0.5"), "--eta applies only"),
+    (("--eta", "1.5", "--sampler", "euler_a"), "--eta must be between 0 and 1"),
+    (("--subseed_strength", "2"), "--subseed_strength must be"),
+    (("--seed_resize_from", "512"), "--seed_resize_from must be WIDTHxHEIGHT"),
+    (("--ensd", "-1"), "--ensd must be"),
+])
+def test_cli_refuses_bad_noise_flags(tiny_checkpoint, tmp_path, capsys, argv, message):
+    assert run(tiny_checkpoint, tmp_path, *argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(SDE))
+def test_sde_samplers_give_the_same_image_in_every_memory_mode(tiny_checkpoint, tmp_path, name):
+    for mode in ("full", "medium", "low"):
+        assert run(tiny_checkpoint, tmp_path / mode, "--sampler", name, "--vram", mode, "--n_samples", "2",
+                   "--unet_bs", "1" if mode == "low" else "2") == 0
+    reference = [pixels(path) for path in samples(tmp_path / "full")]
+    for mode in ("medium", "low"):
+        assert all(np.abs(pixels(path) - ref).max() <= 1 for path, ref in zip(samples(tmp_path / mode), reference))
