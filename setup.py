@@ -18,6 +18,7 @@ setup(
         "ftfy",
         "regex",
         "invisible-watermark",
+        "torchsde",  # the SDE samplers' Brownian trees (as the webui and ComfyUI)
     ],
     extras_require={
         "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3"],

@@ -241,7 +241,7 @@ def join(request):
     """``(Distributed, request)`` for a torchrun rank, ``(None, request)`` otherwise.
 
     The rank's request runs on ``cuda:LOCAL_RANK`` (CUDA) and with rank 0's seed: each rank drew its own
-    random seed when ``--seed`` was not given.
+    random seed when ``--seed`` was not given (and its own variation seed when ``--subseed`` was not).
     """
     import dataclasses
 
@@ -250,7 +250,8 @@ def join(request):
         return None, request
     device = job.device(request.device)
     job.start(device)
-    return job, dataclasses.replace(request, device=device, seed=job.broadcast(request.seed))
+    return job, dataclasses.replace(request, device=device, seed=job.broadcast(request.seed),
+                                    subseed=job.broadcast(request.subseed))
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> Distributed | None:

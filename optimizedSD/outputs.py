@@ -35,6 +35,7 @@ from ldm.errors import UserError
 from ldm.samplers import find_sampler, resolve_schedule
 from optimizedSD.atomic_files import write_new_file
 from ldm.pipeline.input_checks import cut_to_bytes
+from ldm.pipeline.request import GenerationRequest
 from ldm.samplers.grids import TIMESTEPS
 from ldm.samplers.schedules import SCHEDULES
 from optimizedSD.infotext import user_comment_exif
@@ -112,6 +113,8 @@ def infotext(
     token_merging_ratio: float | None = None,
     safety_checker: str | None = None,
     schedule: str = "automatic",
+    noise: Mapping[str, object | None] | None = None,
+    rng: str = "cpu",
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
@@ -122,7 +125,9 @@ def infotext(
     ``Schedule type`` is the label of the schedule the sigma samplers walked, ``automatic`` resolved (``Karras``
     for DPM++ 2M, ``Uniform`` for Euler a: the webui v1.10 writes the resolved label where the sampler has a
     default schedule and ``Automatic``, the same grid as Uniform, where it has none); none for DDIM and PLMS,
-    which ignore it. ``RNG: CPU`` is written because the webui reads its absence as GPU noise.
+    which ignore it. ``RNG: CPU`` is written because the webui reads its absence as GPU noise; ``rng="gpu"``
+    writes ``RNG: NV``, the webui's name for the same Philox numbers computed off the GPU (a webui on any device
+    then draws them). ``noise``: :func:`noise_fields`.
     ``extra``: fields of the prompt encoding (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``).
     """
     record, _ = find_sampler(sampler)
@@ -137,17 +142,32 @@ def infotext(
         "Model": model_name,
         "VAE hash": vae_hash,  # --vae: A1111's sd_vae.get_loaded_vae_hash (shorthash) and _name (file name)
         "VAE": vae_name,
+        **(noise or {}),
         "Denoising strength": None if strength is None else _number(strength),
         "Eta DDIM": None if not eta else _number(eta),  # A1111's name for DDIM's eta ("Eta" is the k-samplers')
         "Token merging ratio": None if not token_merging_ratio else _number(token_merging_ratio),
         "Lora hashes": lora_hashes,  # the webui's Lora extension: "name: hash, name: hash" (ldm.loading.lora.lora_hashes_text)
         "Safety checker": safety_checker,  # "flagged (black)" etc. on images the checker flagged
         **(extra or {}),
-        "RNG": "CPU",
+        "RNG": "CPU" if rng == "cpu" else "NV",
     }
     params_text = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative_text}\n{params_text}".strip()
+
+
+def noise_fields(request: GenerationRequest, subseed: int | None) -> dict[str, object | None]:
+    """The webui's fields for the noise settings, each only when it is not the default: ``Variation seed``
+    (this image's), ``Variation seed strength``, ``Seed resize from``, ``Eta`` (samplers that take it) and
+    ``ENSD`` (whenever not 0: here it also moves img2img's posterior draw, whatever the sampler)."""
+    takes_eta = "eta" in dict(find_sampler(request.sampler)[0].options)
+    return {
+        "Variation seed": subseed if request.subseed_strength else None,
+        "Variation seed strength": _number(request.subseed_strength) if request.subseed_strength else None,
+        "Seed resize from": None if request.seed_resize_from is None else "{}x{}".format(*request.seed_resize_from),
+        "Eta": _number(request.eta_ancestral) if takes_eta and request.eta_ancestral != 1 else None,
+        "ENSD": request.ensd or None,
+    }
 
 
 def make_grid(images: Sequence[np.ndarray], per_row: int, padding: int = 2) -> np.ndarray:

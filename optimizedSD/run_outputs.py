@@ -15,7 +15,7 @@ from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
 from optimizedSD.lora_tags import RunLora, metadata_prompt
-from optimizedSD.outputs import SampleWriter, infotext, prompt_folder_name, to_uint8
+from optimizedSD.outputs import SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
 
 
 @dataclass
@@ -98,7 +98,7 @@ class RunOutputs:
     def add_pixels(self, batch: Batch, k: int, image: np.ndarray, safety: str | None = None) -> None:
         """Image ``k`` of ``batch`` in 8 bits; ``safety``: the safety checker's mark for its metadata."""
         request, seed, index = self.request, batch.seeds[k], batch.first_image + k
-        text = self._infotext(batch.prompt, seed, safety)
+        text = self._infotext(batch.prompt, seed, safety, batch.subseeds[k] if batch.subseeds else None)
         if not request.skip_save:
             number = None if self.file_numbers is None else self.file_numbers[index]
             self.summary.written.append(self.writer.write_sample(prompt_folder_name(batch.prompt), seed, image, text, number))
@@ -108,7 +108,7 @@ class RunOutputs:
             self.grid_images.append((index, image))
             self.grid_text = self.grid_text or text
 
-    def _infotext(self, prompt: str, seed: int, safety: str | None) -> str:
+    def _infotext(self, prompt: str, seed: int, safety: str | None, subseed: int | None = None) -> str:
         request = self.request
         negative = request.negative_prompt if request.guided else ""
         return infotext(
@@ -118,7 +118,7 @@ class RunOutputs:
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
             strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,
             extra=self.infotext_fields(prompt, negative),
-            safety_checker=safety,
+            safety_checker=safety, noise=noise_fields(request, subseed), rng=request.rng,
         )
 
     def finish(self, images: list[np.ndarray] | None = None) -> None:

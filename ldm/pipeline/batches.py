@@ -3,6 +3,8 @@
 Seeds: image ``k`` of a run (counting across the batch, the prompts and the iterations, in the order the
 files are written) has seed ``seed + k``, so ``--seed seed+k --n_samples 1`` reproduces it alone;
 ``--fixed_code`` (as CompVis and the fork: one start code reused) gives every batch the first batch's seeds.
+With a variation strength (``--subseed_strength``), as the webui, every image has ``seed`` and image ``k`` the
+variation seed ``subseed + k``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Batch:
     prompt: str
     seeds: tuple[int, ...]
     first_image: int = 0  # the run-wide index of the batch's first image (the order files are written in)
+    subseeds: tuple[int, ...] = ()  # the images' variation seeds (with --subseed_strength), else empty
 
 
 def plan_batches(request: GenerationRequest, prompts: Sequence[str]) -> Iterator[Batch]:
@@ -32,10 +35,13 @@ def plan_batches(request: GenerationRequest, prompts: Sequence[str]) -> Iterator
     the memory holds samples in parts: :func:`batch_parts`.)"""
     size = request.n_samples
     first_image = 0
+    vary = request.subseed_strength != 0
     for iteration in range(request.n_iter):
         for index, prompt in enumerate(prompts):
-            start = request.seed + (0 if request.fixed_code else first_image)
-            yield Batch(iteration, index, prompt, tuple(start + k for k in range(size)), first_image)
+            start = 0 if request.fixed_code else first_image
+            seeds = tuple(request.seed + (0 if vary else start + k) for k in range(size))
+            subseeds = tuple(request.subseed + start + k for k in range(size)) if vary else ()
+            yield Batch(iteration, index, prompt, seeds, first_image, subseeds)
             first_image += size
 
 
@@ -44,7 +50,7 @@ def batch_parts(batch: Batch, size: int) -> Iterator[Batch]:
     (the same images as the whole batch: each image's noise, conditioning and sampling are its own)."""
     for start in range(0, len(batch.seeds), size):
         yield Batch(batch.iteration, batch.prompt_index, batch.prompt, batch.seeds[start : start + size],
-                    batch.first_image + start)
+                    batch.first_image + start, batch.subseeds[start : start + size])
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,13 @@ class GenerationRequest:
     safety_checker_mode: str = "black"  # what a flagged image becomes: black, blur or warn
     mask: MaskOptions | None = None  # inpaint
     schedule: str = "automatic"  # --schedule: the sigma samplers' schedule type (ldm/samplers/schedules.py)
+    # the webui's noise (ldm/samplers/noise.py): generator, variation seeds, seed resize, the samplers' eta, ENSD
+    rng: str = "cpu"  # "cpu": a CPU generator per image; "gpu": CUDA's torch.randn computed on any device
+    subseed: int = 0  # the variation seed of the first image (image k: subseed + k)
+    subseed_strength: float = 0.0  # 0: no variation; with a strength every image shares the seed
+    seed_resize_from: tuple[int, int] | None = None  # (width, height) px the seed's noise is drawn at
+    eta_ancestral: float = 1.0  # --eta: noise amount of the ancestral and SDE samplers (the webui's Eta)
+    ensd: int = 0  # eta noise seed delta: every draw after the start noise from seed + ensd
 
     @property
     def img2img(self) -> bool:

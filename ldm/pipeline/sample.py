@@ -2,9 +2,10 @@
 again one memory mode lower after out of memory (:func:`ldm.memory.out_of_memory.retry_lower`, with the same
 noise).
 
-Noise: each image's start noise is ``torch.randn((1, 4, H/8, W/8))`` from a CPU generator seeded with its seed
-(:class:`ldm.samplers.noise.SeededNoise`); for img2img the same generator then draws the VAE posterior sample
-of the init image, then the ancestral samplers' fresh noise.
+Noise: each image's start noise is ``torch.randn((1, 4, H/8, W/8))`` from a generator seeded with its seed
+(:class:`ldm.samplers.noise.SeededNoise`: ``--rng``, variation seeds, seed resize); for img2img the same
+generator (or, with ``--ensd``, one seeded with seed + ENSD) then draws the VAE posterior sample of the init
+image, then the ancestral samplers' fresh noise; the SDE samplers' Brownian trees are seeded with the seeds.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
         check_conditioning(uncond, "negative prompt")
 
     def attempt() -> torch.Tensor:
-        noise = SeededNoise(batch.seeds)  # fresh generators on every try: a retry draws the same noise
+        noise = batch_noise(request, batch)  # fresh generators on every try: a retry draws the same noise
         x_T = noise.initial(latent_shape, device=device)
         start = BatchStart()
         if init is not None:  # each image's generator draws its posterior samples right after its x_T
@@ -63,6 +64,12 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
                            progress)
 
     return retry_lower(model.residency, attempt)
+
+
+def batch_noise(request: GenerationRequest, batch: Batch) -> SeededNoise:
+    """The batch's generators: the request's RNG mode, variation seeds, seed resize and ENSD."""
+    return SeededNoise(batch.seeds, request.rng, subseeds=batch.subseeds, subseed_strength=request.subseed_strength,
+                       seed_resize_from=request.seed_resize_from, ensd=request.ensd)
 
 
 def run_sampler(request: GenerationRequest, residency: Residency, schedule: DiffusionSchedule, guided: GuidedInputs,
@@ -75,7 +82,8 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
         eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
         callback = progress if start.after_step is None else blend_then(start.after_step, progress)
         return samplers.sample(
-            request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta, init_latent=start.init_latent,
+            request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta,
+            ancestral_eta=request.eta_ancestral, init_latent=start.init_latent,
             strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,
             schedule_type=request.schedule,
         )

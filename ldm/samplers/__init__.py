@@ -9,6 +9,9 @@
 - ``heun``: Heun; 2 calls a step, 1 in the last.
 - ``dpm2``, ``dpm2_a``: DPM-Solver-2-style midpoint steps, plain and ancestral; 2 calls a step, 1 in the last.
 - ``lms``: linear multistep, order 4; 1 call a step.
+- ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_2m_sde_heun``, ``dpmpp_3m_sde``: the DPM-Solver++ SDE samplers
+  (sde.py), their noise from one Brownian tree per image as the webui draws it; ``dpmpp_3m_sde`` walks the
+  DPM2 grid (the next-to-last sigma dropped, as the webui).
 
 Each sampler is one :class:`Sampler` record in :data:`SAMPLERS` (its name, the webui's label, the function,
 its grid, its fixed options, its ``automatic`` schedule): the scripts' names, this dispatcher and the images'
@@ -23,12 +26,13 @@ AUTOMATIC1111's webui does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms
+from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms, sde
 from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
 from ldm.samplers.grids import SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIMESTEPS, SigmaGrid, TimestepGrid
 from ldm.samplers.schedule import DiffusionSchedule
@@ -57,6 +61,15 @@ class Sampler:
     step_levels: Callable[[list[float]], list[float]] | None = None
 
 
+_SDE_ETA = (("eta", 1.0),)  # the SDE samplers' noise amount; --eta replaces it (see ``sample``)
+SDE_SAMPLERS = (
+    Sampler("dpmpp_sde", "DPM++ SDE", sde.sample_dpmpp_sde, SIGMAS, _SDE_ETA, automatic="karras"),
+    Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", sde.sample_dpmpp_2m_sde, SIGMAS, _SDE_ETA, automatic="exponential"),
+    Sampler("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", partial(sde.sample_dpmpp_2m_sde, solver_type="heun"), SIGMAS,
+            _SDE_ETA, automatic="exponential"),
+    Sampler("dpmpp_3m_sde", "DPM++ 3M SDE", sde.sample_dpmpp_3m_sde, SIGMAS_WITHOUT_PENULTIMATE, _SDE_ETA,
+            automatic="exponential"),
+)
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
@@ -77,6 +90,7 @@ SAMPLERS: dict[str, Sampler] = {
                 automatic="karras", aliases=("k_dpmpp_2s_a",)),
         Sampler("dpm_fast", "DPM fast", dpm_fast.sample_dpm_fast, SIGMAS, options=(("eta", 1.0),),
                 aliases=("k_dpm_fast",), step_levels=dpm_fast.fast_step_levels),
+        *SDE_SAMPLERS,
     )
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
@@ -120,14 +134,15 @@ def sample(
     steps: int,
     *,
     eta: float = 0.0,
+    ancestral_eta: float = 1.0,
     init_latent: Tensor | None = None,
     strength: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
     callback: Callback | None = None,
     schedule_type: str = "automatic",
 ) -> Tensor:
-    """Sample latents: ``sample(name, eps_model, schedule, noise, steps, *, eta=0.0, init_latent=None,
-    strength=1.0, noise_sampler=None, callback=None, schedule_type="automatic") -> Tensor``.
+    """Sample latents: ``sample(name, eps_model, schedule, noise, steps, *, eta=0.0, ancestral_eta=1.0,
+    init_latent=None, strength=1.0, noise_sampler=None, callback=None, schedule_type="automatic") -> Tensor``.
 
     Args:
         name: one of :data:`SAMPLER_NAMES` or an alias (``dpm_solver``).
@@ -139,8 +154,9 @@ def sample(
             to ``init_latent``. The latent keeps ``noise``'s dtype and device.
         steps: number of steps (``ddim``/``plms``: CompVis' DDIM spacing, which walks more timesteps than
             ``steps`` when ``steps`` does not divide 1000).
-        eta: DDIM's eta (0 deterministic, 1 DDPM-like); must be 0 for the other samplers (``euler_a`` and
-            ``dpm2_a`` always use k-diffusion's eta 1).
+        eta: DDIM's eta (0 deterministic, 1 DDPM-like); must be 0 for the other samplers.
+        ancestral_eta: the noise amount of the samplers with an ``eta`` option (``euler_a``, ``dpm2_a``, the SDE
+            samplers; the webui's ``Eta``, default 1; 0 makes them deterministic); the others ignore it.
         init_latent: img2img: the encoded image latent ``[B, C, h, w]``.
         strength: img2img: how much of the walk to redo. ``int(strength * steps)`` steps run (CompVis'
             ``t_enc``), the last ones of the full walk, starting from ``init_latent`` noised with ``noise`` to
@@ -150,7 +166,7 @@ def sample(
             noise level is the one the first step expects.
         noise_sampler: ``noise_sampler(like) -> Tensor`` for the fresh noise of ancestral steps (``euler_a``,
             ``dpm2_a``, ``ddim`` with eta > 0); default ``torch.randn_like``; use ``SeededNoise`` for
-            per-image seeds.
+            per-image seeds (the SDE samplers read its ``seeds`` and ``rng`` for their Brownian trees).
         callback: ``callback(step, total, x)`` after each step (0-based step, steps in this run, latent).
             Raise from it to stop the run; the exception propagates unchanged.
         schedule_type: the sigma samplers' (:mod:`ldm.samplers.schedules`); ``ddim``/``plms`` ignore it.
@@ -166,12 +182,21 @@ def sample(
     if start is None:
         return init_latent.clone()
     x, levels = start
+    options = _options(spec, eta, ancestral_eta, noise_sampler, callback)
+    return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
+
+
+def _options(spec: Sampler, eta: float, ancestral_eta: float, noise_sampler: NoiseSampler | None,
+             callback: Callback | None) -> dict:
+    """The sampler function's keyword options: its fixed ones, the eta it takes, the noise sampler when noisy."""
     options = dict(spec.options, callback=callback)
+    if "eta" in options:
+        options["eta"] = ancestral_eta
     if spec.takes_eta:
         options["eta"] = eta
     if options.get("eta", 0) > 0:
         options["noise_sampler"] = noise_sampler or torch.randn_like
-    return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
+    return options
 
 
 def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, levels: list[float], init_latent: Tensor | None,

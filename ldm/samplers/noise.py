@@ -1,12 +1,18 @@
 """Per-image seeded noise: image k of a batch is the image a single run with seed k would give.
 
-One CPU ``torch.Generator`` per image, seeded once. Every draw is made in float32 on the CPU, one image at a
-time from that image's own generator, and only then moved to the compute device and dtype. So the noise of
-an image depends on its seed and on how many draws came before it, never on the batch size, the batch
-position, the device (CUDA's generator gives other numbers than the CPU's) or the model dtype.
+One generator per image, seeded once: ``rng="cpu"`` a CPU ``torch.Generator`` (the webui's "RNG: CPU"),
+``rng="gpu"`` CUDA's ``torch.randn`` computed here on any device (:class:`ldm.samplers.philox.PhiloxGenerator`,
+the webui's "RNG: NV", the numbers of its default "RNG: GPU" on an NVIDIA card). Every draw is made in float32
+on the CPU, one image at a time from that image's own generator, and only then moved to the compute device
+and dtype. So the noise of an image depends on its seed and on how many draws came before it, never on the
+batch size, the batch position, the device or the model dtype.
 
-``SeededNoise.initial`` draws the start noise; calling the object (``noise(like)``) is the noise sampler the
-ancestral samplers (``euler_a``, ``dpm2_a``, ``ddim`` with eta > 0) use for their fresh noise at each step.
+``SeededNoise.initial`` draws the start noise as the webui's ``ImageRNG.first`` does: with a variation seed,
+the slerp of the seed's noise and the subseed's (:func:`slerp`); with ``seed_resize_from``, the noise drawn at
+that size and pasted, centred, into the image's own. Calling the object (``noise(like)``) then continues each
+image's generator: img2img's posterior sample and the ancestral samplers' fresh noise (``euler_a``, ``dpm2_a``,
+``ddim`` with eta > 0). With ``ensd`` (the webui's eta noise seed delta), those later draws come from a new
+generator seeded with ``seed + ensd``. The SDE samplers read ``seeds`` and ``rng`` for their Brownian trees.
 """
 
 from __future__ import annotations
@@ -16,31 +22,108 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ldm.samplers.philox import PhiloxGenerator
+
+RNG_MODES = ("cpu", "gpu")
+
+
+class CpuGenerator:
+    """``torch.randn`` from a CPU generator seeded with ``seed`` (float32)."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def randn(self, shape: Sequence[int]) -> Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+
+
+def make_generator(rng: str, seed: int) -> CpuGenerator | PhiloxGenerator:
+    """A fresh generator of the RNG mode ``rng`` (``cpu`` or ``gpu``) seeded with ``seed``."""
+    if rng == "cpu":
+        return CpuGenerator(seed)
+    if rng == "gpu":
+        return PhiloxGenerator(seed)
+    raise ValueError(f"unknown RNG mode {rng!r}; expected one of {', '.join(RNG_MODES)}")
+
+
+def slerp(strength: float, low: Tensor, high: Tensor) -> Tensor:
+    """The webui's variation-seed blend (``modules/rng.py``) of ``(C, H, W)`` noises: spherical interpolation
+    with the norms taken over dim 1, ``strength`` 0 giving ``low``; nearly parallel noises blend linearly
+    (with the webui's weights, ``low * strength + high * (1 - strength)``)."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * strength + high * (1 - strength)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * low + (torch.sin(strength * omega) / so).unsqueeze(1) * high
+
+
+def paste_centred(target: Tensor, noise: Tensor) -> Tensor:
+    """``noise`` (C, h, w) pasted into ``target`` (C, H, W), centred, cropped where it is larger (the webui's
+    ``Seed resize from``)."""
+    dx, dy = (target.shape[2] - noise.shape[2]) // 2, (target.shape[1] - noise.shape[1]) // 2
+    w = noise.shape[2] if dx >= 0 else noise.shape[2] + 2 * dx
+    h = noise.shape[1] if dy >= 0 else noise.shape[1] + 2 * dy
+    tx, ty = max(dx, 0), max(dy, 0)
+    sx, sy = max(-dx, 0), max(-dy, 0)
+    target[:, ty : ty + h, tx : tx + w] = noise[:, sy : sy + h, sx : sx + w]
+    return target
+
 
 class SeededNoise:
-    """Gaussian noise from one CPU generator per image (``seeds[k]`` drives image ``k``)."""
+    """Gaussian noise from one generator per image (``seeds[k]`` drives image ``k``).
 
-    def __init__(self, seeds: Sequence[int]) -> None:
+    ``subseeds``/``subseed_strength``: variation seeds (image ``k`` blends in ``subseeds[k]``'s noise);
+    ``seed_resize_from``: ``(width, height)`` in pixels the seed's noise is drawn at; ``ensd``: the seed delta of
+    every draw after the start noise.
+    """
+
+    def __init__(self, seeds: Sequence[int], rng: str = "cpu", *, subseeds: Sequence[int] = (),
+                 subseed_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None,
+                 ensd: int = 0) -> None:
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise ValueError("SeededNoise needs at least one seed")
-        self.seeds = seeds
-        self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        self.seeds, self.rng = seeds, rng
+        self.subseeds = [int(s) for s in subseeds]
+        self.subseed_strength = float(subseed_strength)
+        self.seed_resize_from = seed_resize_from
+        self.ensd = int(ensd)
+        self.generators = [make_generator(rng, s) for s in seeds]
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def _draw(self, shape_per_image: Sequence[int]) -> Tensor:
-        # Shape (1, *shape) per draw, as a single-image run with torch.randn((1, ...), generator=g) draws it.
-        return torch.cat(
-            [torch.randn((1, *shape_per_image), generator=g, dtype=torch.float32) for g in self.generators]
-        )
+        # One (C, H, W) draw per image: the numbers torch.randn((1, C, H, W), generator=g) gives too.
+        return torch.stack([g.randn(shape_per_image) for g in self.generators])
+
+    def _first(self, k: int, shape: tuple[int, ...]) -> Tensor:
+        """Image ``k``'s start noise (the webui's ``ImageRNG.first`` for one image)."""
+        seed, generator = self.seeds[k], self.generators[k]
+        noise_shape = shape
+        if self.seed_resize_from is not None:
+            width, height = self.seed_resize_from
+            noise_shape = (shape[0], height // 8, width // 8)
+        noise = generator.randn(shape) if noise_shape == shape else make_generator(self.rng, seed).randn(noise_shape)
+        if self.subseed_strength != 0:
+            subseed = self.subseeds[k] if k < len(self.subseeds) else 0
+            noise = slerp(self.subseed_strength, noise, make_generator(self.rng, subseed).randn(noise_shape))
+        if noise_shape != shape:
+            noise = paste_centred(generator.randn(shape), noise)
+        return noise
 
     def initial(
         self, shape_per_image: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> Tensor:
         """The start noise, ``[len(seeds), *shape_per_image]`` on ``device`` in ``dtype``."""
-        return self._draw(tuple(shape_per_image)).to(device=device, dtype=dtype)
+        shape = tuple(int(n) for n in shape_per_image)
+        noise = torch.stack([self._first(k, shape) for k in range(len(self.seeds))])
+        if self.ensd:
+            self.generators = [make_generator(self.rng, s + self.ensd) for s in self.seeds]
+        return noise.to(device=device, dtype=dtype)
 
     def __call__(self, like: Tensor) -> Tensor:
         """The next noise for each image, shaped, placed and typed like ``like`` (whose batch is one per seed)."""
