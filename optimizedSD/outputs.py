@@ -122,12 +122,10 @@ def infotext(
         Negative prompt: <negative>          (only when there is one)
         Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 27, Size: 512x512, Model hash: abcdef1234, ...
 
-    ``Schedule type`` is the label of the schedule the sigma samplers walked, ``automatic`` resolved (``Karras``
-    for DPM++ 2M, ``Uniform`` for Euler a: the webui v1.10 writes the resolved label where the sampler has a
-    default schedule and ``Automatic``, the same grid as Uniform, where it has none); none for DDIM and PLMS,
-    which ignore it. ``RNG: CPU`` is written because the webui reads its absence as GPU noise; ``rng="gpu"``
-    writes ``RNG: NV``, the webui's name for the same Philox numbers computed off the GPU (a webui on any device
-    then draws them). ``noise``: :func:`noise_fields`.
+    ``Schedule type``: the schedule the sigma samplers walked, ``automatic`` resolved (the webui v1.10 writes
+    ``Automatic`` where the sampler has no default: the Uniform grid); none for DDIM and PLMS. ``RNG: CPU``, since
+    the webui reads its absence as GPU noise; ``rng="gpu"`` writes ``RNG: NV``, the webui's name for the same
+    Philox numbers computed off the GPU. ``noise``: :func:`noise_fields`.
     ``extra``: fields of the prompt encoding (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``).
     """
     record, _ = find_sampler(sampler)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchsde._brownian.brownian_interval as brownian_interval
 
-from ldm.samplers import SAMPLERS, sample
+from ldm.samplers import sample, walk_levels
 from ldm.samplers.noise import SeededNoise, make_generator
 from ldm.samplers.philox import PhiloxGenerator
 from optimizedSD.infotext import read_parameters
@@ -118,7 +118,7 @@ def test_sde_samplers_equal_k_diffusion_with_the_webuis_brownian_tree(k_diffusio
     noise = SeededNoise(seeds, rng)
     x_T = noise.initial(SHAPE)
     got = sample(name, eps_model, schedule, x_T, steps, ancestral_eta=eta, noise_sampler=noise)
-    sigmas = torch.tensor(SAMPLERS[name].grid.levels(schedule, steps), dtype=torch.float32)
+    sigmas = torch.tensor(walk_levels(name, schedule, steps), dtype=torch.float32)  # the automatic schedule
     denoiser = k_diffusion.external.CompVisDenoiser(InnerModel(eps_model, schedule))
     if rng == "gpu":  # the webui's torchsde_randn: a fresh generator of the RNG mode
         monkeypatch.setattr(brownian_interval, "_randn", _philox_randn)
