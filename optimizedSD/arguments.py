@@ -25,7 +25,7 @@ from ldm.loading.errors import LoraError
 from ldm.models.safety_checker import MODES as SAFETY_MODES
 from ldm.samplers import SAMPLER_NAMES as SAMPLERS
 from ldm.samplers import SAMPLERS as SAMPLER_RECORDS
-from ldm.samplers import find_sampler
+from ldm.samplers import IMG2IMG_STEPS, find_sampler
 from ldm.samplers.schedules import SCHEDULE_NAMES, find_schedule
 from ldm.conditioning.embeddings import embedding_file_hashes
 from ldm.models.quantize import QUANTIZE_CHOICES
@@ -84,6 +84,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         add("--init-img", dest="init_img", type=str, default=None, help="path to the input image (required)")
         add("--strength", type=float, default=1.0 if mode == INPAINT else 0.75,
             help="how much of the init image to destroy: 0 keeps it (VAE round trip), 1 starts from pure noise")
+        add("--img2img_steps", choices=IMG2IMG_STEPS, default="cut",
+            help="how --strength picks the steps: cut runs the last int(strength*steps) (CompVis); webui the last "
+                 "int(min(strength, 0.999)*steps)+1, starting one level higher (AUTOMATIC1111; --from_png sets it)")
     if mode == INPAINT:
         _add_mask_flags(add)
     add("--H", type=int, default=None if img2img else 512,
@@ -239,6 +242,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         steps=opt.ddim_steps,
         sampler=opt.sampler,
         schedule=opt.schedule,
+        img2img_steps=opt.img2img_steps if mode in (IMG2IMG, INPAINT) else "cut",
         eta=opt.ddim_eta,
         scale=opt.scale,
         fixed_code=opt.fixed_code,
@@ -288,7 +292,9 @@ def given_flags(mode: str, argv: Sequence[str] | None) -> set[str]:
 _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "prompt_syntax": "prompt_syntax",
                    "steps": "ddim_steps", "sampler": "sampler", "scale": "scale", "seed": "seed", "width": "W",
                    "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora",
-                   "schedule": "schedule"}
+                   "schedule": "schedule", "img2img_steps": "img2img_steps", "rng": "rng", "eta_ancestral": "eta",
+                   "ensd": "ensd", "subseed": "subseed", "subseed_strength": "subseed_strength",
+                   "seed_resize_from": "seed_resize_from"}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:

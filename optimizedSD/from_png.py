@@ -6,11 +6,15 @@ line override what is read here.
 
 How the webui's fields are read (webui >= 1.9, ``infotext_utils.parse_generation_parameters``):
 
-- a missing ``RNG`` means GPU noise (the webui's default), which this tool does not make: only ``RNG: CPU``
-  reproduces;
+- ``RNG``: a missing one means GPU noise (the webui's default), ``--rng gpu`` here (CUDA's numbers on any
+  device), as ``GPU`` and ``NV`` do; ``CPU`` is ``--rng cpu``; ``Eta``, ``ENSD``, ``Variation seed``,
+  ``Variation seed strength`` and ``Seed resize from`` become their flags;
 - a missing ``Schedule type`` means "Automatic", each sampler's default (Karras for DPM++ 2M, DPM2 and
   DPM2 a), as ``--schedule automatic`` here; a named one (``Uniform``, ``Karras``, ...) becomes ``--schedule``;
-  an old label that names it (``DPM++ 2M Karras``) too;
+  an old label that names it (``DPM++ 2M Karras``) too. Before the webui's v1.9 (its ``Version`` field) a
+  label named no schedule: plain ``DPM++ 2M`` walked the uniform grid;
+- ``Version``: this tool writes ``optimizedSD ...``; an img2img infotext of another program (the webui,
+  Forge) replays with the webui's step rule (``--img2img_steps webui``), this tool's with its own;
 - ``Clip skip`` missing means 1; ``Denoising strength`` in a txt2img infotext belongs to the hires fix;
 - a prompt from the webui is in its syntax; this tool writes ``Prompt syntax: fork`` when its own syntax
   would read the prompt differently;
@@ -20,6 +24,7 @@ How the webui's fields are read (webui >= 1.9, ``infotext_utils.parse_generation
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -30,7 +35,7 @@ from optimizedSD.infotext import Infotext
 
 _SCHEDULE_SUFFIXES = (" Karras", " Exponential")  # old labels that named the schedule ("DPM++ 2M Karras")
 # Fields read for the record only: they change nothing in the image.
-_INFORMATIONAL = frozenset({"Model", "Version", "Pad conds", "Size-1", "Size-2"})
+_INFORMATIONAL = frozenset({"Model", "Pad conds", "Size-1", "Size-2"})
 
 
 class FromPngError(ValueError):
@@ -78,7 +83,8 @@ def restore_settings(
 ) -> RestoredSettings:
     """Settings keyed ``prompt``, ``negative_prompt``, ``prompt_syntax``, ``steps``, ``sampler``, ``scale``,
     ``seed``, ``width``, ``height``, ``clip_skip``, ``strength`` (img2img), ``eta`` (DDIM's), ``loras``
-    (``[(path, weight)]``), ``schedule`` (the sigma samplers' ``--schedule``).
+    (``[(path, weight)]``), ``schedule`` (the sigma samplers' ``--schedule``), ``img2img_steps``, ``rng``,
+    ``eta_ancestral``, ``ensd``, ``subseed``, ``subseed_strength``, ``seed_resize_from``.
 
     ``sampler_labels`` maps the webui's labels (``"Euler a"``) to this tool's names (``"euler_a"``);
     ``model_hash`` is the checkpoint's (webui "Model hash"); ``embedding_hashes`` maps the textual-inversion
@@ -92,7 +98,9 @@ def restore_settings(
     if out.values["prompt_syntax"] not in ("fork", "webui"):
         out.ignored.append(f"Prompt syntax: {out.values['prompt_syntax']}")
         out.values["prompt_syntax"] = "webui"
-    _restore_sampler(fields, out, sampler_labels, timestep_samplers)
+    webui_version = _restore_version(fields, out, img2img)
+    _restore_sampler(fields, out, sampler_labels, timestep_samplers, webui_version)
+    _restore_noise(fields, out)
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "scale", float), ("Seed", "seed", int),
                             ("Clip skip", "clip_skip", int), ("Eta DDIM", "eta", float)):
         if key in fields:
@@ -138,7 +146,7 @@ def _restore_loras(prompt: str, fields: dict[str, str], out: RestoredSettings,
 
 
 def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapping[str, str],
-                     timestep_samplers: frozenset[str]) -> None:
+                     timestep_samplers: frozenset[str], webui_version: tuple[int, int] | None = None) -> None:
     label = fields.pop("Sampler", None)
     schedule = fields.pop("Schedule type", None)
     if label is None:
@@ -153,6 +161,8 @@ def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapp
     out.values["sampler"] = name
     if name in timestep_samplers:  # the webui's DDIM and PLMS walk their own timesteps whatever it says
         return
+    if schedule is None and webui_version is not None and webui_version < (1, 9):
+        schedule = "Uniform"  # before v1.9 the label named the schedule: no suffix was k-diffusion's own grid
     found = find_schedule(schedule or "Automatic")
     if found is None:
         out.ignored.append(f"Schedule type: {schedule}")
@@ -160,16 +170,48 @@ def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapp
         out.values["schedule"] = found.name
 
 
+_RNG_MODES = {"CPU": "cpu", "GPU": "gpu", "NV": "gpu"}  # NV: the webui's GPU numbers computed off the GPU
+_NOISE_FIELDS = (("Eta", "eta_ancestral", float), ("ENSD", "ensd", int), ("Eta noise seed delta", "ensd", int),
+                 ("Variation seed", "subseed", int), ("Variation seed strength", "subseed_strength", float))
+
+
+def _restore_version(fields: dict[str, str], out: RestoredSettings, img2img: bool) -> tuple[int, int] | None:
+    """The webui version that wrote the infotext ((major, minor), None for this tool's own or an unknown one); an
+    img2img infotext of another program replays with the webui's step rule."""
+    version = fields.pop("Version", None)
+    if version is None or version.startswith("optimizedSD"):
+        return None  # this tool's (older ones wrote no Version)
+    if img2img:
+        out.values["img2img_steps"] = "webui"
+    found = re.search(r"v(\d+)\.(\d+)", version) or re.match(r"(\d+)\.(\d+)", version)  # "v1.8.0", Forge's "f0.0.17v1.8.0rc"
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def _restore_noise(fields: dict[str, str], out: RestoredSettings) -> None:
+    """``RNG`` (missing: the webui's GPU noise), the ancestral samplers' ``Eta``, ``ENSD`` and variation seeds."""
+    rng = fields.pop("RNG", "GPU")
+    if rng in _RNG_MODES:
+        out.values["rng"] = _RNG_MODES[rng]
+    else:
+        out.ignored.append(f"RNG: {rng}")
+    for key, name, kind in _NOISE_FIELDS:
+        if key in fields:
+            out.values[name] = _number(kind, key, fields.pop(key))
+    resize = fields.pop("Seed resize from", None)
+    if resize is not None and resize.strip() not in ("-1x-1", "0x0"):  # the webui writes -1x-1 for none
+        width, height = _size(resize)
+        out.values["seed_resize_from"] = f"{width}x{height}"
+    if "Img2img steps" in fields and fields["Img2img steps"] in ("cut", "webui"):
+        out.values["img2img_steps"] = fields.pop("Img2img steps")
+
+
 def _check_environment(fields: dict[str, str], out: RestoredSettings, model_hash: str | None,
                        embedding_hashes: Mapping[str, str] | None) -> None:
     """Fields that must match how this tool runs: noise source, checkpoint, embeddings, emphasis."""
-    rng = fields.pop("RNG", "GPU")  # the webui's default when the field is missing
-    if rng != "CPU":
-        out.ignored.append(f"RNG: {rng}")
     written_hash = fields.pop("Model hash", None)
     if written_hash and model_hash and not model_hash.startswith(written_hash) and not written_hash.startswith(model_hash):
         out.ignored.append(f"Model hash: {written_hash} (the checkpoint given is {model_hash})")
-    for key, default in (("Eta", "1.0"), ("ENSD", "0"), ("Eta noise seed delta", "0"), ("Emphasis", "Original"),
+    for key, default in (("Emphasis", "Original"),
                          ("Schedule max sigma", "0"), ("Schedule min sigma", "0"), ("Schedule rho", "0")):
         value = fields.pop(key, None)
         if value is not None and value != default and not _same_number(value, default):

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 WATERMARK_TEXT = "StableDiffusionV1"
 WATERMARK_MIN_SIZE = 256  # invisible-watermark refuses images under 256x256
 FOLDER_NAME_MAX = 100
+VERSION = "optimizedSD 0.1.0"  # the metadata's Version field (setup.py's version)
 
 _WINDOWS_FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -118,15 +119,14 @@ def infotext(
 ) -> str:
     """Generation parameters in AUTOMATIC1111's format (``modules/processing.py::create_infotext``)::
 
-        <prompt>
-        Negative prompt: <negative>          (only when there is one)
+        <prompt>  +  a line 'Negative prompt: <negative>' when there is one
         Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 27, Size: 512x512, Model hash: abcdef1234, ...
 
     ``Schedule type``: the schedule the sigma samplers walked, ``automatic`` resolved (the webui v1.10 writes
     ``Automatic`` where the sampler has no default: the Uniform grid); none for DDIM and PLMS. ``RNG: CPU``, since
     the webui reads its absence as GPU noise; ``rng="gpu"`` writes ``RNG: NV``, the webui's name for the same
-    Philox numbers computed off the GPU. ``noise``: :func:`noise_fields`.
-    ``extra``: fields of the prompt encoding (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``).
+    Philox numbers computed off the GPU. ``noise``: :func:`noise_fields`. ``extra``: fields of the prompt encoding
+    (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``). ``Version``: ``optimizedSD ...``.
     """
     record, _ = find_sampler(sampler)
     params: dict[str, object | None] = {
@@ -148,6 +148,7 @@ def infotext(
         "Safety checker": safety_checker,  # "flagged (black)" etc. on images the checker flagged
         **(extra or {}),
         "RNG": "CPU" if rng == "cpu" else "NV",
+        "Version": VERSION,  # last, as the webui's; --from_png tells this tool's images by it
     }
     params_text = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""

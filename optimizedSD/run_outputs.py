@@ -79,10 +79,12 @@ class RunOutputs:
         self.keep_grid = not request.skip_grid and grid_fits(self.images, height, width)
 
     def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
-        """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``)."""
+        """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``), ``Img2img steps``."""
         fields = dict(self.encoder.infotext_fields(prompt, negative)) if self.encoder is not None else {}
         if self.inpainting is not None:
             fields.update(self.inpainting.metadata())
+        if self.request.img2img_steps != "cut":
+            fields["Img2img steps"] = self.request.img2img_steps
         return fields
 
     def pixels(self, decoded: torch.Tensor) -> np.ndarray:

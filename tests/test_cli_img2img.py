@@ -59,7 +59,7 @@ def test_every_sampler(tiny_checkpoint, tmp_path, sampler):
     files = samples(tmp_path / "out")
     assert [p.name for p in files] == ["seed_3_00000.png", "seed_4_00001.png"]
     text = read_parameters(files[1])
-    assert text.startswith("a tiny test\nSteps: 4, Sampler: ") and text.endswith("Denoising strength: 0.5, RNG: CPU")
+    assert text.startswith("a tiny test\nSteps: 4, Sampler: ") and text.endswith("Denoising strength: 0.5, RNG: CPU, Version: optimizedSD 0.1.0")
     assert "Seed: 4, Size: 64x64" in text
     assert pixels(files[0]).shape == (64, 64, 3)
     assert (tmp_path / "out" / "grid-0000.png").is_file()

@@ -60,7 +60,7 @@ def test_every_sampler_writes_named_images_with_metadata_and_a_grid(tiny_checkpo
     assert read_parameters(folder / "seed_42_00001.png") == (
         "a tiny test\nNegative prompt: blurry, dark\n"
         f"Steps: 2, Sampler: {labels[sampler]}, {schedule}CFG scale: 7.5, Seed: 42, Size: 64x64, "
-        f"Model hash: {ckpt_hash(tiny_checkpoint)}, Model: {tiny_checkpoint.stem}, RNG: CPU"
+        f"Model hash: {ckpt_hash(tiny_checkpoint)}, Model: {tiny_checkpoint.stem}, RNG: CPU, Version: optimizedSD 0.1.0"
     )
     image = pixels(folder / "seed_41_00000.png")
     assert image.shape == (64, 64, 3) and image.std() > 0  # not a blank image

@@ -81,7 +81,8 @@ def test_from_png_flags_win_and_what_cannot_be_honoured_is_one_warning(tmp_path,
     assert (request.sampler, request.scale, request.width, request.height, request.clip_skip) == ("euler_a", 6.0, 512, 768, 2)
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert "RNG: GPU" in warnings[0] and "Hires upscale: 2" in warnings[0]
+    assert "Hires upscale: 2" in warnings[0] and "RNG" not in warnings[0]
+    assert request.rng == "gpu"  # no RNG field: the webui's GPU noise, which --rng gpu draws on any device
 
 
 @pytest.mark.parametrize("content, message", [(None, "cannot read"), ("", "no generation parameters")])

@@ -150,7 +150,7 @@ def test_our_own_infotext_is_honoured_whole():
     assert restored.values == {
         "prompt": "a (red:1.3) cat", "negative_prompt": "blurry", "prompt_syntax": "webui", "sampler": "dpm2_a",
         "steps": 20, "scale": 6.5, "seed": 1234, "clip_skip": 2, "width": 64, "height": 128, "strength": 0.6,
-        "schedule": "uniform"}
+        "schedule": "uniform", "rng": "cpu"}
     assert restored.ignored == [] and restored.warning() is None
 
 
@@ -164,9 +164,9 @@ def test_what_cannot_be_honoured_is_named_in_one_line():
     assert "strength" not in restored.values  # a txt2img "Denoising strength" is the hires fix's
     warning = restored.warning()
     assert warning.count("\n") == 0
-    for part in ["RNG: GPU",
-                 "Model hash: deadbeef00", "Hires upscale: 2", "Hires upscaler: Latent", "Denoising strength: 0.7",
-                 "TI hashes: gone (not found)", "Lora hashes: x (no <lora:x> tag in the prompt)", "ENSD: 31337"]:
+    assert restored.values["rng"] == "gpu" and restored.values["ensd"] == 31337  # no RNG field: the webui's GPU
+    for part in ["Model hash: deadbeef00", "Hires upscale: 2", "Hires upscaler: Latent", "Denoising strength: 0.7",
+                 "TI hashes: gone (not found)", "Lora hashes: x (no <lora:x> tag in the prompt)"]:
         assert part in warning, part
 
 
@@ -180,7 +180,7 @@ def test_lora_tags_become_loras_checked_against_lora_hashes():
     assert restored.values["prompt"] == "a cat"
     assert restored.values["loras"] == [("/l/style.safetensors", 0.8), ("/l/other.pt", -1.0)]
     assert restored.ignored == ["<lora:gone> (not found)", "Lora hashes: other (another file)",
-                                "Lora hashes: extra (no <lora:extra> tag in the prompt)", "RNG: GPU"]
+                                "Lora hashes: extra (no <lora:extra> tag in the prompt)"]
 
 
 @pytest.mark.parametrize("sampler, schedule, honoured", [

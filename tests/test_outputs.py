@@ -74,12 +74,13 @@ def test_infotext_matches_a1111_format():
     text = infotext("a cat", "", steps=50, sampler="ddim", scale=7.5, seed=27, width=512, height=512,
                     model_hash="abcdef1234")
     assert text == ("a cat\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 27, Size: 512x512, Model hash: abcdef1234, "
-                    "RNG: CPU")
+                    "RNG: CPU, Version: optimizedSD 0.1.0")
     text = infotext("a cat", "blurry, ugly", steps=20, sampler="euler_a", scale=7, seed=1, width=768,
                     height=512, model_hash="0123456789", model_name="sd-v1-4", strength=0.75)
     assert text == (
         "a cat\nNegative prompt: blurry, ugly\nSteps: 20, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.0, "
-        "Seed: 1, Size: 768x512, Model hash: 0123456789, Model: sd-v1-4, Denoising strength: 0.75, RNG: CPU"
+        "Seed: 1, Size: 768x512, Model hash: 0123456789, Model: sd-v1-4, Denoising strength: 0.75, RNG: CPU, "
+        "Version: optimizedSD 0.1.0"
     )
     # A1111 quotes values that hold a comma, colon or newline
     assert 'Model: "a,b"' in infotext("p", "", steps=1, sampler="ddim", scale=1, seed=0, width=64, height=64,
@@ -97,7 +98,8 @@ def test_infotext_parses_with_a1111_rules():
     assert prompt == "tabby cat:0.25 white duck:0.75" and negative == "Negative prompt: dark"
     parsed = {k: v for k, v in re_param.findall(params)}
     assert parsed == {"Steps": "3", "Sampler": "DPM2 a", "Schedule type": "Uniform", "CFG scale": "7.5", "Seed": "99",
-                      "Size": "64x128", "Model hash": "abcdef1234", "Eta DDIM": "0.5", "RNG": "CPU"}
+                      "Size": "64x128", "Model hash": "abcdef1234", "Eta DDIM": "0.5", "RNG": "CPU",
+                      "Version": "optimizedSD 0.1.0"}
 
 
 def test_model_hash_is_a1111_shorthash(tmp_path):

@@ -70,7 +70,7 @@ class InpaintingInputs:
                 self.masked_posterior = vae.encode(masked_image(image, mask).to(device=device, dtype=dtype))
 
     def start(self, noise, x_T: Tensor, scale_factor: float, *, sampler: str, schedule, steps: int, strength: float,
-              schedule_type: str = "automatic"):
+              schedule_type: str = "automatic", img2img_steps: str = "cut"):
         """One batch's :class:`~ldm.pipeline.batches.BatchStart`: the posterior samples drawn from each image's
         generator (init image first, where used, then masked image), the 9-channel UNet's extra inputs bound to
         it, or the 4-channel per-step blend over the sampler's walk."""
@@ -81,7 +81,8 @@ class InpaintingInputs:
         if self.nine_channel:
             masked_latent = scale_factor * self.masked_posterior.sample(noise(x_T))
             return BatchStart(init_latent, wrap_unet=lambda unet: InpaintingUNet(unet, small_mask, masked_latent))
-        blend = sampler_blend(sampler, schedule, steps, strength, init_latent, small_mask, x_T, schedule_type)
+        blend = sampler_blend(sampler, schedule, steps, strength, init_latent, small_mask, x_T, schedule_type,
+                              img2img_steps)
         return BatchStart(init_latent, after_step=blend)
 
     def finish(self, image: np.ndarray) -> np.ndarray:

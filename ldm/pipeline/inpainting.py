@@ -162,13 +162,13 @@ def blend_then(blend: LatentBlend, callback: StepCallback | None = None) -> Step
 
 def sampler_blend(
     name: str, schedule, steps: int, strength: float, init_latent: Tensor, mask: Tensor, noise: Tensor,
-    schedule_type: str = "automatic",
+    schedule_type: str = "automatic", img2img_steps: str = "cut",
 ) -> LatentBlend | None:
     """The blend for ``samplers.sample(name, ..., steps, strength=strength, schedule_type=schedule_type)``: the
     same walk (the sampler's grid on that schedule, cut to its last ``int(strength * steps)`` steps as
     :func:`ldm.samplers.sample` cuts it; where the sampler's steps end elsewhere, ``dpm_fast``, those ends),
     None when that walk has no step."""
-    levels = walk_levels(name, schedule, steps, strength, schedule_type)
+    levels = walk_levels(name, schedule, steps, strength, schedule_type, img2img_steps)
     if len(levels) == 1:
         return None
     record, _ = find_sampler(name)

@@ -87,6 +87,7 @@ class GenerationRequest:
     safety_checker_mode: str = "black"  # what a flagged image becomes: black, blur or warn
     mask: MaskOptions | None = None  # inpaint
     schedule: str = "automatic"  # --schedule: the sigma samplers' schedule type (ldm/samplers/schedules.py)
+    img2img_steps: str = "cut"  # how --strength picks img2img's steps: "cut" (CompVis' t_enc) or "webui"
     # the webui's noise (ldm/samplers/noise.py): generator, variation seeds, seed resize, the samplers' eta, ENSD
     rng: str = "cpu"  # "cpu": a CPU generator per image; "gpu": CUDA's torch.randn computed on any device
     subseed: int = 0  # the variation seed of the first image (image k: subseed + k)

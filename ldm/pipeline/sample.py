@@ -59,7 +59,8 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
         start = BatchStart()
         if init is not None:  # each image's generator draws its posterior samples right after its x_T
             start = init.start(noise, x_T, model.sd.scale_factor, sampler=request.sampler, schedule=model.schedule,
-                               steps=request.steps, strength=request.strength, schedule_type=request.schedule)
+                               steps=request.steps, strength=request.strength, schedule_type=request.schedule,
+                               img2img_steps=request.img2img_steps)
         return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, start, noise,
                            progress)
 
@@ -85,5 +86,5 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
             request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta,
             ancestral_eta=request.eta_ancestral, init_latent=start.init_latent,
             strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,
-            schedule_type=request.schedule,
+            schedule_type=request.schedule, img2img_steps=request.img2img_steps,
         )

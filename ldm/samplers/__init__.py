@@ -94,6 +94,7 @@ SAMPLERS: dict[str, Sampler] = {
     )
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+IMG2IMG_STEPS = ("cut", "webui")  # how --strength picks img2img's steps (walk_levels)
 
 
 def find_sampler(name: str) -> tuple[Sampler, str | None] | None:
@@ -140,9 +141,9 @@ def sample(
     noise_sampler: NoiseSampler | None = None,
     callback: Callback | None = None,
     schedule_type: str = "automatic",
+    img2img_steps: str = "cut",
 ) -> Tensor:
-    """Sample latents: ``sample(name, eps_model, schedule, noise, steps, *, eta=0.0, ancestral_eta=1.0,
-    init_latent=None, strength=1.0, noise_sampler=None, callback=None, schedule_type="automatic") -> Tensor``.
+    """Sample latents with sampler ``name`` from ``noise`` (txt2img) or ``init_latent`` (img2img).
 
     Args:
         name: one of :data:`SAMPLER_NAMES` or an alias (``dpm_solver``).
@@ -170,6 +171,7 @@ def sample(
         callback: ``callback(step, total, x)`` after each step (0-based step, steps in this run, latent).
             Raise from it to stop the run; the exception propagates unchanged.
         schedule_type: the sigma samplers' (:mod:`ldm.samplers.schedules`); ``ddim``/``plms`` ignore it.
+        img2img_steps: how ``strength`` picks the steps (:func:`walk_levels`).
 
     Returns:
         The denoised latent (``ddim``/``plms``: at ``alphas_cumprod[0]``, as CompVis).
@@ -177,8 +179,8 @@ def sample(
     spec = _record(name)
     if eta != 0 and not spec.takes_eta:
         raise ValueError(f"eta={eta} applies only to the ddim sampler, not {name!r}")
-    levels = walk_levels(name, schedule, steps, strength, schedule_type)
-    start = _start(spec, schedule, noise, levels, init_latent, strength)
+    levels = walk_levels(name, schedule, steps, strength, schedule_type, img2img_steps)
+    start = _start(spec, schedule, noise, levels, init_latent, strength, img2img_steps)
     if start is None:
         return init_latent.clone()
     x, levels = start
@@ -200,7 +202,7 @@ def _options(spec: Sampler, eta: float, ancestral_eta: float, noise_sampler: Noi
 
 
 def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, levels: list[float], init_latent: Tensor | None,
-           strength: float) -> tuple[Tensor, list[float]] | None:
+           strength: float, img2img_steps: str = "cut") -> tuple[Tensor, list[float]] | None:
     """The latent the walk starts from and the levels it walks; None when img2img has no step to run."""
     if init_latent is None and strength != 1:
         raise ValueError(f"strength={strength} needs an init_latent (img2img)")
@@ -209,7 +211,7 @@ def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, levels: li
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init_latent.shape != noise.shape:
             raise ValueError(f"init_latent {tuple(init_latent.shape)} and noise {tuple(noise.shape)} differ in shape")
-    if init_latent is None or strength == 1:
+    if init_latent is None or (strength == 1 and img2img_steps == "cut"):  # the webui noises the image even at 1
         return spec.grid.start(noise, levels[0]), levels
     if len(levels) == 1:
         return None
@@ -217,12 +219,16 @@ def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, levels: li
 
 
 def walk_levels(name: str, schedule: DiffusionSchedule, steps: int, strength: float = 1.0,
-                schedule_type: str = "automatic") -> list[float]:
+                schedule_type: str = "automatic", img2img_steps: str = "cut") -> list[float]:
     """The levels sampler ``name`` walks for ``steps`` steps at img2img ``strength`` on ``schedule_type``: its
-    whole grid, or the last ``int(strength * steps)`` steps of it (CompVis' ``t_enc``; one level alone: no
-    step to run)."""
+    whole grid, or the tail of it (one level alone: no step to run). ``img2img_steps``: ``cut`` runs the last
+    ``int(strength * steps)`` steps (CompVis' ``t_enc``); ``webui`` the last ``int(min(strength, 0.999) * steps)
+    + 1``, as AUTOMATIC1111's img2img does (``sigmas[steps - t_enc - 1:]``)."""
+    if img2img_steps not in IMG2IMG_STEPS:
+        raise ValueError(f"img2img_steps must be one of {', '.join(IMG2IMG_STEPS)}, got {img2img_steps!r}")
     levels = _record(name).grid.levels(schedule, steps, resolve_schedule(name, schedule_type))
     if strength == 1:
         return levels
-    run = min(int(strength * steps), len(levels) - 1)
+    run = int(min(strength, 0.999) * steps) + 1 if img2img_steps == "webui" else int(strength * steps)
+    run = min(run, len(levels) - 1)
     return levels[-(run + 1):]
