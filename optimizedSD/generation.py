@@ -166,10 +166,10 @@ class StepBar:
 
     def __call__(self, step: int, total: int, x: torch.Tensor) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=f"Sampling ({self.sampler})", leave=False, unit="step",
+            self.bar = tqdm(total=total or None, desc=f"Sampling ({self.sampler})", leave=False, unit="step",
                             disable=not distributed.is_main_process())
         elif step == 0:
-            self.bar.reset(total=total)
+            self.bar.reset(total=total or None)
         self.bar.update(1)
 
     def close(self) -> None:

@@ -106,7 +106,7 @@ def test_overlay_returns_the_init_pixels_where_the_blurred_mask_is_zero(files, t
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler(files, tmp_path, sampler):
-    kind = "nine" if sampler in ("euler_a", "dpmpp_2m", "plms", "dpm_fast") else "four"
+    kind = "nine" if sampler in ("euler_a", "dpmpp_2m", "plms", "dpm_fast", "dpm_adaptive") else "four"
     assert run(files, kind, tmp_path, "--sampler", sampler, "--n_samples", "2", "--ddim_steps", "3",
                "--strength", "0.8", "--mask_blur", "0") == 0
     first, second = samples(tmp_path)
@@ -142,6 +142,13 @@ def test_bad_masks_exit_2_with_one_line(files, tmp_path, capsys, extra, message)
     assert run(files, "four", tmp_path / "out", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+    assert samples(tmp_path / "out") == []
+
+
+def test_dpm_adaptive_refuses_a_4_channel_checkpoint_in_one_line(files, tmp_path, capsys):
+    assert run(files, "four", tmp_path / "out", "--sampler", "dpm_adaptive", "--ddim_steps", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sampler dpm_adaptive cannot inpaint with a 4-channel checkpoint" in err and len(err.splitlines()) == 1
     assert samples(tmp_path / "out") == []
 
 

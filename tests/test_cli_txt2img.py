@@ -52,8 +52,9 @@ def test_every_sampler_writes_named_images_with_metadata_and_a_grid(tiny_checkpo
     labels = {"ddim": "DDIM", "plms": "PLMS", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a",
               "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lms": "LMS", "dpmpp_2s_a": "DPM++ 2S a",
               "dpm_fast": "DPM fast", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE",
-              "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_3m_sde": "DPM++ 3M SDE"}
-    karras = sampler in ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")  # their webui default (Automatic)
+              "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_3m_sde": "DPM++ 3M SDE",
+              "dpm_adaptive": "DPM adaptive", "restart": "Restart"}
+    karras = sampler in ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")  # their webui default (Automatic)
     exponential = sampler in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
     label = "Karras" if karras else "Exponential" if exponential else "Uniform"
     schedule = "" if sampler in ("ddim", "plms") else f"Schedule type: {label}, "

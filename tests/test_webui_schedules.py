@@ -87,7 +87,8 @@ def test_schedule_levels_pinned_where_they_are_exact(schedule):
 def test_automatic_is_each_samplers_webui_default(schedule):
     assert {name: resolve_schedule(name, "automatic") for name in SAMPLERS if SAMPLERS[name].automatic != "uniform"} \
         == {"dpmpp_2m": "karras", "dpm2": "karras", "dpm2_a": "karras", "dpmpp_2s_a": "karras", "dpmpp_sde": "karras",
-            "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential"}
+            "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential",
+            "restart": "karras"}
     assert walk_levels("dpm_solver", schedule, 6) == schedule_levels("karras", schedule, 6)
     assert walk_levels("euler", schedule, 6) == schedule.get_sigmas(6).tolist()
     karras = schedule_levels("karras", schedule, 7)

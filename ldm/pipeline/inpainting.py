@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.errors import UsageError
 from ldm.samplers import find_sampler, walk_levels
 
 log = logging.getLogger(__name__)
@@ -166,12 +167,17 @@ def sampler_blend(
 ) -> LatentBlend | None:
     """The blend for ``samplers.sample(name, ..., steps, strength=strength, schedule_type=schedule_type)``: the
     same walk (the sampler's grid on that schedule, cut to its last ``int(strength * steps)`` steps as
-    :func:`ldm.samplers.sample` cuts it; where the sampler's steps end elsewhere, ``dpm_fast``, those ends),
-    None when that walk has no step."""
+    :func:`ldm.samplers.sample` cuts it; where the sampler's steps end elsewhere, ``dpm_fast``, ``restart``, those
+    ends), None when that walk has no step. A sampler that picks its steps as it goes (``dpm_adaptive``) has no
+    levels to follow: a :class:`~ldm.errors.UsageError`."""
     levels = walk_levels(name, schedule, steps, strength, schedule_type, img2img_steps)
     if len(levels) == 1:
         return None
     record, _ = find_sampler(name)
+    if record.adaptive:
+        raise UsageError(f"--sampler {name} cannot inpaint with a 4-channel checkpoint: it picks its steps as it goes, "
+                         "and the per-step blend needs them beforehand (use another sampler or a 9-channel "
+                         "inpainting checkpoint)")
     if record.step_levels is not None:
         levels = record.step_levels(levels)
     return LatentBlend(init_latent, mask, noise, schedule, record.grid, levels)

@@ -5,6 +5,8 @@
 - ``dpmpp_2m`` (also ``dpm_solver``): DPM-Solver++(2M) (dpm_solver.py); 1 call a step.
 - ``dpmpp_2s_a``: DPM-Solver++(2S) ancestral (dpm_solver.py); 2 calls a step, 1 in the last.
 - ``dpm_fast``: DPM-Solver of order 3 with fixed steps (dpm_fast.py); ``steps`` calls in about steps / 3 steps.
+- ``dpm_adaptive``: DPM-Solver-23 with adaptive steps (dpm_fast.py); 3 calls a step, ignores ``steps``.
+- ``restart``: restart sampling (restart.py), Heun steps with the webui's restart segments from 20 steps on.
 - ``euler``, ``euler_a``: Euler and Euler ancestral (k_diffusion.py); 1 call a step.
 - ``heun``: Heun; 2 calls a step, 1 in the last.
 - ``dpm2``, ``dpm2_a``: DPM-Solver-2-style midpoint steps, plain and ancestral; 2 calls a step, 1 in the last.
@@ -32,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms, sde
+from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms, restart, sde
 from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
 from ldm.samplers.grids import SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIMESTEPS, SigmaGrid, TimestepGrid
 from ldm.samplers.schedule import DiffusionSchedule
@@ -48,7 +50,8 @@ class Sampler:
     convention), the grid it walks, its fixed options, whether it takes the caller's DDIM eta, the schedule
     type ``automatic`` means for it (the webui's default for it), further names ``--sampler`` takes, and, for
     a sampler whose steps do not end on its walk's levels, the levels they end at (``step_levels(walk)``,
-    first the start: what inpainting's blend follows)."""
+    first the start: what inpainting's blend follows), and whether it picks its steps as it goes (``adaptive``:
+    it ignores the step count, and a 4-channel inpainting blend cannot follow it)."""
 
     name: str
     label: str
@@ -59,6 +62,7 @@ class Sampler:
     automatic: str = "uniform"
     aliases: tuple[str, ...] = ()
     step_levels: Callable[[list[float]], list[float]] | None = None
+    adaptive: bool = False
 
 
 _SDE_ETA = (("eta", 1.0),)  # the SDE samplers' noise amount; --eta replaces it (see ``sample``)
@@ -90,6 +94,10 @@ SAMPLERS: dict[str, Sampler] = {
                 automatic="karras", aliases=("k_dpmpp_2s_a",)),
         Sampler("dpm_fast", "DPM fast", dpm_fast.sample_dpm_fast, SIGMAS, options=(("eta", 1.0),),
                 aliases=("k_dpm_fast",), step_levels=dpm_fast.fast_step_levels),
+        Sampler("dpm_adaptive", "DPM adaptive", dpm_fast.sample_dpm_adaptive, SIGMAS, options=(("eta", 1.0),),
+                aliases=("k_dpm_ad", "k_dpm_adaptive"), adaptive=True),
+        Sampler("restart", "Restart", restart.sample_restart, SIGMAS, options=(("s_noise", 1.0),), automatic="karras",
+                aliases=("k_restart",), step_levels=restart.restart_step_levels),
         *SDE_SAMPLERS,
     )
 }
@@ -190,13 +198,14 @@ def sample(
 
 def _options(spec: Sampler, eta: float, ancestral_eta: float, noise_sampler: NoiseSampler | None,
              callback: Callback | None) -> dict:
-    """The sampler function's keyword options: its fixed ones, the eta it takes, the noise sampler when noisy."""
+    """The sampler function's keyword options: its fixed ones, the eta it takes, the noise sampler when noisy
+    (an eta above 0, or ``restart``'s noise scale ``s_noise``)."""
     options = dict(spec.options, callback=callback)
     if "eta" in options:
         options["eta"] = ancestral_eta
     if spec.takes_eta:
         options["eta"] = eta
-    if options.get("eta", 0) > 0:
+    if options.get("eta", 0) > 0 or options.get("s_noise", 0) > 0:
         options["noise_sampler"] = noise_sampler or torch.randn_like
     return options
 

@@ -15,7 +15,8 @@ An eps model is ``eps_model(x, t) -> eps`` with ``t`` a float32 tensor ``[B]`` (
 fresh standard-normal noise shaped like ``like`` (``torch.randn_like`` or :class:`ldm.samplers.noise.SeededNoise`).
 
 Progress: after each step a sampler calls ``callback(step, total, x)`` with the 0-based index of the step
-just finished, the number of steps in this run and the current latent. To stop a run early, raise from the
+just finished, the number of steps in this run (0 where it is not known in advance: ``dpm_adaptive``) and the
+current latent. To stop a run early, raise from the
 callback (any exception, e.g. ``KeyboardInterrupt`` or the script's own): it propagates out of
 :func:`ldm.samplers.sample` unchanged, and since samplers keep no state outside the call, nothing needs
 cleaning up.
