@@ -75,7 +75,7 @@ def restore_settings(
     *,
     img2img: bool,
     sampler_labels: Mapping[str, str],
-    timestep_samplers: frozenset[str] = frozenset({"ddim", "plms"}),
+    timestep_samplers: frozenset[str] = frozenset({"ddim", "plms", "unipc"}),
     model_hash: str | None = None,
     embedding_hashes: Mapping[str, str] | None = None,
     size_multiple: int = 64,
@@ -159,7 +159,7 @@ def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapp
         out.ignored.append(f"Sampler: {label}")
         return
     out.values["sampler"] = name
-    if name in timestep_samplers:  # the webui's DDIM and PLMS walk their own timesteps whatever it says
+    if name in timestep_samplers:  # the webui's DDIM, PLMS, UniPC walk their own timesteps whatever it says
         return
     if schedule is None and webui_version is not None and webui_version < (1, 9):
         schedule = "Uniform"  # before v1.9 the label named the schedule: no suffix was k-diffusion's own grid

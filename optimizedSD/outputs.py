@@ -36,7 +36,7 @@ from ldm.samplers import find_sampler, resolve_schedule
 from optimizedSD.atomic_files import write_new_file
 from ldm.pipeline.input_checks import cut_to_bytes
 from ldm.pipeline.request import GenerationRequest
-from ldm.samplers.grids import TIMESTEPS
+from ldm.samplers.grids import TimestepGrid
 from ldm.samplers.schedules import SCHEDULES
 from optimizedSD.infotext import user_comment_exif
 
@@ -123,8 +123,8 @@ def infotext(
         Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 27, Size: 512x512, Model hash: abcdef1234, ...
 
     ``Schedule type``: the schedule the sigma samplers walked, ``automatic`` resolved (the webui v1.10 writes
-    ``Automatic`` where the sampler has no default: the Uniform grid); none for DDIM and PLMS. ``RNG: CPU``, since
-    the webui reads its absence as GPU noise; ``rng="gpu"`` writes ``RNG: NV``, the webui's name for the same
+    ``Automatic`` where the sampler has no default: the Uniform grid); none for DDIM, PLMS and UniPC. ``RNG: CPU``,
+    since the webui reads its absence as GPU noise; ``rng="gpu"`` writes ``RNG: NV``, the webui's name for the same
     Philox numbers computed off the GPU. ``noise``: :func:`noise_fields`. ``extra``: fields of the prompt encoding
     (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``). ``Version``: ``optimizedSD ...``.
     """
@@ -132,7 +132,7 @@ def infotext(
     params: dict[str, object | None] = {
         "Steps": steps,
         "Sampler": record.label,
-        "Schedule type": None if record.grid is TIMESTEPS else SCHEDULES[resolve_schedule(sampler, schedule)].label,
+        "Schedule type": None if isinstance(record.grid, TimestepGrid) else SCHEDULES[resolve_schedule(sampler, schedule)].label,
         "CFG scale": _number(scale),
         "Seed": seed,
         "Size": f"{width}x{height}",

@@ -391,7 +391,7 @@ def test_a_raising_callback_stops_the_run(eps_model, schedule, noise):
 
 
 def test_sample_rejects_bad_arguments(eps_model, schedule, noise):
-    with pytest.raises(ValueError, match="ddim, plms, dpmpp_2m, euler, euler_a, heun, dpm2, dpm2_a, lms"):
+    with pytest.raises(ValueError, match="ddim, plms, unipc, dpmpp_2m, euler, euler_a, heun, dpm2, dpm2_a, lms"):
         sample("k_euler_x", eps_model, schedule, noise, 10)
     with pytest.raises(ValueError, match="eta"):
         sample("plms", eps_model, schedule, noise, 10, eta=0.5)
@@ -402,7 +402,7 @@ def test_sample_rejects_bad_arguments(eps_model, schedule, noise):
 
 
 def test_the_dispatch_table_covers_the_public_names():
-    assert SAMPLER_NAMES == ("ddim", "plms", "dpmpp_2m", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms",
+    assert SAMPLER_NAMES == ("ddim", "plms", "unipc", "dpmpp_2m", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms",
                              "dpmpp_2s_a", "dpm_fast", "dpm_adaptive", "restart", "dpmpp_sde", "dpmpp_2m_sde",
                              "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
     assert tuple(SAMPLERS) == SAMPLER_NAMES

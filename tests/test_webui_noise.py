@@ -16,7 +16,7 @@ import torchsde._brownian.brownian_interval as brownian_interval
 
 from ldm.samplers import sample, walk_levels
 from ldm.samplers.noise import SeededNoise, make_generator
-from ldm.samplers.philox import PhiloxGenerator
+from ldm.samplers.noise import PhiloxGenerator
 from optimizedSD.infotext import read_parameters
 from tests.test_cli_txt2img import pixels, run, samples
 from tests.test_dpm2_webui_grid import InnerModel, eps_model, k_diffusion, schedule  # noqa: F401 (fixtures)

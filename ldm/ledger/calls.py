@@ -25,6 +25,7 @@ from ldm.pipeline.model import LoadedModel
 from ldm.pipeline.prepare import InitImage
 from ldm.pipeline.request import IMG2IMG, TXT2IMG, GenerationRequest
 from ldm.pipeline.sample import sample_batch
+from ldm.samplers import find_sampler
 from ldm.ledger.shapes import Calls, RunShape
 
 PROMPT = "a prompt"  # what the ledger encodes when the run's prompts are not known (its size does not matter)
@@ -59,6 +60,13 @@ def shape_request(shape: RunShape) -> GenerationRequest:
     )
 
 
+def simulated(sampler: str, device: torch.device) -> str:
+    """The sampler run on ``device``: an adaptive one picks its steps from the values, which ``meta`` has none of,
+    so there its steps are dpm_fast's (the same third-order DPM-Solver steps, on a fixed walk)."""
+    record, _ = find_sampler(sampler)
+    return "dpm_fast" if device.type == "meta" and record.adaptive else sampler
+
+
 def generation_calls(request: GenerationRequest | None = None, prompts: Sequence[str] = (PROMPT,),
                      init_image: Image.Image | None = None, *, first_tile_only: bool = False,
                      sink: ImageSink | None = None) -> Calls:
@@ -72,7 +80,8 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
         dtype = next(sd.unet.parameters()).dtype
         run = replace(
             request or shape_request(shape), device=device, precision="full" if dtype == torch.float32 else "autocast",
-            height=shape.height, width=shape.width, n_samples=shape.batch, sampler=shape.sampler, steps=shape.steps,
+            height=shape.height, width=shape.width, n_samples=shape.batch, sampler=simulated(shape.sampler, device),
+            steps=shape.steps,
             scale=shape.scale, unet_bs=shape.unet_chunk, embedding_cache=None, skip_save=True, skip_grid=True,
         )
         model = LoadedModel(sd, residency, sd.schedule)

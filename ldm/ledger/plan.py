@@ -24,8 +24,10 @@ from ldm.samplers import find_sampler
 
 # Steps after which a sampler's memory repeats: PLMS keeps 3 earlier eps, LMS 3 earlier derivatives besides
 # the current one, DPM-Solver++(2M) and the 2M SDE ones earlier output (used from their second step, and the
-# last step is first order), 3M SDE two; the others keep nothing between steps.
-_HISTORY_STEPS = {"plms": 5, "lms": 5, "dpmpp_2m": 3, "dpmpp_2m_sde": 3, "dpmpp_2m_sde_heun": 3, "dpmpp_3m_sde": 4}
+# last step is first order), 3M SDE two, UniPC its last 3 x0 predictions (all 3 from its third step); the
+# others keep nothing between steps.
+_HISTORY_STEPS = {"plms": 5, "lms": 5, "dpmpp_2m": 3, "dpmpp_2m_sde": 3, "dpmpp_2m_sde_heun": 3, "dpmpp_3m_sde": 4,
+                  "unipc": 4}
 DEFAULT_HISTORY_STEPS = 2
 
 

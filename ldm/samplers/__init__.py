@@ -2,6 +2,8 @@
 
 - ``ddim``: DDIM with the caller's eta (ddim.py), over CompVis' DDIM timesteps; 1 model call a step.
 - ``plms``: PLMS (plms.py), same timesteps; 1 call a step, 2 in the first.
+- ``unipc``: UniPC-bh1 of order 3 with data prediction (unipc.py), the webui's defaults, over timesteps evenly
+  spaced from 999 to 0 (fractional); 1 call a step, 2 in the first, none after the last.
 - ``dpmpp_2m`` (also ``dpm_solver``): DPM-Solver++(2M) (dpm_solver.py); 1 call a step.
 - ``dpmpp_2s_a``: DPM-Solver++(2S) ancestral (dpm_solver.py); 2 calls a step, 1 in the last.
 - ``dpm_fast``: DPM-Solver of order 3 with fixed steps (dpm_fast.py); ``steps`` calls in about steps / 3 steps.
@@ -34,9 +36,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms, restart, sde
+from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms, restart, sde, unipc
 from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
-from ldm.samplers.grids import SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIMESTEPS, SigmaGrid, TimestepGrid
+from ldm.samplers.grids import (SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIME_UNIFORM, TIMESTEPS, SigmaGrid,
+                                TimestepGrid)
 from ldm.samplers.schedule import DiffusionSchedule
 from ldm.samplers.schedules import SCHEDULES, find_schedule
 
@@ -79,6 +82,7 @@ SAMPLERS: dict[str, Sampler] = {
     for s in (
         Sampler("ddim", "DDIM", ddim.sample_ddim, TIMESTEPS, takes_eta=True),
         Sampler("plms", "PLMS", plms.sample_plms, TIMESTEPS),
+        Sampler("unipc", "UniPC", unipc.sample_unipc, TIME_UNIFORM),
         Sampler("dpmpp_2m", "DPM++ 2M", dpm_solver.sample_dpmpp_2m, SIGMAS, automatic="karras",
                 aliases=("dpm_solver", "k_dpmpp_2m")),
         Sampler("euler", "Euler", k_diffusion.sample_euler, SIGMAS, aliases=("k_euler",)),
@@ -159,8 +163,8 @@ def sample(
             :class:`ldm.samplers.guidance.GuidedDenoiser`).
         schedule: the model's :class:`ldm.samplers.schedule.DiffusionSchedule`.
         noise: standard-normal noise ``[B, C, h, w]`` (e.g. ``SeededNoise.initial``). txt2img starts from it
-            (``ddim``/``plms``: ``x_T = noise``, as CompVis; k-samplers: ``sigma_max * noise``); img2img adds it
-            to ``init_latent``. The latent keeps ``noise``'s dtype and device.
+            (``ddim``/``plms``/``unipc``: ``x_T = noise``, as CompVis; k-samplers: ``sigma_max * noise``); img2img
+            adds it to ``init_latent``. The latent keeps ``noise``'s dtype and device.
         steps: number of steps (``ddim``/``plms``: CompVis' DDIM spacing, which walks more timesteps than
             ``steps`` when ``steps`` does not divide 1000).
         eta: DDIM's eta (0 deterministic, 1 DDPM-like); must be 0 for the other samplers.
@@ -178,11 +182,11 @@ def sample(
             per-image seeds (the SDE samplers read its ``seeds`` and ``rng`` for their Brownian trees).
         callback: ``callback(step, total, x)`` after each step (0-based step, steps in this run, latent).
             Raise from it to stop the run; the exception propagates unchanged.
-        schedule_type: the sigma samplers' (:mod:`ldm.samplers.schedules`); ``ddim``/``plms`` ignore it.
+        schedule_type: the sigma samplers' (:mod:`ldm.samplers.schedules`); ``ddim``/``plms``/``unipc`` ignore it.
         img2img_steps: how ``strength`` picks the steps (:func:`walk_levels`).
 
     Returns:
-        The denoised latent (``ddim``/``plms``: at ``alphas_cumprod[0]``, as CompVis).
+        The denoised latent (``ddim``/``plms``/``unipc``: at ``alphas_cumprod[0]``, as CompVis).
     """
     spec = _record(name)
     if eta != 0 and not spec.takes_eta:

@@ -3,6 +3,10 @@
 - :data:`TIMESTEPS`: CompVis' DDIM timesteps, ``range(0, 1000, 1000 // steps) + 1`` descending then a final
   level 0 (:meth:`ldm.samplers.schedule.DiffusionSchedule.ddim_levels`). The latent is in the DDPM form
   ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``; txt2img starts from ``x_T = noise`` as CompVis does.
+- :data:`TIME_UNIFORM`: ``N + 1`` timesteps evenly spaced from 999 to 0, fractional ones included, ``N`` the number
+  of CompVis' DDIM timesteps for ``steps`` (``len(range(0, 1000, 1000 // steps))``): the webui's UniPC grid
+  (its ``skip_type="time_uniform"`` from ``T = 1`` to ``t_0 = 1 / 1000``). Same latent form as ``TIMESTEPS``;
+  ``alpha_bar`` interpolates in log between integer timesteps.
 - :data:`SIGMAS`: the levels of a schedule type (:mod:`ldm.samplers.schedules`; ``uniform`` is k-diffusion's
   ``get_sigmas(steps)``, ``steps`` timesteps evenly spaced from 999 to 0, then sigma 0). The latent is
   ``x = x0 + sigma * eps`` (Karras et al. 2022); txt2img starts from ``sigma_max * noise``.
@@ -10,7 +14,7 @@
   ``steps`` steps again: AUTOMATIC1111's grid for DPM2 and DPM2 a (``discard_next_to_last_sigma``), whose
   second-order step would otherwise spend a model call on the tiny next-to-last interval.
 
-The timestep grid ignores the schedule type, as the webui's DDIM and PLMS do.
+The timestep grids ignore the schedule type, as the webui's DDIM, PLMS and UniPC do.
 """
 
 from __future__ import annotations
@@ -39,6 +43,20 @@ class TimestepGrid:
         return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
 
 
+class TimeUniformGrid(TimestepGrid):
+    """The webui's UniPC walk: ``N + 1`` timesteps evenly spaced from ``T - 1`` to 0 (fractional), ``N`` the
+    length of the webui's DDIM timesteps, ``len(range(0, T, T // steps))`` (``steps`` where it divides ``T``)."""
+
+    name = "time-uniform timesteps"
+
+    def levels(self, schedule: DiffusionSchedule, steps: int, schedule_type: str = "uniform") -> list[float]:
+        total = schedule.num_timesteps
+        if not 1 <= steps <= total:
+            raise ValueError(f"steps must be between 1 and {total}, got {steps}")
+        n = len(range(0, total, total // steps))
+        return [(total - 1) * (n - k) / n for k in range(n + 1)]
+
+
 class SigmaGrid:
     """A schedule type's noise levels (every other sampler)."""
 
@@ -65,5 +83,6 @@ class SigmaGridWithoutPenultimate(SigmaGrid):
 
 
 TIMESTEPS = TimestepGrid()
+TIME_UNIFORM = TimeUniformGrid()
 SIGMAS = SigmaGrid()
 SIGMAS_WITHOUT_PENULTIMATE = SigmaGridWithoutPenultimate()

@@ -118,8 +118,17 @@ class DiffusionSchedule:
         """
         return self.ddim_timesteps(steps)[::-1] + [0]
 
-    def alpha_bar(self, t: int) -> float:
-        return float(self.alphas_cumprod[t])
+    def alpha_bar(self, t: float) -> float:
+        """``alphas_cumprod[t]``; between integer timesteps its log interpolates linearly (the webui's UniPC
+        ``NoiseScheduleVP("discrete")``)."""
+        if float(t).is_integer():
+            return float(self.alphas_cumprod[int(t)])
+        if not 0 <= t <= self.num_timesteps - 1:
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
+        low = math.floor(t)
+        w = t - low
+        log = self.alphas_cumprod[low : low + 2].log()
+        return math.exp((1 - w) * float(log[0]) + w * float(log[1]))
 
     # ---- k-diffusion sigma grid (euler, heun, dpm2, lms, dpm_solver, ...) ------------------------------
 
