@@ -22,9 +22,10 @@ its grid, its fixed options, its ``automatic`` schedule): the scripts' names, th
 metadata all read it. Grids (:mod:`ldm.samplers.grids`): the DDIM one is CompVis' ``range(0, 1000, 1000 //
 steps) + 1`` (more than ``steps`` timesteps when ``steps`` does not divide 1000, as CompVis); the sigma one
 is the levels of a schedule type (:mod:`ldm.samplers.schedules`), ``automatic`` standing for the sampler's
-webui default (Karras for DPM++ 2M, DPM++ 2S a, DPM2, DPM2 a; uniform, k-diffusion's ``get_sigmas(steps)``,
-for the others); ``dpm2`` and ``dpm2_a`` walk it for ``steps + 1`` with the next-to-last sigma dropped, as
-AUTOMATIC1111's webui does.
+webui default (Karras for DPM++ 2M, DPM++ 2S a, DPM++ SDE, DPM2, DPM2 a and Restart; Exponential for the DPM++
+2M and 3M SDE ones; uniform, k-diffusion's ``get_sigmas(steps)``, for the others); ``dpm2``, ``dpm2_a`` and
+``dpmpp_3m_sde`` walk it for ``steps + 1`` with the next-to-last sigma dropped, as AUTOMATIC1111's webui does;
+``unipc`` walks the webui's time-uniform timesteps.
 """
 
 from __future__ import annotations
