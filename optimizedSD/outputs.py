@@ -32,7 +32,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.errors import UserError
-from ldm.samplers import find_sampler, resolve_schedule
+from ldm.samplers import resolve_schedule, sampler_record
 from optimizedSD.atomic_files import write_new_file
 from ldm.pipeline.input_checks import cut_to_bytes
 from ldm.pipeline.request import GenerationRequest
@@ -128,7 +128,7 @@ def infotext(
     Philox numbers computed off the GPU. ``noise``: :func:`noise_fields`. ``extra``: fields of the prompt encoding
     (``Clip skip``, ``TI hashes``, ``Pad conds``, ``Prompt syntax``). ``Version``: ``optimizedSD ...``.
     """
-    record, _ = find_sampler(sampler)
+    record = sampler_record(sampler)
     params: dict[str, object | None] = {
         "Steps": steps,
         "Sampler": record.label,
@@ -159,7 +159,7 @@ def noise_fields(request: GenerationRequest, subseed: int | None) -> dict[str, o
     """The webui's fields for the noise settings, each only when it is not the default: ``Variation seed``
     (this image's), ``Variation seed strength``, ``Seed resize from``, ``Eta`` (samplers that take it) and
     ``ENSD`` (whenever not 0: here it also moves img2img's posterior draw, whatever the sampler)."""
-    takes_eta = "eta" in dict(find_sampler(request.sampler)[0].options)
+    takes_eta = "eta" in dict(sampler_record(request.sampler).options)
     return {
         "Variation seed": subseed if request.subseed_strength else None,
         "Variation seed strength": _number(request.subseed_strength) if request.subseed_strength else None,

@@ -25,7 +25,7 @@ from ldm.pipeline.model import LoadedModel
 from ldm.pipeline.prepare import InitImage
 from ldm.pipeline.request import IMG2IMG, TXT2IMG, GenerationRequest
 from ldm.pipeline.sample import sample_batch
-from ldm.samplers import find_sampler
+from ldm.samplers import sampler_record
 from ldm.ledger.shapes import Calls, RunShape
 
 PROMPT = "a prompt"  # what the ledger encodes when the run's prompts are not known (its size does not matter)
@@ -63,7 +63,7 @@ def shape_request(shape: RunShape) -> GenerationRequest:
 def simulated(sampler: str, device: torch.device) -> str:
     """The sampler run on ``device``: an adaptive one picks its steps from the values, which ``meta`` has none of,
     so there its steps are dpm_fast's (the same third-order DPM-Solver steps, on a fixed walk)."""
-    record, _ = find_sampler(sampler)
+    record = sampler_record(sampler)
     return "dpm_fast" if device.type == "meta" and record.adaptive else sampler
 
 

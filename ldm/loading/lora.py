@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
@@ -39,9 +39,7 @@ from ldm.loading.errors import LoraError
 from ldm.checkpoints.reader import read_checkpoint
 from ldm.checkpoints.hashes import file_sha256, safetensors_data_sha256
 from ldm.loading.lora_layouts import LoraTarget, lora_targets, split_lora_key
-
-if TYPE_CHECKING:
-    from ldm.loading.stable_diffusion import StableDiffusion
+from ldm.loading.stable_diffusion import StableDiffusion
 
 log = logging.getLogger(__name__)
 

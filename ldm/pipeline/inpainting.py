@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.errors import UsageError
-from ldm.samplers import find_sampler, walk_levels
+from ldm.samplers import sampler_record, walk_levels
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def sampler_blend(
     levels = walk_levels(name, schedule, steps, strength, schedule_type, img2img_steps)
     if len(levels) == 1:
         return None
-    record, _ = find_sampler(name)
+    record = sampler_record(name)
     if record.adaptive:
         raise UsageError(f"--sampler {name} cannot inpaint with a 4-channel checkpoint: it picks its steps as it goes, "
                          "and the per-step blend needs them beforehand (use another sampler or a 9-channel "

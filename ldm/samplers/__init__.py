@@ -44,7 +44,8 @@ from ldm.samplers.grids import (SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIME_UNIFORM
 from ldm.samplers.schedule import DiffusionSchedule
 from ldm.samplers.schedules import SCHEDULES, find_schedule
 
-__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "find_sampler", "resolve_schedule", "sample", "walk_levels"]
+__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "find_sampler", "resolve_schedule", "sample", "sampler_record",
+           "walk_levels"]
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,12 @@ def resolve_schedule(name: str, schedule_type: str) -> str:
     """The schedule type sampler ``name`` walks: ``automatic`` is the sampler's own default."""
     if schedule_type not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule_type!r}; valid schedules: {', '.join(SCHEDULES)}")
-    return _record(name).automatic if schedule_type == "automatic" else schedule_type
+    return sampler_record(name).automatic if schedule_type == "automatic" else schedule_type
 
 
-def _record(name: str) -> Sampler:
+def sampler_record(name: str) -> Sampler:
+    """The record of the sampler ``name`` means (a name, an alias or a label); a label that names a schedule, or
+    no sampler at all, is a ValueError."""
     found = find_sampler(name)
     if found is None or found[1] is not None:
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
@@ -189,7 +192,7 @@ def sample(
     Returns:
         The denoised latent (``ddim``/``plms``/``unipc``: at ``alphas_cumprod[0]``, as CompVis).
     """
-    spec = _record(name)
+    spec = sampler_record(name)
     if eta != 0 and not spec.takes_eta:
         raise ValueError(f"eta={eta} applies only to the ddim sampler, not {name!r}")
     levels = walk_levels(name, schedule, steps, strength, schedule_type, img2img_steps)
@@ -240,7 +243,7 @@ def walk_levels(name: str, schedule: DiffusionSchedule, steps: int, strength: fl
     + 1``, as AUTOMATIC1111's img2img does (``sigmas[steps - t_enc - 1:]``)."""
     if img2img_steps not in IMG2IMG_STEPS:
         raise ValueError(f"img2img_steps must be one of {', '.join(IMG2IMG_STEPS)}, got {img2img_steps!r}")
-    levels = _record(name).grid.levels(schedule, steps, resolve_schedule(name, schedule_type))
+    levels = sampler_record(name).grid.levels(schedule, steps, resolve_schedule(name, schedule_type))
     if strength == 1:
         return levels
     run = int(min(strength, 0.999) * steps) + 1 if img2img_steps == "webui" else int(strength * steps)
