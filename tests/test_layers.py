@@ -5,10 +5,11 @@ Floors, lowest first; a module imports only from its own floor or the floors bel
     base          ldm/errors.py, messages.py, config.py, regular_files.py, host_memory.py
     checkpoints   reading files safely (ldm/checkpoints/)
     models        UNet, VAE, attention, token merging, int8 layers, safety checker (ldm/models/)
-    components    conditioning, samplers, memory, loading (ldm/conditioning|samplers|memory|loading/)
-    pipeline      the generation stages (ldm/pipeline/)
+    components    conditioning, samplers, memory, loading, ControlNet, backends
+                  (ldm/conditioning|samplers|memory|loading|control|backends/)
+    pipeline      the generation stages (ldm/pipeline/), passes made of stages: hires fix, only masked (ldm/passes/)
     ledger        the VRAM ledger, which runs the stages on ``meta`` (ldm/ledger/)
-    command line  what only the scripts need (optimizedSD/)
+    command line  what only the scripts need (optimizedSD/, the server in optimizedSD/server/)
     scripts       optimizedSD/optimized_*.py, scripts/*.py
 
 Besides: no import circle between modules (function-local imports included: one of those hides a circle, it
@@ -31,8 +32,8 @@ FLOORS = (
     ("base", ("ldm", "ldm.errors", "ldm.messages", "ldm.config", "ldm.regular_files", "ldm.host_memory")),
     ("checkpoints", ("ldm.checkpoints",)),
     ("models", ("ldm.models",)),
-    ("components", ("ldm.conditioning", "ldm.samplers", "ldm.memory", "ldm.loading")),
-    ("pipeline", ("ldm.pipeline",)),
+    ("components", ("ldm.conditioning", "ldm.samplers", "ldm.memory", "ldm.loading", "ldm.control", "ldm.backends")),
+    ("pipeline", ("ldm.pipeline", "ldm.passes")),
     ("ledger", ("ldm.ledger",)),
     ("command line", ("optimizedSD",)),
     ("scripts", ("optimizedSD.optimized_", "scripts")),
@@ -55,7 +56,7 @@ class Import:
 
 def module_files() -> dict[str, Path]:
     files = {}
-    for path in [*REPO.glob("ldm/**/*.py"), *REPO.glob("optimizedSD/*.py"), *REPO.glob("scripts/*.py")]:
+    for path in [*REPO.glob("ldm/**/*.py"), *REPO.glob("optimizedSD/**/*.py"), *REPO.glob("scripts/*.py")]:
         parts = path.relative_to(REPO).with_suffix("").parts
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return files
@@ -182,7 +183,8 @@ def test_files_are_small_and_packages_few():
             if not p.parts[-2] == "scripts" and (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
     assert not long, "files over 450 lines: " + ", ".join(long)
     assert len(list((REPO / "ldm").glob("*.py"))) <= MAX_TOP_LEVEL_MODULES
-    for package in [p for p in (REPO / "ldm").iterdir() if (p / "__init__.py").exists()] + [REPO / "optimizedSD"]:
+    for package in [p for p in (REPO / "ldm").iterdir() if (p / "__init__.py").exists()] + [
+            p for p in [REPO / "optimizedSD", *(REPO / "optimizedSD").iterdir()] if (p / "__init__.py").exists()]:
         count = len([p for p in package.glob("*.py") if not p.name.startswith("optimized_")])  # not the scripts
         assert count <= MAX_PACKAGE_MODULES, f"{package.relative_to(REPO)} holds {count} modules"
 
