@@ -32,7 +32,7 @@ from ldm.models.quantize import QUANTIZE_CHOICES
 from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
-from optimizedSD.noise_flags import add_noise_flags, check_noise_args, noise_settings
+from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
 from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
 
 log = logging.getLogger(__name__)

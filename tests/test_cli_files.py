@@ -11,7 +11,8 @@ from PIL import Image
 
 from ldm.checkpoints.layout import VAE_PREFIX
 from ldm.loading.random_weights import random_state_dict, save_checkpoint
-from optimizedSD import compvis_flags, optimized_img2img, optimized_txt2img
+from optimizedSD import optimized_img2img, optimized_txt2img
+from optimizedSD.flags import compvis as compvis_flags
 from optimizedSD.infotext import read_parameters
 from tests import checkpoint_variants as variants
 
