@@ -80,6 +80,7 @@ class RunInputs:
     config: ModelConfig
     inpainting: InpaintingInputs | None = None  # inpaint: the mask read and sized, and the init image's pixels
     loras: tuple[RunLora, ...] = ()  # --lora files, then the webui prompts' <lora:NAME:WEIGHT> tags
+    control_images: tuple[Image.Image, ...] = ()  # --control_image, opened and checked, in order
 
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
@@ -120,7 +121,15 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
                          f"got {request.clip_skip}")
     if request.steps > config.schedule.timesteps:
         raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
-    return RunInputs(prompts, init_image, height, width, writer, config, inpainting, loras)
+    return RunInputs(prompts, init_image, height, width, writer, config, inpainting, loras, control_images(request))
+
+
+def control_images(request: GenerationRequest) -> tuple[Image.Image, ...]:
+    """Each ControlNet's file found and its image opened and checked, before the model load."""
+    for spec in request.control:
+        if not spec.model.exists():
+            raise UsageError(f"--control_model not found: {spec.model}")
+    return tuple(load_init_image(spec.image) for spec in request.control)
 
 
 def model_config_path(request: GenerationRequest) -> Path:
@@ -223,7 +232,7 @@ def generate(request: GenerationRequest) -> RunSummary:
     if job is None or job.is_main:
         print(f"Seed: {request.seed}" + (" (fixed code: every batch starts from the first batch's noise)" if request.fixed_code else ""))
     model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras], inputs.height,
-                       inputs.width)
+                       inputs.width, inputs.control_images)
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
                          memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
                          safety_mode=request.safety_checker_mode if model.safety is not None else None)

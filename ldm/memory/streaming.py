@@ -190,7 +190,8 @@ class StreamedUNet(PartStreamer):
         self.unet = unet
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunk: int | None = None,
+                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """One UNet evaluation; ``chunk`` (the fork's ``--unet_bs``) runs each part on at most that many
         latents at a time, all chunks through a group before the next group comes: one pass of weights per
         call whatever the chunk, where calling the UNet once per chunk would stream it once per chunk. What
@@ -199,7 +200,7 @@ class StreamedUNet(PartStreamer):
             raise ValueError(f"batch sizes differ: x {x.shape[0]}, timesteps {timesteps.shape[0]}, context {context.shape[0]}")
         self.chunk = chunk
         try:
-            return self.unet(x, timesteps, context, hook=self.run_part)
+            return self.unet(x, timesteps, context, hook=self.run_part, control=control)
         finally:
             self.chunk = None
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 
 from ldm.checkpoints.errors import CheckpointError
 from ldm.config import ModelConfig
+from ldm.control.units import ControlUnit, load_units
 from ldm.errors import UsageError
 from ldm.loading.lora import LoraFile, apply_loras
 from ldm.loading.stable_diffusion import StableDiffusion, load_stable_diffusion, own_weights
@@ -38,12 +40,14 @@ class LoadedModel:
     schedule: DiffusionSchedule
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
     safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
+    control: tuple[ControlUnit, ...] = ()  # --control_model: ControlNets under the same residency (ldm/control)
 
 
 def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
-               height: int, width: int) -> LoadedModel:
+               height: int, width: int, control_images: Sequence[Image.Image] = ()) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype, merge ``loras`` ((file, weight) in order) and put
-    it under a memory mode for images of ``height`` x ``width``."""
+    it under a memory mode for images of ``height`` x ``width``; the ControlNets of ``request.control`` with
+    their ``control_images`` (opened and checked, in the same order) under the same memory mode."""
     log.info("loading %s", request.ckpt)
     try:
         # --quantize reads the UNet's mapped weights straight into int8 (the load never holds it in float).
@@ -58,7 +62,8 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
     if request.safety_checker is not None:
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
     residency = make_residency(request, sd, height, width, safety)
-    return LoadedModel(sd, residency, sd.schedule, merged, safety)
+    control = load_units(request.control, control_images, config, request.dtype, residency, width, height)
+    return LoadedModel(sd, residency, sd.schedule, merged, safety, control)
 
 
 def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:

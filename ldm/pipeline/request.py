@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.control.units import ControlSpec
+
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
 INPAINT = "inpaint"
@@ -95,6 +97,8 @@ class GenerationRequest:
     seed_resize_from: tuple[int, int] | None = None  # (width, height) px the seed's noise is drawn at
     eta_ancestral: float = 1.0  # --eta: noise amount of the ancestral and SDE samplers (the webui's Eta)
     ensd: int = 0  # eta noise seed delta: every draw after the start noise from seed + ensd
+    control: tuple[ControlSpec, ...] = ()  # --control_model/--control_image pairs, in order (ldm/control)
+    save_control_map: bool = False  # --save_control_map: each preprocessed map beside the images
 
     @property
     def img2img(self) -> bool:
