@@ -17,7 +17,8 @@ from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from ldm.samplers.noise import SeededNoise
 from optimizedSD import optimized_txt2img
 from tests.control_files import (
-    diffusers_control_pipeline, diffusers_controlnet, hint_png, png_hint_tensor, random_control_state, save_v11,
+    diffusers_control_pipeline, diffusers_controlnet, hint_png, png_hint_tensor, random_control_state, save_v10,
+    save_v11,
 )
 from tests.test_cli_vs_diffusers import TINY_CONFIG
 
@@ -29,7 +30,10 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("control")
     state = random_state_dict(load_model_config(TINY_CONFIG), seed=2024)
     control = [random_control_state(TINY_CONFIG, seed=s) for s in (7, 8)]
+    half = {k: v.half() for k, v in control[0].items()}
     return {
+        "v10": save_v10(control[0], folder / "control_sd15_random.pth", state),
+        "fp16": save_v11(half, folder / "control_v11p_sd15_random_fp16.safetensors"), "fp16_state": half,
         "state": state, "ckpt": save_checkpoint(state, folder / "random.ckpt"), "control_states": control,
         "pth": save_v11(control[0], folder / "control_v11p_sd15_random.pth"),
         "safetensors": save_v11(control[1], folder / "control_v11p_sd15_second.safetensors"),
@@ -48,8 +52,18 @@ def run_cli(tmp_path: Path, files, extra: list[str], name: str = "out") -> np.nd
         return np.asarray(image.convert("RGB")).astype(np.float64)
 
 
-def run_diffusers(files, indices, weights, starts, ends) -> np.ndarray:
-    nets = [diffusers_controlnet(files["control_states"][i], TINY_CONFIG) for i in indices]
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, files) -> np.ndarray:
+    return run_cli(tmp_path_factory.mktemp("plain"), files, [])
+
+
+def run_diffusers(files, indices, weights, starts, ends, layout="pth") -> np.ndarray:
+    states = [files["control_states"][i] for i in indices]
+    if layout == "v10":  # diffusers' converter reads the 1.0 layout (control_model.*, base keys beside) itself
+        states[0] = {f"control_model.{k}": v for k, v in states[0].items()} | files["state"]
+    if layout == "fp16":
+        states[0] = {k: v.float() for k, v in files["fp16_state"].items()}
+    nets = [diffusers_controlnet(state, TINY_CONFIG) for state in states]
     pipe = diffusers_control_pipeline(files["state"], nets, TINY_CONFIG)
     hints = [png_hint_tensor(files["hints"][i]) for i in indices]
     single = len(indices) == 1
@@ -62,34 +76,34 @@ def run_diffusers(files, indices, weights, starts, ends) -> np.ndarray:
     return np.round(image * 255).astype(np.float64)
 
 
-def control_flags(files, indices, weights, starts, ends) -> list[str]:
+def control_flags(files, indices, weights, starts, ends, layout="pth") -> list[str]:
     flags = []
     for i, w, s, e in zip(indices, weights, starts, ends):
-        model = files["pth"] if i == 0 else files["safetensors"]
+        model = files[layout] if i == 0 else files["safetensors"]
         flags += ["--control_model", str(model), "--control_image", str(files["hints"][i]), "--control_weight", str(w),
                   "--control_start", str(s), "--control_end", str(e)]
     return flags
 
 
-CASES = {
-    "one": ([0], [1.0], [0.0], [1.0]),
-    "weight-0.6-window-0.2-0.8": ([0], [0.6], [0.2], [0.8]),
-    "two": ([0, 1], [1.0, 0.7], [0.0, 0.1], [1.0, 0.9]),
+CASES = {  # layout of the first ControlNet's file, then ControlNets, weights, starts, ends
+    "v1.1-pth": ("pth", [0], [1.0], [0.0], [1.0]),
+    "weight-0.6-window-0.2-0.8": ("pth", [0], [0.6], [0.2], [0.8]),
+    "two": ("pth", [0, 1], [1.0, 0.7], [0.0, 0.1], [1.0, 0.9]),
+    "v1.0-with-base-keys": ("v10", [0], [1.0], [0.0], [1.0]),
+    "fp16-file": ("fp16", [0], [1.0], [0.0], [1.0]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_control_matches_diffusers(tmp_path, files, case):
-    indices, weights, starts, ends = CASES[case]
-    ours = run_cli(tmp_path, files, control_flags(files, indices, weights, starts, ends))
-    theirs = run_diffusers(files, indices, weights, starts, ends)
-    plain = run_cli(tmp_path, files, [], "plain")
+def test_control_matches_diffusers(tmp_path, files, plain, case):
+    layout, indices, weights, starts, ends = CASES[case]
+    ours = run_cli(tmp_path, files, control_flags(files, indices, weights, starts, ends, layout))
+    theirs = run_diffusers(files, indices, weights, starts, ends, layout)
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert np.abs(ours - plain).mean() > 3, "the ControlNet changed nothing"
     assert np.abs(ours - theirs).mean() <= 1.0, np.abs(ours - theirs).mean()
 
 
-def test_weight_zero_is_the_plain_image(tmp_path, files):
+def test_weight_zero_is_the_plain_image(tmp_path, files, plain):
     ours = run_cli(tmp_path, files, control_flags(files, [0], [0.0], [0.0], [1.0]))
-    plain = run_cli(tmp_path, files, [], "plain")
     assert np.array_equal(ours, plain)

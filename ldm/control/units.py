@@ -72,13 +72,17 @@ def meta_units(count: int, config: ModelConfig, dtype: torch.dtype, residency: C
     return tuple(units)
 
 
-def load_units(specs: Sequence[ControlSpec], images: Sequence[Image.Image], config: ModelConfig, dtype: torch.dtype,
-               residency: ControlResidency, width: int, height: int) -> tuple[ControlUnit, ...]:
-    """Each spec's file read and built in ``dtype``, placed under ``residency``; its image (``images``, in the
-    same order, already opened and checked) made into the hint for ``width`` x ``height``."""
+def read_nets(specs: Sequence[ControlSpec], config: ModelConfig, dtype: torch.dtype) -> list[ControlNet]:
+    """Each spec's file read and built in ``dtype`` (a file that is no SD v1 ControlNet fails here, in one line)."""
+    return [load_control_net(spec.model, control_config(config), dtype) for spec in specs]
+
+
+def place_units(nets: Sequence[ControlNet], specs: Sequence[ControlSpec], images: Sequence[Image.Image],
+                residency: ControlResidency, width: int, height: int) -> tuple[ControlUnit, ...]:
+    """The networks placed under ``residency``; each image (``images``, in the specs' order, already opened and
+    checked) made into its hint for ``width`` x ``height``."""
     units = []
-    for index, (spec, image) in enumerate(zip(specs, images, strict=True)):
-        net = load_control_net(spec.model, control_config(config), dtype)
+    for index, (net, spec, image) in enumerate(zip(nets, specs, images, strict=True)):
         control = control_map(image, width, height, spec.preprocess, spec.canny_low, spec.canny_high)
         placed = PlacedControlNet(residency, net, f"control.{index}")
         units.append(ControlUnit(placed, hint_tensor(control), spec.weight, spec.start, spec.end, control))
