@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.control.units import meta_units
 from ldm.memory.vae_decoding import DEFAULT_TILE
 from ldm.pipeline.batches import Batch, plan_batches
 from ldm.pipeline.decode import ImageSink, decode_and_write, decode_image
@@ -84,7 +85,10 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
             steps=shape.steps,
             scale=shape.scale, unet_bs=shape.unet_chunk, embedding_cache=None, skip_save=True, skip_grid=True,
         )
-        model = LoadedModel(sd, residency, sd.schedule)
+        if id(residency) not in prepared:  # a caller that did not prepare (a real device): built now
+            prepare(sd, residency, shape)
+        control = prepared.pop(id(residency))
+        model = LoadedModel(sd, residency, sd.schedule, control=control)
         with phase("text_encoder"):
             encoder = encode_prompts(run, prompts, model)
         init = None
@@ -104,4 +108,16 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
             else:
                 decode_and_write(model, batch, latents, shape.tiled, sink or Discard())
 
+    prepared: dict[int, tuple] = {}
+
+    def prepare(sd, residency, shape: RunShape) -> dict[int, tuple]:
+        """One ControlNet of the config's architecture per ``--control_model``, on ``meta`` (no file is read),
+        under ``residency``: built before the counting starts (:func:`~ldm.ledger.simulation.simulate` calls
+        this first), since a model built on ``meta`` stands for host copies, not device memory."""
+        count = len(request.control) if request is not None else 0
+        dtype = next(sd.unet.parameters()).dtype
+        prepared[id(residency)] = meta_units(count, sd.config, dtype, residency, shape.width, shape.height)
+        return prepared
+
+    calls.prepare = prepare
     return calls
