@@ -258,6 +258,8 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
     """Prompts, the input preparer, then every batch (under torchrun, this rank's share) and the grid."""
     outputs = RunOutputs(request, inputs.writer, len(inputs.prompts), inputs.width, inputs.height, summary, inputs.loras,
                          lora_hashes_text(model.loras, [lora.name for lora in inputs.loras]), inputs.inpainting)
+    if request.save_control_map:
+        outputs.control_maps = [unit.map for unit in model.control]
     encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
     init = prepare_init(request, model, inputs.init_image, inputs.width, inputs.height, inputs.inpainting)
     cfg = inputs.config

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm.checkpoints.hashes import model_hash
 from ldm.ledger.batch_parts import grid_fits
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
+from optimizedSD.atomic_files import write_new_file
 from optimizedSD.lora_tags import RunLora, metadata_prompt
-from optimizedSD.outputs import SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
+from optimizedSD.outputs import OutputError, SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
 
 
 @dataclass
@@ -75,6 +77,7 @@ class RunOutputs:
         self.file_numbers: list[int] | None = None  # torchrun: each image's number in a single process's naming
         self.inpainting = inpainting
         self.images = request.n_iter * prompts * request.n_samples
+        self.control_maps: list[np.ndarray] = []  # --save_control_map: each ControlNet's preprocessed map
         # A grid over the cap is not made (one warning line): its images would all stay in host memory.
         self.keep_grid = not request.skip_grid and grid_fits(self.images, height, width)
 
@@ -104,6 +107,7 @@ class RunOutputs:
         if not request.skip_save:
             number = None if self.file_numbers is None else self.file_numbers[index]
             self.summary.written.append(self.writer.write_sample(prompt_folder_name(batch.prompt), seed, image, text, number))
+            write_control_maps(self.summary.written[-1], self.control_maps)
         self.summary.images += 1  # after the write: a rank stopped while writing counts only what is on disk
         self.summary.flagged += safety is not None
         if self.keep_grid:
@@ -128,3 +132,13 @@ class RunOutputs:
         images = [image for _, image in self.grid_images] if images is None else images
         if images:
             self.summary.grid = self.writer.write_grid(images, self.request.n_rows, self.grid_text)
+
+
+def write_control_maps(sample: Path, maps: list[np.ndarray]) -> None:
+    """``--save_control_map``: each map beside ``sample`` as ``<sample>-control<n>.png`` (never over a file)."""
+    for index, control in enumerate(maps):
+        path = sample.with_name(f"{sample.stem}-control{index}.png")
+        try:
+            write_new_file(path, lambda handle: Image.fromarray(control).save(handle, format="PNG"))
+        except OSError as error:  # FileExistsError included: nothing is overwritten
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
