@@ -32,7 +32,7 @@ from ldm.models.quantize import QUANTIZE_CHOICES
 from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
-from optimizedSD.flags.control import add_control_flags, check_control_args, control_settings
+from optimizedSD.flags.control import add_control_flags, check_control_args, control_settings, restore_control
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
 from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
 
@@ -311,8 +311,9 @@ def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
         raise UsageError(f"--from_png {source}: no generation parameters in it (PNG 'parameters' chunk or JPEG EXIF UserComment)")
     ckpt = Path(opt.ckpt)
     try:
+        info, control = restore_control(opt, given, parse_infotext(text))  # ControlNet's entries, set here
         restored = restore_settings(
-            parse_infotext(text), img2img=opt.mode == IMG2IMG,
+            info, img2img=opt.mode == IMG2IMG,
             sampler_labels={record.label: name for name, record in SAMPLER_RECORDS.items()},
             model_hash=model_hash(ckpt) if ckpt.is_file() else None,
             embedding_hashes=embedding_file_hashes(Path(opt.embeddings_dir or DEFAULT_EMBEDDINGS_DIR)),

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from ldm.checkpoints.hashes import model_hash
+from ldm.control.files import webui_model_hash
+from ldm.control.metadata import control_fields
 from ldm.ledger.batch_parts import grid_fits
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
@@ -78,6 +80,8 @@ class RunOutputs:
         self.inpainting = inpainting
         self.images = request.n_iter * prompts * request.n_samples
         self.control_maps: list[np.ndarray] = []  # --save_control_map: each ControlNet's preprocessed map
+        hashes = [None if request.skip_save and request.skip_grid else webui_model_hash(spec.model) for spec in request.control]
+        self.control_fields = control_fields(request.control, hashes)  # the webui extension's "ControlNet <i>"
         # A grid over the cap is not made (one warning line): its images would all stay in host memory.
         self.keep_grid = not request.skip_grid and grid_fits(self.images, height, width)
 
@@ -88,6 +92,7 @@ class RunOutputs:
             fields.update(self.inpainting.metadata())
         if self.request.img2img_steps != "cut":
             fields["Img2img steps"] = self.request.img2img_steps
+        fields.update(self.control_fields)
         return fields
 
     def pixels(self, decoded: torch.Tensor) -> np.ndarray:

@@ -6,13 +6,20 @@ in the same order; a model without its own takes the default), ``--canny_low``/`
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from ldm.control.files import webui_model_hash
 from ldm.control.hints import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
+from ldm.control.metadata import RestoredUnit, find_model, take_units
 from ldm.control.units import ControlSpec
 from ldm.errors import UsageError
+from optimizedSD.infotext import Infotext
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONTROL_DIR = Path("models") / "ControlNet"
 _PER_MODEL = ("control_weight", "control_start", "control_end", "control_preprocess")
@@ -77,3 +84,42 @@ def control_settings(opt: argparse.Namespace) -> dict[str, object]:
             values(opt, "control_end", 1.0), values(opt, "control_preprocess", "none"))
     )
     return {"control": specs, "save_control_map": opt.save_control_map}
+
+
+def restore_control(opt: argparse.Namespace, given: set[str], info: Infotext) -> tuple[Infotext, list[RestoredUnit]]:
+    """``--from_png``: the image's ``ControlNet <i>`` entries (the webui extension's) become the ControlNet flags
+    not given, each model looked up by name in ``--control_dir`` (its short hash checked), with the images of
+    ``--control_image`` in the same order; returns the infotext without those entries, and the entries."""
+    try:
+        fields, units = take_units(info.fields)
+    except ValueError as error:
+        raise UsageError(f"--from_png: {error}") from None
+    if not units or "control_model" in given:  # the command line's ControlNets win
+        return replace(info, fields=fields), units
+    if len(opt.control_image) != len(units):
+        raise UsageError(f"--from_png: the image was made with {len(units)} ControlNet(s): give --control_image "
+                         f"once for each ({len(opt.control_image)} given)")
+    folder = Path(opt.control_dir)
+    models = []
+    for unit in units:
+        path = find_model(unit.model_name, folder)
+        if path is None:
+            raise UsageError(f"--from_png: ControlNet {unit.index} is {unit.model_name}, not found in {folder} "
+                             "(give --control_dir or --control_model)")
+        if unit.model_hash and webui_model_hash(path) != unit.model_hash.lower():
+            log.warning("--from_png: %s's hash is not the image's [%s]", path, unit.model_hash)
+        if unit.module not in PREPROCESSORS and "control_preprocess" not in given:
+            raise UsageError(f"--from_png: ControlNet {unit.index}'s preprocessor {unit.module} needs its own model "
+                             "(not supported): give its map as --control_image with --control_preprocess none")
+        models.append(str(path))
+    opt.control_model = models
+    for dest, values in (("control_weight", [u.weight for u in units]), ("control_start", [u.start for u in units]),
+                         ("control_end", [u.end for u in units]), ("control_preprocess", [u.module for u in units])):
+        if dest not in given:
+            setattr(opt, dest, values)
+    canny = next((u for u in units if u.module == "canny" and u.threshold_a is not None), None)
+    if canny is not None:
+        for dest, value in (("canny_low", canny.threshold_a), ("canny_high", canny.threshold_b)):
+            if dest not in given and value is not None:
+                setattr(opt, dest, value)
+    return replace(info, fields=fields), units
