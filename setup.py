@@ -19,6 +19,7 @@ setup(
         "regex",
         "invisible-watermark",
         "torchsde",  # the SDE samplers' Brownian trees (as the webui and ComfyUI)
+        "opencv-python",  # ControlNet hints: the webui extension's resizing and Canny (invisible-watermark pulls it too)
     ],
     extras_require={
         "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3"],
