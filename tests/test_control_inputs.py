@@ -66,7 +66,7 @@ def txt2img(tiny_checkpoint, outdir: Path, *extra: str) -> list[Path]:
     return sorted(outdir.rglob("seed_*.png"))
 
 
-@pytest.mark.parametrize("name", ["canny", "invert"])
+@pytest.mark.parametrize("name", ["canny", pytest.param("invert", marks=pytest.mark.slow)])
 def test_preprocessed_image_equals_its_map_given_as_the_hint(tmp_path, tiny_checkpoint, control_file, name):
     image = hint_png(tmp_path / "photo.png")
     with Image.open(image) as opened:

@@ -17,6 +17,7 @@ from ldm.control.placement import PlacedControlNet
 from ldm.loading.stable_diffusion import load_stable_diffusion
 from ldm.memory.residency import Residency
 from optimizedSD import optimized_txt2img
+from optimizedSD.arguments import SAMPLERS
 from tests.control_files import hint_png, random_control_state, save_v11
 from tests.test_cli_vs_diffusers import TINY_CONFIG
 
@@ -83,3 +84,26 @@ def test_cli_images_equal_in_every_mode(tmp_path, tiny_checkpoint, control_state
     for mode in ("medium", "low"):
         for a, b in zip(images["full"], images[mode]):
             assert np.array_equal(a, b), mode
+
+
+FAST_SAMPLERS = ("heun", "restart")  # the others: -m slow
+
+
+@pytest.mark.parametrize("sampler", [pytest.param(s, marks=() if s in FAST_SAMPLERS else pytest.mark.slow)
+                                     for s in SAMPLERS])
+def test_every_sampler_runs_with_a_window(tmp_path, tiny_checkpoint, control_state, sampler):
+    """Each sampler with a ControlNet acting in the middle of the steps; the window changes the picture."""
+    model = save_v11(control_state, tmp_path / "control.safetensors")
+    hint = hint_png(tmp_path / "hint.png")
+
+    def run(outdir, *extra):
+        argv = ["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu", "--outdir",
+                str(outdir), "--H", "64", "--W", "64", "--n_samples", "1", "--seed", "3", "--sampler", sampler,
+                "--ddim_steps", "4", "--skip_grid", "--no-watermark", "--control_model", str(model), "--control_image",
+                str(hint), *extra]
+        assert optimized_txt2img.main(argv) == 0
+        (path,) = outdir.rglob("seed_*.png")
+        return np.asarray(Image.open(path)).astype(np.float64)
+
+    whole, window = run(tmp_path / "whole"), run(tmp_path / "window", "--control_start", "0.3", "--control_end", "0.7")
+    assert np.abs(whole - window).mean() > 0.5
