@@ -201,6 +201,9 @@ def sample(
         return init_latent.clone()
     x, levels = start
     options = _options(spec, eta, ancestral_eta, noise_sampler, callback)
+    if spec in SDE_SAMPLERS and init_latent is not None:  # the webui spans the Brownian trees over the whole walk
+        whole = walk_levels(name, schedule, steps, 1.0, schedule_type)
+        options["span"] = (min(s for s in whole if s > 0), max(whole))
     return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
 
 
