@@ -81,13 +81,11 @@ def diffusers_controlnet(state: dict[str, torch.Tensor], config_path: Path):
     return model.eval()
 
 
-def diffusers_control_pipeline(sd_state: dict[str, torch.Tensor], controlnets, config_path: Path):
-    """``StableDiffusionControlNetPipeline`` from the SD checkpoint's components and ``controlnets``."""
+def diffusers_control_pipeline(base, controlnets):
+    """``StableDiffusionControlNetPipeline`` from a ``StableDiffusionPipeline``'s components (``base``: from
+    tests/test_cli_vs_diffusers.py's ``diffusers_pipeline_from_checkpoint``) and ``controlnets``."""
     from diffusers import StableDiffusionControlNetPipeline
 
-    from tests.test_cli_vs_diffusers import diffusers_pipeline_from_checkpoint
-
-    base = diffusers_pipeline_from_checkpoint(sd_state, config_path)
     pipe = StableDiffusionControlNetPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
         controlnet=controlnets if len(controlnets) > 1 else controlnets[0], scheduler=base.scheduler,

@@ -1,7 +1,8 @@
 """The CLI's ControlNet images against diffusers' ``StableDiffusionControlNetPipeline`` reading the same random
 ControlNet file through diffusers' own converter (``convert_controlnet_checkpoint``), on the tiny model: same
 initial noise, DDIM with a step count dividing 1000, the hint given to diffusers as the same [0, 1] tensor.
-Tolerance as tests/test_cli_vs_diffusers.py: mean absolute difference within one 8-bit level."""
+Tolerance as tests/test_cli_vs_diffusers.py: mean absolute difference within one 8-bit level, at most 0.2 % of
+the values different (measured: 0.0000-0.0002 levels, against a ControlNet effect of 6-16 levels)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from tests.control_files import (
     diffusers_control_pipeline, diffusers_controlnet, hint_png, png_hint_tensor, random_control_state, save_v10,
     save_v11,
 )
-from tests.test_cli_vs_diffusers import TINY_CONFIG
+from tests.test_cli_vs_diffusers import TINY_CONFIG, diffusers_pipeline_from_checkpoint
 
-SEED, STEPS, SCALE, PROMPT = 31, 10, 7.5, "a photograph of an astronaut riding a horse"
+SEED, STEPS, SCALE, PROMPT = 31, 5, 7.5, "a photograph of an astronaut riding a horse"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def files(tmp_path_factory):
     return {
         "v10": save_v10(control[0], folder / "control_sd15_random.pth", state),
         "fp16": save_v11(half, folder / "control_v11p_sd15_random_fp16.safetensors"), "fp16_state": half,
-        "state": state, "ckpt": save_checkpoint(state, folder / "random.ckpt"), "control_states": control,
+        "state": state, "base": diffusers_pipeline_from_checkpoint(state, TINY_CONFIG), "ckpt": save_checkpoint(state, folder / "random.ckpt"), "control_states": control,
         "pth": save_v11(control[0], folder / "control_v11p_sd15_random.pth"),
         "safetensors": save_v11(control[1], folder / "control_v11p_sd15_second.safetensors"),
         "hints": [hint_png(folder / "hint0.png", seed=3), hint_png(folder / "hint1.png", seed=4)],
@@ -64,7 +65,7 @@ def run_diffusers(files, indices, weights, starts, ends, layout="pth") -> np.nda
     if layout == "fp16":
         states[0] = {k: v.float() for k, v in files["fp16_state"].items()}
     nets = [diffusers_controlnet(state, TINY_CONFIG) for state in states]
-    pipe = diffusers_control_pipeline(files["state"], nets, TINY_CONFIG)
+    pipe = diffusers_control_pipeline(files["base"], nets)
     hints = [png_hint_tensor(files["hints"][i]) for i in indices]
     single = len(indices) == 1
     with torch.no_grad():
@@ -92,16 +93,20 @@ CASES = {  # layout of the first ControlNet's file, then ControlNets, weights, s
     "v1.0-with-base-keys": ("v10", [0], [1.0], [0.0], [1.0]),
     "fp16-file": ("fp16", [0], [1.0], [0.0], [1.0]),
 }
+SLOW = ("v1.0-with-base-keys", "fp16-file")  # their files read to the v1.1 tensors: tests/test_control_files.py
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_control_matches_diffusers(tmp_path, files, plain, case):
     layout, indices, weights, starts, ends = CASES[case]
     ours = run_cli(tmp_path, files, control_flags(files, indices, weights, starts, ends, layout))
     theirs = run_diffusers(files, indices, weights, starts, ends, layout)
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert np.abs(ours - plain).mean() > 3, "the ControlNet changed nothing"
-    assert np.abs(ours - theirs).mean() <= 1.0, np.abs(ours - theirs).mean()
+    difference = np.abs(ours - theirs).mean()
+    print(f"{case}: mean |CLI - diffusers| = {difference:.4f} levels, ControlNet's effect {np.abs(ours - plain).mean():.1f}")
+    assert difference <= 1.0, difference
+    assert (ours != theirs).mean() <= 0.002, (ours != theirs).mean()  # at most a stray rounding flip
 
 
 def test_weight_zero_is_the_plain_image(tmp_path, files, plain):
