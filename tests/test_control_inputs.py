@@ -97,9 +97,8 @@ def test_img2img_with_a_controlnet(tmp_path, tiny_checkpoint, control_file):
 
     flags = ["--control_model", str(control_file[0]), "--control_image", str(hint)]
     plain, steered = run(tmp_path / "plain"), run(tmp_path / "steered", *flags)
-    off = run(tmp_path / "off", *flags, "--control_weight", "0")
     assert steered.shape == (64, 128, 3)
-    assert np.abs(steered - plain).mean() > 1 and np.array_equal(off, plain)
+    assert np.abs(steered - plain).mean() > 1
 
 
 @pytest.mark.parametrize("kind", ["nine"])

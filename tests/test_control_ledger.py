@@ -53,6 +53,7 @@ def test_each_controlnet_is_counted(plans):
     assert low[0] < low[1] < low[2] < low[0] + control_bytes / 4  # streamed: a few blocks at a time
 
 
+@pytest.mark.slow
 def test_full_mode_is_no_more_than_diffusers_resident_control_pipeline(plans):
     from tests.control_ledger_reference import diffusers_control_resident_run
 
