@@ -126,10 +126,15 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
 
 def control_images(request: GenerationRequest) -> tuple[Image.Image, ...]:
     """Each ControlNet's file found and its image opened and checked, before the model load."""
+    images = []
     for spec in request.control:
         if not spec.model.exists():
             raise UsageError(f"--control_model not found: {spec.model}")
-    return tuple(load_init_image(spec.image) for spec in request.control)
+        try:  # the init image's checks (size from the header first, regular file, ...), named as the flag
+            images.append(load_init_image(spec.image))
+        except UsageError as error:
+            raise UsageError(f"--control_image: {str(error).replace('init image', 'image')}") from None
+    return tuple(images)
 
 
 def model_config_path(request: GenerationRequest) -> Path:

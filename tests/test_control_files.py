@@ -111,3 +111,22 @@ def test_refused_in_one_line(tmp_path, state, tiny_checkpoint, capsys, kind):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert fragment in err[0] and str(path) in err[0], err[0]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--control_image", "IMAGE"], "give one --control_image for each --control_model: 2 models, 1 images"),
+    (["--control_image", "missing.png", "--control_image", "IMAGE"], "--control_image: image not found: missing.png"),
+    (["--control_image", "IMAGE", "--control_image", "IMAGE", "--control_start", "0.5", "--control_end", "0.5"],
+     "start < end"),
+    (["--control_image", "IMAGE", "--control_image", "IMAGE", "--control_weight", "1", "--control_weight", "1",
+      "--control_weight", "1"], "--control_weight given 3 times for 2 --control_model"),
+])
+def test_flag_mistakes_in_one_line(tmp_path, state, tiny_checkpoint, capsys, extra, fragment):
+    model = str(save_v11(state, tmp_path / "control.safetensors"))
+    image = str(hint_png(tmp_path / "hint.png"))
+    argv = ["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu", "--outdir",
+            str(tmp_path / "out"), "--H", "64", "--W", "64", "--n_samples", "1", "--control_model", model,
+            "--control_model", model, *[image if a == "IMAGE" else a for a in extra]]
+    assert optimized_txt2img.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err

@@ -86,11 +86,8 @@ def test_cli_images_equal_in_every_mode(tmp_path, tiny_checkpoint, control_state
             assert np.array_equal(a, b), mode
 
 
-FAST_SAMPLERS = ()  # all -m slow: the other tests run ddim, euler, euler_a and dpmpp_2m
-
-
-@pytest.mark.parametrize("sampler", [pytest.param(s, marks=() if s in FAST_SAMPLERS else pytest.mark.slow)
-                                     for s in SAMPLERS])
+@pytest.mark.slow  # by default the other tests run ddim, euler, euler_a and dpmpp_2m
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_runs_with_a_window(tmp_path, tiny_checkpoint, control_state, sampler):
     """Each sampler with a ControlNet acting in the middle of the steps; the window changes the picture."""
     model = save_v11(control_state, tmp_path / "control.safetensors")
