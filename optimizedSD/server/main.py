@@ -5,7 +5,7 @@ requests get 503, the model is released, and the process exits 0 (uvicorn's grac
 from __future__ import annotations
 
 import logging
-import socket
+import signal
 import sys
 from typing import Sequence
 
@@ -20,6 +20,7 @@ from optimizedSD.server.worker import Worker
 
 PROG = "optimized_server.py"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class Server(uvicorn.Server):
@@ -52,11 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     server = make_server(service, config.host, config.port)
+    # uvicorn raises the signal it caught again once it has shut down; SIGTERM's then does nothing: exit 0.
+    signal.signal(signal.SIGTERM, lambda number, frame: None)
     try:
         server.run()
-    except (OSError, socket.error) as error:  # the port is taken, the address is not this machine's
-        print(f"{PROG}: error: cannot listen on {config.host}:{config.port} ({error})", file=sys.stderr)
-        return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C, raised again by uvicorn after its graceful shutdown
+        return EXIT_INTERRUPTED
+    except SystemExit:  # uvicorn's exit when it cannot listen (it logged why)
+        pass
     finally:
         service.worker.close()
-    return 0 if server.started or not server.should_exit else EXIT_USAGE
+    if not server.started:  # the port is taken, or the address is not this machine's (uvicorn logged why)
+        print(f"{PROG}: error: cannot listen on {config.host}:{config.port}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
