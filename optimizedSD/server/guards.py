@@ -44,13 +44,9 @@ def validation_message(error: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: a body over ``limit`` bytes (by its Content-Length, or counted as it arrives) is answered
-    413 before any endpoint sees it."""
+    413 before any endpoint sees it; a body within it is read whole first (the endpoints read it whole anyway)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -63,20 +59,26 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await self.refuse(send)
             return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        parts, seen, message = [], 0, {"more_body": True}
+        while message.get("more_body", False):
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client left
+                return
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
             if seen > self.limit:
-                raise _TooLarge()
-            return message
+                await self.refuse(send)
+                return
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self.refuse(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def refuse(self, send: Send) -> None:
         body = (f'{{"error": "PayloadTooLarge", "detail": "the request body is over {self.limit // 2**20} MB"}}'
