@@ -13,7 +13,6 @@ stopped; here that batch gives no image).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +22,10 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from ldm.pipeline.model import LoadedModel, load_model
 from ldm.pipeline.request import GenerationRequest
-from optimizedSD.generation import RunHooks, RunInputs, check_inputs, generate
+from optimizedSD.generation import RunHooks, check_inputs, generate
 from optimizedSD.run_outputs import RunSummary
+from optimizedSD.server.model_holder import ModelHolder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,34 +80,6 @@ class Progress:
                  "job_no": self.job_no, "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps}
         return {"progress": done, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None,
                 "current_task": None}
-
-
-@dataclass
-class ModelHolder:
-    """The loaded checkpoint between requests: loaded again only when a request names another checkpoint, VAE
-    or LoRA set; the old one is released first (its device weights dropped, then the host copy) so that host
-    memory does not grow from switch to switch."""
-
-    model: LoadedModel | None = None
-    key: tuple = ()
-    loads: int = 0
-
-    def get(self, request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
-        loras = [(lora.path, lora.weight) for lora in inputs.loras]
-        key = (request.ckpt.resolve(), request.vae, tuple(loras))
-        if self.model is None or key != self.key:
-            self.release()
-            self.model = load_model(request, inputs.config, loras, inputs.height, inputs.width)
-            self.key, self.loads = key, self.loads + 1
-        return self.model
-
-    def release(self) -> None:
-        if self.model is not None:
-            self.model.residency.release()
-            self.model, self.key = None, ()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
 
 @dataclass
