@@ -167,3 +167,16 @@ def test_raw_json_answers_and_data_urls(server):
     assert set(body) == {"images", "parameters", "info"} and isinstance(body["info"], str)
     assert json.loads(body["info"])["all_seeds"] == [5]
     assert Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).size == (64, 64)
+
+
+def test_from_png_of_a_server_image_gives_the_same_image(api, models, tmp_path):
+    result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=4242, steps=3, cfg_scale=5, width=64,
+                         height=64, sampler_name="DPM++ 2M", scheduler="Karras", subseed=17, subseed_strength=0.3)
+    served = tmp_path / "served.png"
+    served.write_bytes(base64.b64decode(result.json["images"][0]))
+    argv = ["--ckpt", str(models / "alpha.safetensors"), "--config", str(TINY_CONFIG), "--from_png", str(served),
+            "--n_samples", "1", "--device", "cpu", "--outdir", str(tmp_path / "again"), "--no-watermark", "--skip_grid"]
+    assert optimized_txt2img.main(argv) == 0  # everything else from the image's parameters
+    files = sorted((tmp_path / "again").rglob("seed_*.png"))
+    assert np.abs(pixels(result.image) - pixels(files[0])).max() <= 1
+    assert read_parameters(files[0]) == read_parameters(served)
