@@ -153,20 +153,23 @@ def test_clip_skip_and_ensd_options_are_honoured(api, models, tmp_path):
     assert np.abs(pixels(result.image) - pixels(files[0])).max() <= 1
 
 
-def test_raw_json_answers_and_data_urls(server):
+def test_raw_json_answers_and_data_urls(server, caplog):
     image = Image.new("RGB", (64, 64), (100, 150, 200))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     answer = requests.post(f"{server.url}/sdapi/v1/img2img", json={
         "init_images": [data_url], "prompt": "a wall", "seed": 5, "steps": 2, "width": 64, "height": 64,
-        "denoising_strength": 0.5, "sampler_name": "Euler", "alwayson_scripts": {"ControlNet": {"args": [{"x": 1}]}}},
+        "denoising_strength": 0.5, "sampler_name": "Euler", "include_init_images": True, "alwayson_scripts": {"ControlNet": {"args": [{"x": 1}]}}},
         timeout=300)
     assert answer.status_code == 200, answer.text
+    assert "not done by this server, ignored: alwayson_scripts" in caplog.text  # ControlNet with arguments
     body = answer.json()
+    assert body["parameters"]["init_images"] is None and body["parameters"]["prompt"] == "a wall"
     assert set(body) == {"images", "parameters", "info"} and isinstance(body["info"], str)
     assert json.loads(body["info"])["all_seeds"] == [5]
     assert Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).size == (64, 64)
+    assert len(body["images"]) == 2 and base64.b64decode(body["images"][1]) == buffer.getvalue()  # the init image
 
 
 def test_from_png_of_a_server_image_gives_the_same_image(api, models, tmp_path):

@@ -112,8 +112,12 @@ class Service:
             infotexts = [read_parameters(path) or "" for path in summary.written]
         ckpt_hash = await run_in_threadpool(weights_hash, request.ckpt)
         info = info_json(body, resolved, infotexts, request.ckpt.stem, ckpt_hash, {**self.options, **(body.override_settings or {})})
-        return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}) | (body.model_extra or {}),
-                "info": json.dumps(info)}
+        if isinstance(body, Img2ImgRequest) and body.include_init_images and body.send_images:
+            images.append(_DATA_URL.sub("", body.init_images[0].strip(), count=1))
+        parameters = body.model_dump()
+        if isinstance(body, Img2ImgRequest):  # as the webui: the request without its images
+            parameters.update(init_images=None, mask=None)
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     # ---- options and checkpoints ----------------------------------------------------------------------------
     async def set_options(self, values: dict[str, Any]) -> None:
