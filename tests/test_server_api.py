@@ -10,6 +10,7 @@ grid first, ``info``'s seeds) are checked against what the webui v1.10 answers.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -115,8 +116,11 @@ def test_img2img_inpainting_equals_the_script(api, models, tmp_path):
 
 
 def test_listings_in_the_webuis_shapes(api, models):
-    names = [model["title"] for model in api.get_sd_models()]
-    assert names == ["alpha.safetensors", "beta.safetensors"]
+    entries = api.get_sd_models()
+    assert [model["title"] for model in entries] == ["alpha.safetensors", "beta.safetensors"]
+    alpha = hashlib.sha256((models / "alpha.safetensors").read_bytes()).hexdigest()
+    assert entries[0]["sha256"] == alpha and entries[0]["hash"] == alpha[:8]  # the loaded one's
+    assert entries[1]["sha256"] is None and entries[1]["model_name"] == "beta"  # not read until it is used
     samplers = {s["name"]: s["aliases"] for s in api.get_samplers()}
     assert "DPM++ 2M" in samplers and "dpmpp_2m" in samplers["DPM++ 2M"]
     assert {"automatic", "karras"} <= {s["name"] for s in api.get_schedulers()}

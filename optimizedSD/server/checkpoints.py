@@ -5,29 +5,14 @@ and the ``sd_model_checkpoint`` option, which takes a title, a model name, a fil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ldm.checkpoints.diffusers_folders import is_diffusers_folder
-from ldm.checkpoints.hashes import file_sha256
+from ldm.checkpoints.hashes import file_sha256_once
 from ldm.errors import UsageError
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
-
-
-@lru_cache(maxsize=64)
-def sha256_of(path: Path, size: int, mtime_ns: int) -> str:
-    """A file's sha256, computed once per (path, size, modification time)."""
-    return file_sha256(path)
-
-
-def file_hash(path: Path) -> str | None:
-    """The full sha256 of a checkpoint file (the webui's ``sha256``; its first 10 digits are the shorthash)."""
-    if not path.is_file():
-        return None
-    stat = path.stat()
-    return sha256_of(path, stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -41,8 +26,10 @@ class Checkpoint:
     def model_name(self) -> str:
         return Path(self.title).with_suffix("").as_posix() if self.path.is_file() else self.title
 
-    def entry(self) -> dict[str, Any]:
-        sha256 = file_hash(self.path)
+    def entry(self, hashed: bool) -> dict[str, Any]:
+        """Its ``sd-models`` entry; ``hashed``: with its sha256 (read for the loaded one only, as the webui does:
+        hashing every offered file would read gigabytes at each listing)."""
+        sha256 = file_sha256_once(self.path) if hashed and self.path.is_file() else None
         return {"title": self.title, "model_name": self.model_name, "hash": sha256[:8] if sha256 else None,
                 "sha256": sha256, "filename": str(self.path.resolve()), "config": None}
 

@@ -139,4 +139,5 @@ class Service:
         self.options.update(values)
 
     def sd_models(self) -> list[dict[str, Any]]:
-        return [item.entry() for item in self.checkpoints.items]
+        current = self.options["sd_model_checkpoint"]
+        return [item.entry(hashed=item.title == current) for item in self.checkpoints.items]
