@@ -42,6 +42,7 @@ def test_200_requests_from_4_clients(tiny_checkpoint, caplog):
             rest = list(pool.map(lambda k: ask(server.url, k), range(WARM_UP, REQUESTS)))
         after = process_rss()
     answers = first + rest
+    print(f"host RSS after {WARM_UP} requests {after_warm_up / 2**20:.0f} MiB, after {REQUESTS} {after / 2**20:.0f} MiB")
     assert [status for status, _, _ in answers] == [200] * REQUESTS
     assert [seed for _, _, seed in answers] == [1000 + k for k in range(REQUESTS)]
     assert all(images >= 1 for _, images, _ in answers)
