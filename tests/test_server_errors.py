@@ -104,6 +104,8 @@ def test_listening_beyond_loopback_needs_auth_or_insecure(tiny_checkpoint, capsy
     (["--api-auth", "nopassword"], "USER:PASS"),
     (["--vram", "huge"], "--vram"),
     (["--ckpt_dir", "/no/such/folder"], "no such folder"),
+    (["--ckpt", "/no/such/model.ckpt"], "checkpoint not found: /no/such/model.ckpt"),
+    (["--format", "jpg"], "--format belongs to each request"),
 ])
 def test_bad_command_lines(tiny_checkpoint, argv, words):
     with pytest.raises(UsageError, match=words):

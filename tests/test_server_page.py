@@ -76,8 +76,8 @@ def test_interrupt_button(browser, tiny_checkpoint):
         for element_id, value in (("width", "64"), ("height", "64"), ("steps", "400"), ("batch_size", "1")):
             set_value(browser, element_id, value)
         browser.find_element("id", "generate").click()
-        wait_until(lambda: server.service.worker.progress.sampling_step >= 2)
+        wait_until(lambda: server.service.worker.progress.at.sampling_step >= 2)
         browser.find_element("id", "interrupt").click()
         wait_until(lambda: browser.find_element("id", "generate").is_enabled(), 60)
-        assert server.service.worker.progress.sampling_step == 0  # stopped long before step 400
+        assert server.service.worker.progress.at.job == ""  # the run ended, long before step 400
         assert browser.find_elements("css selector", "#images img") == []  # its only batch was stopped

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ldm.errors import UsageError
+from ldm.pipeline.model import WEIGHTS_HELP
 from ldm.pipeline.request import GenerationRequest
 from optimizedSD.arguments import given_flags, parse_args
 
@@ -102,6 +103,8 @@ def parse_server_args(argv: Sequence[str] | None) -> ServerConfig:
         raise UsageError(f"--ckpt_dir {ckpt_dir}: no such folder")
     base = parse_args([*rest, "--prompt", "x"], "txt2img")
     ckpt = base.ckpt if "ckpt" in given or ckpt_dir is None else None
+    if ckpt is not None and not ckpt.exists():
+        raise UsageError(f"checkpoint not found: {ckpt}; {WEIGHTS_HELP}")
     model_argv = strip_ckpt(rest)
     return ServerConfig(opt.host, opt.port, users, ckpt, ckpt_dir, Path(opt.outdir), opt.save_images,
                         tuple(model_argv), base)

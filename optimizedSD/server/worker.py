@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Callable, TypeVar
 
@@ -39,15 +39,22 @@ class StopBatch(Exception):
     """Raised from the step callback: the batch under way stops (interrupt or skip)."""
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where the running job is; replaced whole (one assignment), so a reader never sees half an update."""
+
+    job: str = ""
+    job_count: int = 0  # batches
+    job_no: int = 0  # batches done
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
 @dataclass
 class Progress:
     """The webui's ``shared.state`` as ``/progress`` reports it; written by the worker thread, read by any."""
 
-    job: str = ""
-    job_count: int = 0
-    job_no: int = 0
-    sampling_step: int = 0
-    sampling_steps: int = 0
+    at: Position = field(default_factory=Position)
     interrupted: bool = False
     skipped: bool = False
     started: float = 0.0
@@ -55,29 +62,36 @@ class Progress:
     queued: int = 0  # jobs waiting behind the running one
 
     def begin(self, job: str, batches: int) -> None:
-        self.job, self.job_count, self.job_no = job, batches, 0
-        self.sampling_step = self.sampling_steps = 0
         self.interrupted = self.skipped = False
         self.started = time.time()
         self.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
+        self.at = Position(job, batches)
+
+    def step(self, step: int, steps: int) -> None:
+        self.at = replace(self.at, sampling_step=step, sampling_steps=steps)
+
+    def batch_done(self) -> None:
+        self.at = replace(self.at, job_no=self.at.job_no + 1, sampling_step=0)
 
     def end(self) -> None:
-        self.job, self.job_count, self.job_no, self.sampling_step, self.sampling_steps = "", 0, 0, 0, 0
+        self.at = Position()
 
-    def fraction(self) -> float:
-        if not self.job_count:
+    @staticmethod
+    def fraction(at: Position) -> float:
+        if not at.job_count:
             return 0.0
-        within = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
-        return min(1.0, (self.job_no + within) / self.job_count)
+        within = at.sampling_step / at.sampling_steps if at.sampling_steps else 0.0
+        return min(1.0, (at.job_no + within) / at.job_count)
 
     def report(self) -> dict[str, Any]:
         """``GET /sdapi/v1/progress``: progress in [0, 1], eta_relative in seconds, the state."""
-        done = self.fraction()
-        elapsed = time.time() - self.started if self.job else 0.0
+        at = self.at
+        done = self.fraction(at)
+        elapsed = time.time() - self.started if at.job else 0.0
         eta = elapsed / done - elapsed if done > 0 else 0.0
         state = {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": False,
-                 "job": self.job, "job_count": self.job_count + self.queued, "job_timestamp": self.job_timestamp,
-                 "job_no": self.job_no, "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps}
+                 "job": at.job, "job_count": at.job_count + self.queued, "job_timestamp": self.job_timestamp,
+                 "job_no": at.job_no, "sampling_step": at.sampling_step, "sampling_steps": at.sampling_steps}
         return {"progress": done, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None,
                 "current_task": None}
 
@@ -124,7 +138,7 @@ class Worker:
             self.progress.end()
 
     def on_step(self, step: int, total: int, x: torch.Tensor) -> None:
-        self.progress.sampling_step, self.progress.sampling_steps = step + 1, total
+        self.progress.step(step + 1, total)
         if self.progress.interrupted or self.progress.skipped or self.closing:
             raise StopBatch()
 
@@ -136,16 +150,15 @@ class Worker:
         try:
             run()
         except StopBatch:
-            log.info("batch %d of %d stopped", self.progress.job_no + 1, self.progress.job_count)
-        self.progress.job_no += 1
-        self.progress.sampling_step = 0
+            log.info("batch %d of %d stopped", self.progress.at.job_no + 1, self.progress.at.job_count)
+        self.progress.batch_done()
 
     def interrupt(self) -> None:
-        if self.progress.job:
+        if self.progress.at.job:
             self.progress.interrupted = True
 
     def skip(self) -> None:
-        if self.progress.job:
+        if self.progress.at.job:
             self.progress.skipped = True
 
     def close(self) -> None:
