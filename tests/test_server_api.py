@@ -126,6 +126,7 @@ def test_listings_in_the_webuis_shapes(api, models):
     assert {"automatic", "karras"} <= {s["name"] for s in api.get_schedulers()}
     options = api.get_options()
     assert options["sd_model_checkpoint"] == "alpha.safetensors" and options["CLIP_stop_at_last_layers"] == 1
+    assert api.get_scripts() == {"txt2img": [], "img2img": []} and api.get_sd_vae() == []
     memory = api.get_memory()
     assert memory["ram"]["used"] > 0 and memory["ram"]["total"] >= memory["ram"]["used"]
 

@@ -123,6 +123,15 @@ def add_listing_routes(app: FastAPI, service: Service) -> None:
     async def memory() -> dict[str, Any]:
         return memory_listing()
 
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae() -> list[dict[str, Any]]:
+        vae = service.config.base.vae
+        return [] if vae is None else [{"model_name": vae.name, "filename": str(vae.resolve())}]
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}  # no webui scripts or extensions run here
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return page_html()
