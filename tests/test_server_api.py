@@ -188,3 +188,16 @@ def test_from_png_of_a_server_image_gives_the_same_image(api, models, tmp_path):
     files = sorted((tmp_path / "again").rglob("seed_*.png"))
     assert np.abs(pixels(result.image) - pixels(files[0])).max() <= 1
     assert read_parameters(files[0]) == read_parameters(served)
+
+
+def test_randn_source_nv_is_the_scripts_gpu_noise(api, models, tmp_path):
+    api.set_options({"randn_source": "NV"})
+    try:
+        result = api.txt2img(prompt="a hill", seed=12, steps=2, width=64, height=64, sampler_name="Euler a")
+    finally:
+        api.set_options({"randn_source": "GPU"})
+    assert "RNG: NV" in result.info["infotexts"][0]
+    files = script_images(tmp_path, optimized_txt2img, "--ckpt", str(models / "alpha.safetensors"), "--prompt",
+                          "a hill", "--seed", "12", "--ddim_steps", "2", "--scale", "7", "--H", "64", "--W", "64",
+                          "--sampler", "euler_a", "--n_samples", "1", "--rng", "gpu")
+    assert np.abs(pixels(result.image) - pixels(files[0])).max() <= 1
