@@ -165,7 +165,8 @@ def test_raw_json_answers_and_data_urls(server, caplog):
     data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     answer = requests.post(f"{server.url}/sdapi/v1/img2img", json={
         "init_images": [data_url], "prompt": "a wall", "seed": 5, "steps": 2, "width": 64, "height": 64,
-        "denoising_strength": 0.5, "sampler_name": "Euler", "include_init_images": True, "alwayson_scripts": {"ControlNet": {"args": [{"x": 1}]}}},
+        "denoising_strength": 0.5, "sampler_name": "Euler", "include_init_images": True,
+        "alwayson_scripts": {"ControlNet": {"args": [{"x": 1}]}}},
         timeout=300)
     assert answer.status_code == 200, answer.text
     assert "not done by this server, ignored: alwayson_scripts" in caplog.text  # ControlNet with arguments

@@ -104,7 +104,8 @@ def add_listing_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
-        return [{"name": s.label, "aliases": [s.name, *s.aliases], "options": dict(s.options)} for s in SAMPLERS.values()]
+        return [{"name": s.label, "aliases": [s.name, *s.aliases], "options": dict(s.options)}
+                for s in SAMPLERS.values()]
 
     @app.get("/sdapi/v1/schedulers")
     async def schedulers() -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from ldm.conditioning.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
 from ldm.conditioning.embeddings import EmbeddingError, load_embedding

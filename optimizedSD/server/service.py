@@ -111,7 +111,8 @@ class Service:
             images = [encode_file(path) for path in files] if body.send_images else []
             infotexts = [read_parameters(path) or "" for path in summary.written]
         ckpt_hash = await run_in_threadpool(weights_hash, request.ckpt)
-        info = info_json(body, resolved, infotexts, request.ckpt.stem, ckpt_hash, {**self.options, **(body.override_settings or {})})
+        options = {**self.options, **(body.override_settings or {})}
+        info = info_json(body, resolved, infotexts, request.ckpt.stem, ckpt_hash, options)
         if isinstance(body, Img2ImgRequest) and body.include_init_images and body.send_images:
             images.append(_DATA_URL.sub("", body.init_images[0].strip(), count=1))
         parameters = body.model_dump()
