@@ -48,6 +48,8 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
     """Load the checkpoint onto the CPU in the run's dtype, merge ``loras`` ((file, weight) in order) and put
     it under a memory mode for images of ``height`` x ``width``; the ControlNets of ``request.control`` with
     their ``control_images`` (opened and checked, in the same order) under the same memory mode."""
+    if len(control_images) != len(request.control):
+        raise UsageError(f"{len(request.control)} ControlNet(s) but {len(control_images)} control image(s) given to this run")
     nets = read_nets(request.control, config, request.dtype)  # a file that is no ControlNet fails before the load
     log.info("loading %s", request.ckpt)
     try:
