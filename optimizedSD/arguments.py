@@ -33,6 +33,7 @@ from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
+from optimizedSD.flags.hires import HIRES_DESTS, add_hires_flags, check_hires_args, hires_options
 from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                  "int(min(strength, 0.999)*steps)+1, starting one level higher (AUTOMATIC1111; --from_png sets it)")
     if mode == INPAINT:
         _add_mask_flags(add)
+    if not img2img:
+        add_hires_flags(add)
     add("--H", type=int, default=None if img2img else 512,
         help="image height in pixels, a multiple of 64" + (" (default: the init image's, floored to 64)" if img2img else ""))
     add("--W", type=int, default=None if img2img else 512,
@@ -276,7 +279,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
         mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
-        **noise_settings(opt),
+        **noise_settings(opt), hires=hires_options(opt),
     )
 
 
@@ -294,7 +297,7 @@ _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "pr
                    "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora",
                    "schedule": "schedule", "img2img_steps": "img2img_steps", "rng": "rng", "eta_ancestral": "eta",
                    "ensd": "ensd", "subseed": "subseed", "subseed_strength": "subseed_strength",
-                   "seed_resize_from": "seed_resize_from"}
+                   "seed_resize_from": "seed_resize_from", **{d: d for d in HIRES_DESTS}}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
@@ -397,6 +400,7 @@ def check_args(opt: argparse.Namespace) -> None:
     if opt.ddim_eta != 0 and opt.sampler != "ddim":
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     check_noise_args(opt)
+    check_hires_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     for value in opt.lora:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,7 @@ from ldm.memory.estimates import model_bytes
 from ldm.memory.vae_decoding import should_tile
 from ldm.models.attention import attention_backend
 from ldm.models.safety_checker import find_safety_checker_files
+from ldm.passes.hires import final_size, hires_pass, hires_texts
 from ldm.pipeline.batches import Batch, batch_parts, plan_batches
 from ldm.pipeline.decode import decode_and_write
 from ldm.pipeline.encode import encode_prompts
@@ -187,6 +188,16 @@ def sample_with_bar(request: GenerationRequest, model: LoadedModel, encoder: Pro
         bar.close()
 
 
+def hires_with_bar(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, batch: Batch,
+                   latents: torch.Tensor) -> torch.Tensor:
+    """:func:`~ldm.passes.hires.hires_pass` with a progress bar over its steps."""
+    bar = StepBar(f"hires fix, {request.hires.sampler or request.sampler}")
+    try:
+        return hires_pass(request, model, encoder, batch, latents, bar)
+    finally:
+        bar.close()
+
+
 def part_size(request: GenerationRequest, inputs: RunInputs, model: LoadedModel, outputs: RunOutputs, tiled: bool) -> int:
     """How many of a batch's images sample together (:mod:`ldm.ledger.batch_parts`): all unless the memory
     available to the run (host memory on a CPU) holds fewer; not even one is a one-line error before sampling."""
@@ -222,8 +233,8 @@ def generate(request: GenerationRequest) -> RunSummary:
     inputs = check_inputs(request)
     if job is None or job.is_main:
         print(f"Seed: {request.seed}" + (" (fixed code: every batch starts from the first batch's noise)" if request.fixed_code else ""))
-    model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras], inputs.height,
-                       inputs.width)
+    model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras],
+                       *final_size(request, inputs.height, inputs.width))
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
                          memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
                          safety_mode=request.safety_checker_mode if model.safety is not None else None)
@@ -249,17 +260,21 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
     """Prompts, the input preparer, then every batch (under torchrun, this rank's share) and the grid."""
     outputs = RunOutputs(request, inputs.writer, len(inputs.prompts), inputs.width, inputs.height, summary, inputs.loras,
                          lora_hashes_text(model.loras, [lora.name for lora in inputs.loras]), inputs.inpainting)
-    encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
+    encoder = outputs.encoder = encode_prompts(request, [*inputs.prompts, *hires_texts(request)], model)
     init = prepare_init(request, model, inputs.init_image, inputs.width, inputs.height, inputs.inpainting)
     cfg = inputs.config
     latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
-    tiled = decode_in_tiles(request, inputs, model.residency.mode)
+    final = replace(inputs, **dict(zip(("height", "width"), final_size(request, inputs.height, inputs.width))))
+    tiled = decode_in_tiles(request, final, model.residency.mode)  # the pictures written: the hires fix's size
     batches = list(plan_batches(request, inputs.prompts))
-    size = part_size(request, inputs, model, outputs, tiled)
+    size = part_size(request, final, model, outputs, tiled)
 
     def run_batch(batch: Batch) -> None:
         for part in batch_parts(batch, size):  # one part unless the batch is larger than the memory holds
-            decode_and_write(model, part, sample_with_bar(request, model, encoder, init, part, latent_shape), tiled, outputs)
+            latents = sample_with_bar(request, model, encoder, init, part, latent_shape)
+            if request.hires is not None:
+                latents = hires_with_bar(request, model, encoder, part, latents)
+            decode_and_write(model, part, latents, tiled, outputs)
 
     if job is not None:
         run_rank_share(job, request, inputs, batches, run_batch, outputs)

@@ -14,6 +14,7 @@ from ldm.ledger.batch_parts import grid_fits
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
+from optimizedSD.flags.hires import hires_fields
 from optimizedSD.lora_tags import RunLora, metadata_prompt
 from optimizedSD.outputs import SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
 
@@ -85,6 +86,7 @@ class RunOutputs:
             fields.update(self.inpainting.metadata())
         if self.request.img2img_steps != "cut":
             fields["Img2img steps"] = self.request.img2img_steps
+        fields.update(hires_fields(self.request))
         return fields
 
     def pixels(self, decoded: torch.Tensor) -> np.ndarray:

@@ -44,7 +44,7 @@ from ldm.samplers.grids import (SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIME_UNIFORM
 from ldm.samplers.schedule import DiffusionSchedule
 from ldm.samplers.schedules import SCHEDULES, find_schedule
 
-__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "find_sampler", "resolve_schedule", "sample", "sampler_record",
+__all__ = ["HIRES_STEPS", "SAMPLERS", "SAMPLER_NAMES", "Sampler", "find_sampler", "resolve_schedule", "sample", "sampler_record",
            "walk_levels"]
 
 
@@ -109,6 +109,7 @@ SAMPLERS: dict[str, Sampler] = {
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
 IMG2IMG_STEPS = ("cut", "webui")  # how --strength picks img2img's steps (walk_levels)
+HIRES_STEPS = "hires"  # the webui's hires pass: exactly ``steps`` steps of a longer walk (walk_levels)
 
 
 def find_sampler(name: str) -> tuple[Sampler, str | None] | None:
@@ -240,7 +241,13 @@ def walk_levels(name: str, schedule: DiffusionSchedule, steps: int, strength: fl
     """The levels sampler ``name`` walks for ``steps`` steps at img2img ``strength`` on ``schedule_type``: its
     whole grid, or the tail of it (one level alone: no step to run). ``img2img_steps``: ``cut`` runs the last
     ``int(strength * steps)`` steps (CompVis' ``t_enc``); ``webui`` the last ``int(min(strength, 0.999) * steps)
-    + 1``, as AUTOMATIC1111's img2img does (``sigmas[steps - t_enc - 1:]``)."""
+    + 1``, as AUTOMATIC1111's img2img does (``sigmas[steps - t_enc - 1:]``); ``hires`` exactly ``steps`` steps,
+    the tail of the walk for ``int(steps / min(strength, 0.999))`` (the webui's ``setup_img2img_steps`` given
+    the hires pass's steps: ``t_enc = steps - 1``)."""
+    if img2img_steps == HIRES_STEPS:
+        longer = int(steps / min(strength, 0.999)) if strength > 0 else 0
+        levels = sampler_record(name).grid.levels(schedule, max(longer, 1), resolve_schedule(name, schedule_type))
+        return levels[-(min(steps, len(levels) - 1) + 1):] if strength > 0 else levels[-1:]
     if img2img_steps not in IMG2IMG_STEPS:
         raise ValueError(f"img2img_steps must be one of {', '.join(IMG2IMG_STEPS)}, got {img2img_steps!r}")
     levels = sampler_record(name).grid.levels(schedule, steps, resolve_schedule(name, schedule_type))
