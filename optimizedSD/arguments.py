@@ -33,8 +33,9 @@ from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
+from optimizedSD.flags.inpaint_area import add_inpaint_area_flags, check_inpaint_area_args, mask_options
 from optimizedSD.flags.hires import HIRES_DESTS, add_hires_flags, check_hires_args, hires_options
-from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
+from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                  "int(min(strength, 0.999)*steps)+1, starting one level higher (AUTOMATIC1111; --from_png sets it)")
     if mode == INPAINT:
         _add_mask_flags(add)
+        add_inpaint_area_flags(add)
     if not img2img:
         add_hires_flags(add)
     add("--H", type=int, default=None if img2img else 512,
@@ -278,7 +280,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
-        mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
+        mask=mask_options(opt) if mode == INPAINT else None,
         **noise_settings(opt), hires=hires_options(opt),
     )
 
@@ -401,6 +403,7 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     check_noise_args(opt)
     check_hires_args(opt)
+    check_inpaint_area_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     for value in opt.lora:

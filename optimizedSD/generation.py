@@ -49,6 +49,7 @@ from ldm.memory.vae_decoding import should_tile
 from ldm.models.attention import attention_backend
 from ldm.models.safety_checker import find_safety_checker_files
 from ldm.passes.hires import final_size, hires_pass, hires_texts
+from ldm.passes.only_masked import AreaInpaintingInputs
 from ldm.pipeline.batches import Batch, batch_parts, plan_batches
 from ldm.pipeline.decode import decode_and_write
 from ldm.pipeline.encode import encode_prompts
@@ -95,8 +96,7 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     inpainting = None
     if request.inpaint:
         mask = request.mask
-        inpainting = InpaintingInputs.prepare(init_image, mask.path, width, height, invert=mask.invert, blur=mask.blur,
-                                              overlay=mask.overlay)
+        inpainting = AreaInpaintingInputs.prepare_area(init_image, mask, width, height)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
     for prompt in distinct(prompts) if not request.skip_save else ():  # every prompt's folder now, not after sampling
