@@ -33,7 +33,8 @@ from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
-from optimizedSD.flags.inpaint_area import add_inpaint_area_flags, check_inpaint_area_args, mask_options
+from optimizedSD.flags.inpaint_area import (INPAINT_AREA_DESTS, add_inpaint_area_flags, check_inpaint_area_args,
+                                            mask_options)
 from optimizedSD.flags.hires import HIRES_DESTS, add_hires_flags, check_hires_args, hires_options
 from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest
 
@@ -299,7 +300,7 @@ _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "pr
                    "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora",
                    "schedule": "schedule", "img2img_steps": "img2img_steps", "rng": "rng", "eta_ancestral": "eta",
                    "ensd": "ensd", "subseed": "subseed", "subseed_strength": "subseed_strength",
-                   "seed_resize_from": "seed_resize_from", **{d: d for d in HIRES_DESTS}}
+                   "seed_resize_from": "seed_resize_from", **{d: d for d in (*HIRES_DESTS, *INPAINT_AREA_DESTS)}}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:

@@ -116,6 +116,7 @@ def restore_settings(
         out.values["strength"] = _number(float, "Denoising strength", fields.pop("Denoising strength"))
     if not img2img:
         _restore_hires(fields, out)
+    _restore_inpaint_area(fields, out)
     _check_environment(fields, out, model_hash, embedding_hashes)
     out.ignored.extend(f"{key}: {value}" for key, value in fields.items() if key not in _INFORMATIONAL)
     return out
@@ -255,6 +256,25 @@ def _restore_hires(fields: dict[str, str], out: RestoredSettings) -> None:
         out.values["hires_upscaler"] = upscaler
     else:
         out.ignored.append(f"Hires upscaler: {upscaler} (not available here: Latent used)")
+
+
+_MASKED_CONTENT = {"original": "original", "fill": "fill", "latent noise": "latent_noise",
+                   "latent nothing": "latent_nothing"}
+
+
+def _restore_inpaint_area(fields: dict[str, str], out: RestoredSettings) -> None:
+    """Inpainting's ``Inpaint area: Only masked``, ``Masked area padding`` and ``Masked content`` (the webui writes
+    each only when not its default: whole picture, original)."""
+    area = fields.pop("Inpaint area", None)
+    if area is not None:
+        out.values["inpaint_area"] = "only_masked" if area == "Only masked" else "whole"
+    if "Masked area padding" in fields:
+        out.values["only_masked_padding"] = _number(int, "Masked area padding", fields.pop("Masked area padding"))
+    content = fields.pop("Masked content", None)
+    if content is not None and content in _MASKED_CONTENT:
+        out.values["masked_content"] = _MASKED_CONTENT[content]
+    elif content is not None:
+        out.ignored.append(f"Masked content: {content}")
 
 
 def _same_number(a: str, b: str) -> bool:

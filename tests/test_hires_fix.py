@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ldm.config import load_model_config
-from ldm.passes.hires import hires_pass, hires_target
+from ldm.passes.hires import hires_pass, hires_target, upscale
 from ldm.pipeline.batches import plan_batches
 from ldm.pipeline.encode import encode_prompts
 from ldm.pipeline.model import load_model
@@ -128,3 +130,24 @@ def test_hires_walk_runs_exactly_the_asked_steps(tiny_run):
 def test_targets_as_the_webuis_calculate_target_resolution(size, options, expected):
     target = hires_target(*size, options)
     assert (target.upscale_width, target.upscale_height, target.truncate_x, target.truncate_y) == expected
+
+
+@pytest.mark.parametrize("upscaler, resample", [("lanczos", Image.LANCZOS), ("nearest", Image.NEAREST)])
+def test_pixel_upscalers_decode_resize_in_8_bits_and_encode_the_mean(tiny_run, upscaler, resample):
+    """The webui's pixel path written out: decode, ``(255 * clamp((x + 1) / 2)).astype(uint8)``, Pillow's resize
+    to int(W * scale), encode, here the posterior's mean times the scale factor."""
+    base, model, _ = tiny_run
+    request = replace(base, hires=HiresOptions(scale=1.5, upscaler=upscaler))
+    latents = torch.randn((2, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(2))
+    ours = upscale(request, model, latents)
+    sd = model.sd
+    expected = []
+    with torch.no_grad():
+        for latent in latents:
+            decoded = sd.vae.decode(latent[None] / sd.scale_factor)[0]
+            array = (255.0 * torch.clamp((decoded + 1) / 2, 0, 1).permute(1, 2, 0).numpy()).astype(np.uint8)
+            resized = np.asarray(Image.fromarray(array).resize((192, 192), resample=resample), np.float32) / 255
+            pixels = torch.from_numpy(resized).permute(2, 0, 1)[None] * 2 - 1
+            expected.append(sd.scale_factor * sd.vae.encode(pixels).mean)
+    assert ours.shape == (2, 4, 24, 24)
+    torch.testing.assert_close(ours, torch.cat(expected), atol=1e-4, rtol=0)

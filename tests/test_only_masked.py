@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ldm.ledger.calls import generation_calls
 from ldm.ledger.plan import _meta_models
@@ -131,3 +131,17 @@ def test_only_masked_2000x1500_in_low_mode_needs_no_more_than_a_512px_run(photo,
         return simulate(_meta_models(str(SD_V1_CONFIG), torch.float16), "low", shape, calls=calls).peak_bytes
 
     assert low_peak(image_path, "--inpaint_area", "only_masked") <= low_peak(small)
+
+
+def test_from_png_restores_the_webuis_inpaint_area_fields(photo, tmp_path):
+    image_path, mask_path, _ = photo
+    source = tmp_path / "webui.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a window\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 512x512, "
+                  "Denoising strength: 0.6, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 16, "
+                  "Masked content: latent noise, Version: v1.10.1")
+    Image.new("RGB", (64, 64)).save(source, pnginfo=info)
+    request = parse_args(["--ckpt", "none.ckpt", "--init-img", str(image_path), "--mask", str(mask_path),
+                          "--from_png", str(source)], INPAINT)
+    assert (request.mask.area, request.mask.padding, request.mask.content) == ("only_masked", 16, "latent_noise")
+    assert (request.width, request.height) == (512, 512)

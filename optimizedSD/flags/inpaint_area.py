@@ -11,6 +11,7 @@ from ldm.errors import UsageError
 from ldm.passes.only_masked import AREAS, CONTENTS
 from ldm.pipeline.request import MaskOptions
 
+INPAINT_AREA_DESTS = ("inpaint_area", "only_masked_padding", "masked_content")  # --from_png sets them
 ONLY_MASKED_SIZE = 512  # px: the crop's size when --H/--W are not given (the webui's default width and height)
 
 
