@@ -14,7 +14,7 @@ from tests.conftest import TINY_CONFIG
 from tests.test_cli_errors import expect_usage_error
 from tests.test_infotext import webui_parse_generation_parameters, webui_read_info_from_image
 
-COMMON = ["--config", str(TINY_CONFIG), "--device", "cpu", "--no-watermark", "--H", "128", "--W", "128",
+COMMON = ["--config", str(TINY_CONFIG), "--device", "cpu", "--no-watermark", "--H", "64", "--W", "64",
           "--ddim_steps", "4", "--scale", "5", "--prompt", "a castle", "--negative_prompt", "fog"]
 
 
@@ -30,24 +30,24 @@ def pixels(path):
 def test_hires_run_writes_the_target_size_and_the_webuis_fields(tiny_checkpoint, tmp_path):
     out = tmp_path / "first"
     assert optimized_txt2img.main(["--ckpt", str(tiny_checkpoint), *COMMON, "--outdir", str(out), "--n_samples", "1",
-                                   "--n_iter", "2", "--seed", "11", "--sampler", "dpmpp_2m", "--hires_scale", "1.5", "--hires_steps", "3",
+                                   "--n_iter", "2", "--seed", "11", "--sampler", "dpmpp_2m", "--hires_scale", "2", "--hires_steps", "3",
                                    "--hires_strength", "0.6", "--hires_upscaler", "Latent (bicubic)",
                                    "--hires_sampler", "euler_a", "--hires_prompt", "a tall castle"]) == 0
     written = images(out)
     assert len(written) == 2
     with Image.open(written[0]) as image:
-        assert image.size == (192, 192)
+        assert image.size == (128, 128)
         fields = webui_parse_generation_parameters(webui_read_info_from_image(image))
     assert {k: fields[k] for k in ("Size", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
                                    "Hires sampler", "Hires prompt", "Sampler")} == {
-        "Size": "128x128", "Denoising strength": "0.6", "Hires upscale": "1.5", "Hires steps": "3",
+        "Size": "64x64", "Denoising strength": "0.6", "Hires upscale": "2", "Hires steps": "3",
         "Hires upscaler": "Latent (bicubic)", "Hires sampler": "Euler a", "Hires prompt": "a tall castle",
         "Sampler": "DPM++ 2M"}
     assert fields["Hires schedule type"] == "Uniform"  # Euler a's own, not the first pass's Karras
     assert "Hires negative prompt" not in fields
     with Image.open(out / "grid-0000.png") as grid:
-        assert grid.size[1] >= 2 * 192  # two batches of one 192 px image
-        assert "Hires upscale: 1.5" in webui_read_info_from_image(grid)
+        assert grid.size[1] >= 2 * 128  # two batches of one 128 px image
+        assert "Hires upscale: 2" in webui_read_info_from_image(grid)
 
     again = tmp_path / "again"
     assert optimized_txt2img.main(["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu",
@@ -58,19 +58,19 @@ def test_hires_run_writes_the_target_size_and_the_webuis_fields(tiny_checkpoint,
 
 
 WEBUI_INFOTEXT = ("a castle\nNegative prompt: fog\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, "
-                  "Seed: 11, Size: 128x128, Model hash: 0123456789, Model: tiny, Denoising strength: 0.55, "
-                  "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (antialiased), Version: v1.10.1")
+                  "Seed: 11, Size: 64x64, Model hash: 0123456789, Model: tiny, Denoising strength: 0.55, "
+                  "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent (antialiased), Version: v1.10.1")
 
 
 def test_from_png_of_a_webui_hires_infotext(tiny_checkpoint, tmp_path):
     source = tmp_path / "webui.png"
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", WEBUI_INFOTEXT)
-    Image.new("RGB", (192, 192)).save(source, pnginfo=info)
+    Image.new("RGB", (128, 128)).save(source, pnginfo=info)
     request = parse_args(["--ckpt", str(tiny_checkpoint), "--from_png", str(source)], "txt2img")
     hires = request.hires
     assert (hires.scale, hires.steps, hires.strength, hires.upscaler, hires.sampler) == (
-        1.5, 2, 0.55, "latent-antialiased", None)
+        2.0, 2, 0.55, "latent-antialiased", None)
     assert (request.rng, request.sampler, request.schedule) == ("gpu", "dpmpp_2m", "karras")  # no RNG field: GPU
 
     replay, flags = tmp_path / "replay", tmp_path / "flags"
@@ -79,28 +79,29 @@ def test_from_png_of_a_webui_hires_infotext(tiny_checkpoint, tmp_path):
                                    "--from_png", str(source)]) == 0
     assert optimized_txt2img.main(["--ckpt", str(tiny_checkpoint), *COMMON, "--n_samples", "1", "--skip_grid",
                                    "--outdir", str(flags), "--seed", "11", "--sampler", "DPM++ 2M Karras",
-                                   "--rng", "gpu", "--hires_scale", "1.5", "--hires_steps", "2",
+                                   "--rng", "gpu", "--hires_scale", "2", "--hires_steps", "2",
                                    "--hires_strength", "0.55", "--hires_upscaler", "latent-antialiased"]) == 0
     (a,), (b,) = images(replay), images(flags)
-    assert pixels(a).shape == (192, 192, 3)
+    assert pixels(a).shape == (128, 128, 3)
     assert np.abs(pixels(a) - pixels(b)).max() <= 1
 
 
-@pytest.mark.parametrize("upscaler, label", [("lanczos", "Lanczos"), ("nearest", "Nearest")])
+@pytest.mark.parametrize("upscaler, label", [("lanczos", "Lanczos"),
+                                            pytest.param("nearest", "Nearest", marks=pytest.mark.slow)])
 def test_pixel_upscalers_run_at_the_right_size(tiny_checkpoint, tmp_path, upscaler, label):
     out = tmp_path / upscaler
     assert optimized_txt2img.main(["--ckpt", str(tiny_checkpoint), *COMMON, "--n_samples", "1", "--skip_grid",
                                    "--outdir", str(out), "--seed", "3", "--sampler", "euler",
-                                   "--hires_resize", "256x0", "--hires_upscaler", upscaler]) == 0
+                                   "--hires_resize", "128x0", "--hires_upscaler", upscaler]) == 0
     (path,) = images(out)
     with Image.open(path) as image:
-        assert image.size == (256, 256)
+        assert image.size == (128, 128)
         fields = webui_parse_generation_parameters(webui_read_info_from_image(image))
-    assert (fields["Hires upscaler"], fields["Hires resize"], fields["Denoising strength"]) == (label, "256x0", "0.7")
+    assert (fields["Hires upscaler"], fields["Hires resize"], fields["Denoising strength"]) == (label, "128x0", "0.7")
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--hires_scale", "1.3"], "must be a positive multiple of 64"),
+    (["--hires_scale", "1.3"], "must be a positive multiple of 64"),  # 64 px x 1.3 = 83 px
     (["--hires_steps", "3"], "--hires_steps goes with --hires_scale"),
     (["--hires_scale", "2", "--hires_strength", "0"], "--hires_strength must be above 0"),
     (["--hires_scale", "2", "--hires_upscaler", "ESRGAN"], "unknown --hires_upscaler"),

@@ -10,6 +10,8 @@ import json
 import pytest
 
 from optimizedSD.plan import plan_for, plan_text
+from optimizedSD.arguments import parse_args
+from tests.conftest import TINY_CONFIG
 from tests.test_vram_ledger import plan_request
 
 GIB = 2**30
@@ -32,7 +34,10 @@ def test_hires_512_to_1024_meets_the_targets(plans):
     assert hires.low_tiled  # the 1024 px decode tiles in low mode, as a plain 1024 px run's
 
 
+@pytest.mark.slow
 def test_plan_names_the_hires_size():
-    request = plan_request(128, "--hires_scale", "1.5", "--json", "--ddim_steps", "2")
+    request = parse_args(["--plan", "--config", str(TINY_CONFIG), "--ckpt", "none.ckpt", "--device", "cpu", "--H", "128",
+                          "--W", "128", "--n_samples", "1", "--ddim_steps", "2", "--hires_scale", "1.5", "--json"],
+                         "txt2img")
     answer = json.loads(plan_text(request))
     assert answer["hires"] == {"height": 192, "width": 192} and answer["height"] == 128
