@@ -22,10 +22,11 @@ from ldm.pipeline.encode import encode_prompts
 from ldm.pipeline.model import load_model
 from ldm.pipeline.request import HiresOptions
 from ldm.pipeline.sample import sample_batch
-from ldm.samplers import walk_levels
+from ldm.samplers import sample, walk_levels
+from ldm.samplers.noise import SeededNoise
 from optimizedSD.arguments import parse_args
 from tests.conftest import TINY_CONFIG
-from tests.test_dpm2_webui_grid import k_diffusion  # noqa: F401 (fixture)
+from tests.test_dpm2_webui_grid import SHAPE, InnerModel, eps_model, k_diffusion, schedule  # noqa: F401 (fixtures)
 
 SIZE = 128  # px: the tiny model's 16x16 latents; x1.5 gives 192 px, a multiple of 64
 
@@ -151,3 +152,23 @@ def test_pixel_upscalers_decode_resize_in_8_bits_and_encode_the_mean(tiny_run, u
             expected.append(sd.scale_factor * sd.vae.encode(pixels).mean)
     assert ours.shape == (2, 4, 24, 24)
     torch.testing.assert_close(ours, torch.cat(expected), atol=1e-4, rtol=0)
+
+
+def test_sde_hires_pass_spans_its_brownian_tree_over_the_longer_schedule(k_diffusion, schedule, eps_model):
+    """The webui's hires pass builds its SDE noise sampler from ``get_sigmas(steps')``, the longer walk whose tail
+    it runs (``sample_img2img``): for DPM++ 3M SDE its smallest positive sigma depends on that length."""
+    name, seeds, steps, strength = "dpmpp_3m_sde", [5, 6], 4, 0.5
+    noise = SeededNoise(seeds)
+    x_T = noise.initial(SHAPE)
+    init = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(9))
+    got = sample(name, eps_model, schedule, x_T, steps, init_latent=init, strength=strength, noise_sampler=noise,
+                 img2img_steps="hires")
+    whole = torch.tensor(walk_levels(name, schedule, 8), dtype=torch.float32)  # int(4 / 0.5)
+    tail = torch.tensor(walk_levels(name, schedule, steps, strength, img2img_steps="hires"), dtype=torch.float32)
+    assert len(tail) == steps + 1
+    denoiser = k_diffusion.external.CompVisDenoiser(InnerModel(eps_model, schedule))
+    x = init + x_T * tail[0]
+    tree = k_diffusion.sampling.BrownianTreeNoiseSampler(x, whole[whole > 0].min(), whole.max(), seed=seeds)
+    with torch.no_grad():
+        expected = k_diffusion.sampling.sample_dpmpp_3m_sde(denoiser, x, tail, disable=True, noise_sampler=tree)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-4 * max(1.0, expected.abs().max().item()))

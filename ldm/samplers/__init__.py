@@ -202,7 +202,7 @@ def sample(
         return init_latent.clone()
     x, levels = start
     options = _options(spec, eta, ancestral_eta, noise_sampler, callback)
-    options.update(_brownian_span(spec, schedule, steps, schedule_type) if init_latent is not None else {})
+    options.update(_brownian_span(spec, schedule, steps, schedule_type, init_latent, strength, img2img_steps))
     return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
 
 
@@ -220,11 +220,15 @@ def _options(spec: Sampler, eta: float, ancestral_eta: float, noise_sampler: Noi
     return options
 
 
-def _brownian_span(spec: Sampler, schedule: DiffusionSchedule, steps: int, schedule_type: str) -> dict:
+def _brownian_span(spec: Sampler, schedule: DiffusionSchedule, steps: int, schedule_type: str,
+                   init_latent: Tensor | None = None, strength: float = 1.0, img2img_steps: str = "cut") -> dict:
     """An SDE sampler's ``span`` in img2img: the webui builds its Brownian trees over the whole schedule, not the
-    tail it walks (``create_noise_sampler(x, sigmas, p)`` in ``sample_img2img``)."""
-    if spec not in SDE_SAMPLERS:
+    tail it walks (``create_noise_sampler(x, sigmas, p)`` in ``sample_img2img``; the hires pass's whole schedule is
+    the longer one its steps are the tail of)."""
+    if spec not in SDE_SAMPLERS or init_latent is None:
         return {}
+    if img2img_steps == HIRES_STEPS:
+        steps = max(int(steps / min(strength, 0.999)), 1)
     whole = walk_levels(spec.name, schedule, steps, 1.0, schedule_type)
     return {"span": (min(s for s in whole if s > 0), max(whole))}
 
