@@ -11,6 +11,7 @@ import torch
 
 from ldm.checkpoints.hashes import model_hash
 from ldm.ledger.batch_parts import grid_fits
+from ldm.passes.hires import final_size
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
@@ -77,7 +78,7 @@ class RunOutputs:
         self.inpainting = inpainting
         self.images = request.n_iter * prompts * request.n_samples
         # A grid over the cap is not made (one warning line): its images would all stay in host memory.
-        self.keep_grid = not request.skip_grid and grid_fits(self.images, height, width)
+        self.keep_grid = not request.skip_grid and grid_fits(self.images, *final_size(request, height, width))
 
     def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
         """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``), ``Img2img steps``."""

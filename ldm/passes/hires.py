@@ -30,6 +30,7 @@ import torch
 
 from ldm.conditioning.prompts import PromptEncoder
 from ldm.errors import UsageError
+from ldm.memory.out_of_memory import decode_with_retry
 from ldm.memory.vae_decoding import should_tile
 from ldm.passes.upscalers import find_upscaler, to_webui_uint8, upscale_latents, upscale_pixels
 from ldm.pipeline.batches import Batch, BatchStart
@@ -146,7 +147,8 @@ def reencoded(request: GenerationRequest, model: LoadedModel, latent: torch.Tens
     """One image's latent decoded, to 8 bits, resized by a pixel upscaler and encoded (the posterior's mean)."""
     residency, scale_factor = model.residency, model.sd.scale_factor
     tiled = should_tile(request.height, request.width, request.vae_tiling)
-    decoded = decode_image(residency, latent, scale_factor, tiled, None)[0]
+    decoded = decode_with_retry(residency, lambda tiled, tile: decode_image(residency, latent, scale_factor, tiled, tile),
+                                tiled)[0]
     if decoded.device.type == "meta":  # the ledger: no pixels, the encoder's shapes are what count
         pixels = torch.zeros((1, 3, target.upscale_height, target.upscale_width))
     else:
