@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,8 @@ from ldm.memory.estimates import model_bytes
 from ldm.memory.vae_decoding import should_tile
 from ldm.models.attention import attention_backend
 from ldm.models.safety_checker import find_safety_checker_files
+from ldm.passes.hires import final_size, hires_pass, hires_texts
+from ldm.passes.only_masked import AreaInpaintingInputs
 from ldm.pipeline.batches import Batch, batch_parts, plan_batches
 from ldm.pipeline.decode import decode_and_write
 from ldm.pipeline.encode import encode_prompts
@@ -95,8 +97,7 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     inpainting = None
     if request.inpaint:
         mask = request.mask
-        inpainting = InpaintingInputs.prepare(init_image, mask.path, width, height, invert=mask.invert, blur=mask.blur,
-                                              overlay=mask.overlay)
+        inpainting = AreaInpaintingInputs.prepare_area(init_image, mask, width, height)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
     for prompt in distinct(prompts) if not request.skip_save else ():  # every prompt's folder now, not after sampling
@@ -207,6 +208,22 @@ def sample_with_bar(request: GenerationRequest, model: LoadedModel, encoder: Pro
         bar.close()
 
 
+def hires_with_bar(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, batch: Batch,
+                   latents: torch.Tensor, watcher: StepCallback | None = None) -> torch.Tensor:
+    """:func:`~ldm.passes.hires.hires_pass` with a progress bar over its steps (and ``watcher`` after each)."""
+    bar = StepBar(f"hires fix, {request.hires.sampler or request.sampler}")
+
+    def progress(step: int, total: int, x: torch.Tensor) -> None:
+        bar(step, total, x)
+        if watcher is not None:
+            watcher(step, total, x)
+
+    try:
+        return hires_pass(request, model, encoder, batch, latents, progress)
+    finally:
+        bar.close()
+
+
 def part_size(request: GenerationRequest, inputs: RunInputs, model: LoadedModel, outputs: RunOutputs, tiled: bool) -> int:
     """How many of a batch's images sample together (:mod:`ldm.ledger.batch_parts`): all unless the memory
     available to the run (host memory on a CPU) holds fewer; not even one is a one-line error before sampling."""
@@ -257,7 +274,7 @@ def generate(request: GenerationRequest, hooks: RunHooks | None = None) -> RunSu
         model = hooks.model(request, inputs)
     else:
         model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras],
-                           inputs.height, inputs.width, inputs.control_images)
+                           *final_size(request, inputs.height, inputs.width), inputs.control_images)
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
                          memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
                          safety_mode=request.safety_checker_mode if model.safety is not None else None)
@@ -286,18 +303,21 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
                          lora_hashes_text(model.loras, [lora.name for lora in inputs.loras]), inputs.inpainting)
     if request.save_control_map:
         outputs.control_maps = [unit.map for unit in model.control]
-    encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
+    encoder = outputs.encoder = encode_prompts(request, [*inputs.prompts, *hires_texts(request)], model)
     init = prepare_init(request, model, inputs.init_image, inputs.width, inputs.height, inputs.inpainting)
     cfg = inputs.config
     latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
-    tiled = decode_in_tiles(request, inputs, model.residency.mode)
+    final = replace(inputs, **dict(zip(("height", "width"), final_size(request, inputs.height, inputs.width))))
+    tiled = decode_in_tiles(request, final, model.residency.mode)  # the pictures written: the hires fix's size
     batches = list(plan_batches(request, inputs.prompts))
-    size = part_size(request, inputs, model, outputs, tiled)
+    size = part_size(request, final, model, outputs, tiled)
     watcher = hooks.progress if hooks is not None else None
 
     def run_parts(batch: Batch) -> None:
         for part in batch_parts(batch, size):  # one part unless the batch is larger than the memory holds
             latents = sample_with_bar(request, model, encoder, init, part, latent_shape, watcher)
+            if request.hires is not None:
+                latents = hires_with_bar(request, model, encoder, part, latents, watcher)
             decode_and_write(model, part, latents, tiled, outputs)
 
     def run_batch(batch: Batch) -> None:

@@ -14,10 +14,12 @@ from ldm.checkpoints.hashes import model_hash
 from ldm.control.files import webui_model_hash
 from ldm.control.metadata import control_fields
 from ldm.ledger.batch_parts import grid_fits
+from ldm.passes.hires import final_size
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
 from optimizedSD.atomic_files import write_new_file
+from optimizedSD.flags.hires import hires_fields
 from optimizedSD.lora_tags import RunLora, metadata_prompt
 from optimizedSD.outputs import OutputError, SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
 
@@ -83,7 +85,7 @@ class RunOutputs:
         hashes = [None if request.skip_save and request.skip_grid else webui_model_hash(spec.model) for spec in request.control]
         self.control_fields = control_fields(request.control, hashes)  # the webui extension's "ControlNet <i>"
         # A grid over the cap is not made (one warning line): its images would all stay in host memory.
-        self.keep_grid = not request.skip_grid and grid_fits(self.images, height, width)
+        self.keep_grid = not request.skip_grid and grid_fits(self.images, *final_size(request, height, width))
 
     def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
         """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``), ``Img2img steps``."""
@@ -93,6 +95,7 @@ class RunOutputs:
         if self.request.img2img_steps != "cut":
             fields["Img2img steps"] = self.request.img2img_steps
         fields.update(self.control_fields)
+        fields.update(hires_fields(self.request))
         return fields
 
     def pixels(self, decoded: torch.Tensor) -> np.ndarray:

@@ -100,19 +100,41 @@ def write_init_and_mask(folder: Path) -> tuple[Image.Image, Image.Image]:
     return init, mask
 
 
-def test_img2img_inpainting_equals_the_script(api, models, tmp_path):
+@pytest.mark.parametrize(("full_res", "fill", "flags"), [
+    (True, 1, ("--inpaint_area", "only_masked", "--only_masked_padding", "0", "--masked_content", "original")),
+    (False, 0, ("--inpaint_area", "whole", "--masked_content", "fill")),
+])
+def test_img2img_inpainting_equals_the_script(api, models, tmp_path, full_res, fill, flags):
+    """webuiapi sends the webui's defaults: Only masked (``inpaint_full_res``) with padding 0, Masked content
+    fill (``inpainting_fill`` 0); both are the scripts' ``--inpaint_area``/``--masked_content``."""
     init, mask = write_init_and_mask(tmp_path)
     result = api.img2img(images=[init], mask_image=mask, prompt=PROMPT, seed=77, steps=3, cfg_scale=7,
                          denoising_strength=0.6, width=64, height=64, sampler_name="DPM++ 2M", scheduler="Karras",
-                         mask_blur=2, inpainting_fill=1)
+                         mask_blur=2, inpainting_fill=fill, inpaint_full_res=full_res)
     assert len(result.images) == 1 and result.info["denoising_strength"] == 0.6
     files = script_images(tmp_path / "out", optimized_inpaint, "--ckpt", str(models / "alpha.safetensors"),
                           "--prompt", PROMPT, "--init-img", str(tmp_path / "init.png"), "--mask",
                           str(tmp_path / "mask.png"), "--mask_blur", "2", "--strength", "0.6", "--img2img_steps",
                           "webui", "--seed", "77", "--ddim_steps", "3", "--scale", "7", "--H", "64", "--W", "64",
-                          "--sampler", "DPM++ 2M Karras", "--n_samples", "1", "--rng", "cpu")
+                          "--sampler", "DPM++ 2M Karras", "--n_samples", "1", "--rng", "cpu", *flags)
     assert np.abs(pixels(result.images[0]) - pixels(files[0])).max() <= 1
     assert result.images[0].info["parameters"] == read_parameters(files[0])
+
+
+def test_txt2img_hires_fix_equals_the_script(api, models, tmp_path):
+    """``enable_hr`` and the ``hr_*`` fields are the scripts' ``--hires_*`` flags."""
+    result = api.txt2img(prompt=PROMPT, seed=31, steps=3, cfg_scale=6, width=64, height=64, sampler_name="Euler a",
+                         enable_hr=True, hr_scale=2, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2,
+                         denoising_strength=0.55, hr_sampler_name="DPM++ 2M", hr_prompt="a red cube")
+    assert result.images[0].size == (128, 128)
+    files = script_images(tmp_path / "out", optimized_txt2img, "--ckpt", str(models / "alpha.safetensors"),
+                          "--prompt", PROMPT, "--seed", "31", "--ddim_steps", "3", "--scale", "6", "--H", "64",
+                          "--W", "64", "--sampler", "Euler a", "--n_samples", "1", "--rng", "cpu", "--hires_scale",
+                          "2", "--hires_upscaler", "latent-bicubic", "--hires_steps", "2", "--hires_strength", "0.55",
+                          "--hires_sampler", "DPM++ 2M", "--hires_prompt", "a red cube")
+    assert np.abs(pixels(result.images[0]) - pixels(files[0])).max() <= 1
+    assert result.images[0].info["parameters"] == read_parameters(files[0])
+    assert "Hires upscale: 2" in read_parameters(files[0])
 
 
 def test_listings_in_the_webuis_shapes(api, models):

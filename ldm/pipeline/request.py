@@ -29,6 +29,26 @@ class MaskOptions:
     invert: bool
     blur: float
     overlay: bool
+    area: str = "whole"  # --inpaint_area: "whole" picture, or "only_masked": the mask's box, scaled to H x W
+    padding: int = 32  # --only_masked_padding: px around the mask's box
+    content: str = "original"  # --masked_content: original, fill, latent_noise, latent_nothing
+
+
+@dataclass(frozen=True)
+class HiresOptions:
+    """txt2img's hires fix (:mod:`ldm.passes.hires`): the target (``scale``, or ``resize`` (W, H) with 0 for
+    "keep the aspect"), the second pass's steps (0: the first pass's), denoising strength, upscaler, and the
+    sampler, schedule and prompts of the second pass (None: the first pass's)."""
+
+    scale: float = 2.0
+    resize: tuple[int, int] | None = None
+    steps: int = 0
+    strength: float = 0.7
+    upscaler: str = "latent"
+    sampler: str | None = None
+    schedule: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,7 @@ class GenerationRequest:
     ensd: int = 0  # eta noise seed delta: every draw after the start noise from seed + ensd
     control: tuple[ControlSpec, ...] = ()  # --control_model/--control_image pairs, in order (ldm/control)
     save_control_map: bool = False  # --save_control_map: each preprocessed map beside the images
+    hires: HiresOptions | None = None  # txt2img: the hires fix's second pass (ldm/passes/hires.py)
 
     @property
     def img2img(self) -> bool:

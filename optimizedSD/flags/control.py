@@ -52,6 +52,10 @@ def add_control_flags(add: Callable[..., object]) -> None:
 def check_control_args(opt: argparse.Namespace) -> None:
     """Counts that pair up, numbers in range; files are looked at later (before the model load)."""
     models = len(opt.control_model)
+    if models and (getattr(opt, "hires_scale", None) is not None or getattr(opt, "hires_resize", None) is not None):
+        raise UsageError("--control_model with the hires fix (--hires_scale/--hires_resize) is not supported yet")
+    if models and getattr(opt, "inpaint_area", "whole") == "only_masked":
+        raise UsageError("--control_model with --inpaint_area only_masked is not supported yet")
     if len(opt.control_image) != models and not (opt.plan and not opt.control_image):
         raise UsageError(f"give one --control_image for each --control_model: {models} models, "
                          f"{len(opt.control_image)} images")

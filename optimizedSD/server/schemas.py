@@ -2,7 +2,7 @@
 
 The webui builds its models from ``StableDiffusionProcessingTxt2Img``'s fields; these are the fields that change
 what this engine draws, with the webui's defaults (``sampler_index`` "Euler", 50 steps, CFG 7, 512 x 512).
-Every other field a client sends (hires fix, face restoration, ``alwayson_scripts`` of extensions) is accepted
+Every other field a client sends (face restoration, ``alwayson_scripts`` of extensions) is accepted
 (``extra="allow"``) and, where it asks for something, named in one warning line (:func:`ignored_fields`).
 """
 
@@ -14,12 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # What the webui sends for fields this server does not act on, when they ask for nothing (no warning then).
 IDLE_VALUES: dict[str, tuple[Any, ...]] = {
-    "s_noise": (1, 1.0), "hr_scale": (2, 2.0), "hr_upscaler": ("Latent", None, ""), "image_cfg_scale": (None, 1.5),
-    "initial_noise_multiplier": (None, 1, 1.0), "inpaint_full_res_padding": (0, 32), "resize_mode": (0,),
-    "override_settings_restore_afterwards": (True,), "denoising_strength": (0.7, 0.75, None, 0, 0.0),
-    "inpainting_fill": (0, 1), "sampler_index": ("Euler", None, ""), "firstphase_width": (0,),
-    "firstphase_height": (0,), "hr_second_pass_steps": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
-    "s_min_uncond": (0, 0.0), "s_tmax": (0, 0.0, None), "refiner_switch_at": (None, 0, 0.0),
+    "s_noise": (1, 1.0), "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1, 1.0),
+    "resize_mode": (0,), "override_settings_restore_afterwards": (True,), "sampler_index": ("Euler", None, ""),
+    "firstphase_width": (0,), "firstphase_height": (0,), "hr_checkpoint_name": (None, ""), "s_min_uncond": (0, 0.0), "s_tmax": (0, 0.0, None), "refiner_switch_at": (None, 0, 0.0),
     "force_task_id": (None, ""), "infotext": (None, ""),
 }
 
@@ -52,7 +49,19 @@ class GenerationFields(BaseModel):
 
 
 class Txt2ImgRequest(GenerationFields):
-    """``POST /sdapi/v1/txt2img``."""
+    """``POST /sdapi/v1/txt2img``, with the hires fix (``enable_hr``: ``--hires_*``, :mod:`ldm.passes.hires`)."""
+
+    enable_hr: bool = False
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0)  # the hires pass's; None: 0.7, the webui's UI
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # None: "Latent", the webui's default latent upscale mode
+    hr_second_pass_steps: int = Field(0, ge=0, le=1000)  # 0: steps
+    hr_resize_x: int = Field(0, ge=0, le=8192)  # either above 0: a size instead of hr_scale
+    hr_resize_y: int = Field(0, ge=0, le=8192)
+    hr_sampler_name: str | None = None  # None, "" or "Use same sampler": the first pass's
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""  # "": the first pass's
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(GenerationFields):
@@ -63,7 +72,9 @@ class Img2ImgRequest(GenerationFields):
     mask: str | None = None  # white repaints
     mask_blur: float = Field(4, ge=0, le=512)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: repaint the black part
-    inpainting_fill: int = Field(1, ge=0, le=3)  # 1: original (what this engine does); others warned
+    inpainting_fill: int = Field(0, ge=0, le=3)  # Masked content: fill, original, latent noise, latent nothing
+    inpaint_full_res: bool = True  # Inpaint area "Only masked" (the webui's default in its API), else "Whole picture"
+    inpaint_full_res_padding: int = Field(0, ge=0, le=4096)  # px around the mask's box
     include_init_images: bool = False
 
 

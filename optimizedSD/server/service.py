@@ -82,9 +82,6 @@ class Service:
             if body.mask:
                 mask = folder / "mask"
                 mask.write_bytes(decode_image(body.mask, "mask"))
-                if body.inpainting_fill != 1:
-                    log.warning("inpainting_fill %d is done as 1 (original: the init image under the mask)",
-                                body.inpainting_fill)
         save = body.save_images or self.config.save_images
         outdir = self.config.outdir if save else folder / "images"
         argv = [*self.config.model_argv, "--ckpt", str(ckpt),

@@ -24,7 +24,7 @@ from ldm.errors import UsageError
 from ldm.pipeline.request import IMG2IMG, INPAINT, TXT2IMG
 from ldm.samplers import SAMPLERS, find_sampler
 from ldm.samplers.schedules import SCHEDULES, find_schedule
-from optimizedSD.server.schemas import GenerationFields, Img2ImgRequest
+from optimizedSD.server.schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,13 @@ FIELD_NAMES = {"--W": "width", "--H": "height", "--ddim_steps": "steps", "--n_sa
                "--subseed": "subseed", "--clip_skip": "CLIP_stop_at_last_layers", "--ensd": "eta_noise_seed_delta",
                "--eta": "eta", "--ddim_eta": "eta_ddim", "--mask_blur": "mask_blur", "--init-img": "init_images",
                "--mask": "mask", "--prompt": "prompt", "--negative_prompt": "negative_prompt",
-               "--seed_resize_from": "seed_resize_from_w/h"}
+               "--seed_resize_from": "seed_resize_from_w/h", "--hires_scale": "hr_scale",
+               "--hires_resize": "hr_resize_x/y", "--hires_steps": "hr_second_pass_steps",
+               "--hires_strength": "denoising_strength", "--hires_upscaler": "hr_upscaler",
+               "--hires_sampler": "hr_sampler_name", "--hires_schedule": "hr_scheduler",
+               "--only_masked_padding": "inpaint_full_res_padding"}
+MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # inpainting_fill 0..3
+SAME = (None, "", "Use same sampler", "Use same scheduler")  # the webui's "as the first pass" values
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,27 @@ def generation_argv(body: GenerationFields, resolved: Resolved, options: dict[st
         if mask is not None:
             argv += ["--mask", str(mask), "--mask_blur", repr(float(body.mask_blur))]
             argv += ["--invert_mask"] if body.inpainting_mask_invert else []
+            argv += ["--inpaint_area", "only_masked" if body.inpaint_full_res else "whole", "--only_masked_padding",
+                     str(body.inpaint_full_res_padding), "--masked_content", MASKED_CONTENT[body.inpainting_fill]]
+    elif body.enable_hr:
+        argv += hires_argv(body)
+    return argv
+
+
+def hires_argv(body: Txt2ImgRequest) -> list[str]:
+    """The ``--hires_*`` flags of the webui's hires fields (``StableDiffusionProcessingTxt2Img``): a size from
+    ``hr_resize_x/y`` when either is set, else ``hr_scale``; empty or "Use same ..." fields keep the first pass's."""
+    if body.hr_resize_x or body.hr_resize_y:
+        argv = ["--hires_resize", f"{body.hr_resize_x}x{body.hr_resize_y}"]
+    else:
+        argv = ["--hires_scale", repr(float(body.hr_scale))]
+    strength = 0.7 if body.denoising_strength is None else body.denoising_strength
+    argv += ["--hires_steps", str(body.hr_second_pass_steps), "--hires_strength", repr(float(strength)),
+             "--hires_upscaler", body.hr_upscaler or "Latent"]
+    argv += [] if body.hr_sampler_name in SAME else ["--hires_sampler", body.hr_sampler_name]
+    argv += [] if body.hr_scheduler in SAME else ["--hires_schedule", body.hr_scheduler]
+    argv += ["--hires_prompt", body.hr_prompt] if body.hr_prompt else []
+    argv += ["--hires_negative_prompt", body.hr_negative_prompt] if body.hr_negative_prompt else []
     return argv
 
 
