@@ -120,6 +120,7 @@ def test_refused_in_one_line(tmp_path, state, tiny_checkpoint, capsys, kind):
      "start < end"),
     (["--control_image", "IMAGE", "--control_image", "IMAGE", "--control_weight", "1", "--control_weight", "1",
       "--control_weight", "1"], "--control_weight given 3 times for 2 --control_model"),
+    (["--control_image", "IMAGE", "--control_image", "IMAGE", "--hires_scale", "2"], "with the hires fix"),
 ])
 def test_flag_mistakes_in_one_line(tmp_path, state, tiny_checkpoint, capsys, extra, fragment):
     model = str(save_v11(state, tmp_path / "control.safetensors"))
