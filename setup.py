@@ -21,6 +21,7 @@ setup(
         "torchsde",  # the SDE samplers' Brownian trees (as the webui and ComfyUI)
     ],
     extras_require={
+        "openvino": ["openvino>=2024.0"],  # --backend openvino (ldm/backends/): numpy is its only dependency
         "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3"],
     },
 )

@@ -33,6 +33,7 @@ from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
+from optimizedSD.flags.backend import add_backend_flags, backend_settings, check_backend_args
 from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--tome", type=float, default=0.0, metavar="RATIO",
         help="token merging: merge this share of the tokens before the UNet's full-resolution self-attention "
              "(0 to 0.75; 0.5 is tomesd's default; faster on large images, changes the image slightly)")
+    add_backend_flags(add)
     add("--quantize", type=str, choices=list(QUANTIZE_CHOICES), default=None,
         help="int8: the UNet's weights as int8 with one scale per output channel (half fp16's memory, "
              "a quarter of fp32's; changes the image slightly)")
@@ -276,7 +278,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
         mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
-        **noise_settings(opt),
+        **noise_settings(opt), **backend_settings(opt),
     )
 
 
@@ -397,6 +399,7 @@ def check_args(opt: argparse.Namespace) -> None:
     if opt.ddim_eta != 0 and opt.sampler != "ddim":
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     check_noise_args(opt)
+    check_backend_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     for value in opt.lora:

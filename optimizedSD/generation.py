@@ -223,7 +223,7 @@ def generate(request: GenerationRequest) -> RunSummary:
     if job is None or job.is_main:
         print(f"Seed: {request.seed}" + (" (fixed code: every batch starts from the first batch's noise)" if request.fixed_code else ""))
     model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras], inputs.height,
-                       inputs.width)
+                       inputs.width, progress=print)
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
                          memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
                          safety_mode=request.safety_checker_mode if model.safety is not None else None)

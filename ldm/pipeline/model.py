@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from ldm.backends.ir_cache import IRCache
+from ldm.backends.openvino_runtime import openvino_version
+from ldm.backends.openvino_unet import OpenVinoUNet
+from ldm.backends.unet_engine import openvino_unet, unet_key
 from ldm.checkpoints.errors import CheckpointError
 from ldm.config import ModelConfig
 from ldm.errors import UsageError
@@ -38,12 +42,14 @@ class LoadedModel:
     schedule: DiffusionSchedule
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
     safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
+    unet_engine: OpenVinoUNet | None = None  # --backend openvino: runs the UNet instead of sd.unet
 
 
 def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
-               height: int, width: int) -> LoadedModel:
+               height: int, width: int, progress: Callable[[str], object] | None = None) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype, merge ``loras`` ((file, weight) in order) and put
-    it under a memory mode for images of ``height`` x ``width``."""
+    it under a memory mode for images of ``height`` x ``width``; ``progress`` gets the lines of a slow step
+    (an OpenVINO conversion)."""
     log.info("loading %s", request.ckpt)
     try:
         # --quantize reads the UNet's mapped weights straight into int8 (the load never holds it in float).
@@ -57,8 +63,21 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
     safety = None
     if request.safety_checker is not None:
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
+    engine = unet_engine(request, sd, loras, progress)  # before the residency: it may give the weights back
     residency = make_residency(request, sd, height, width, safety)
-    return LoadedModel(sd, residency, sd.schedule, merged, safety)
+    return LoadedModel(sd, residency, sd.schedule, merged, safety, engine)
+
+
+def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence[tuple[Path, float]],
+                progress: Callable[[str], object] | None = None) -> OpenVinoUNet | None:
+    """``--backend openvino``: the UNet converted (or read from ``--backend_cache``) and compiled for the CPU;
+    None for the PyTorch backend."""
+    if request.backend != "openvino":
+        return None
+    version = openvino_version()
+    key = unet_key(request.ckpt, sd.config.unet, use_ema=request.use_ema, loras=loras, quantize=request.quantize,
+                   dtype=request.dtype, openvino_version=version)
+    return openvino_unet(sd.unet, sd.config.unet, key, IRCache(request.backend_cache, version), progress)
 
 
 def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:

@@ -95,6 +95,8 @@ class GenerationRequest:
     seed_resize_from: tuple[int, int] | None = None  # (width, height) px the seed's noise is drawn at
     eta_ancestral: float = 1.0  # --eta: noise amount of the ancestral and SDE samplers (the webui's Eta)
     ensd: int = 0  # eta noise seed delta: every draw after the start noise from seed + ensd
+    backend: str = "torch"  # --backend: the UNet's engine, "torch" or "openvino" (CPU; ldm/backends/)
+    backend_cache: Path | None = None  # --backend_cache: converted models kept between runs; None: not kept
 
     @property
     def img2img(self) -> bool:

@@ -10,6 +10,7 @@ image, then the ancestral samplers' fresh noise; the SDE samplers' Brownian tree
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,7 +63,7 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
                                steps=request.steps, strength=request.strength, schedule_type=request.schedule,
                                img2img_steps=request.img2img_steps)
         return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, start, noise,
-                           progress)
+                           progress, model.unet_engine)
 
     return retry_lower(model.residency, attempt)
 
@@ -75,10 +76,10 @@ def batch_noise(request: GenerationRequest, batch: Batch) -> SeededNoise:
 
 def run_sampler(request: GenerationRequest, residency: Residency, schedule: DiffusionSchedule, guided: GuidedInputs,
                 x_T: torch.Tensor, start: BatchStart, noise: SeededNoise,
-                progress: StepCallback | None = None) -> torch.Tensor:
+                progress: StepCallback | None = None, engine=None) -> torch.Tensor:
     """The guided UNet under the chosen sampler (``--unet_bs`` chunks), the preparer's per-step hook after
-    each step, then ``progress``."""
-    with residency.use("unet") as unet, torch.no_grad():
+    each step, then ``progress``; ``engine`` (``--backend openvino``'s UNet) runs instead of the residency's."""
+    with (nullcontext(engine) if engine is not None else residency.use("unet")) as unet, torch.no_grad():
         unet = start.wrap_unet(chunked_unet(unet, request.unet_bs))
         eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
         callback = progress if start.after_step is None else blend_then(start.after_step, progress)
