@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ldm.backends.mapped_weights import drop_file_pages
 from ldm.backends.openvino_runtime import CPU_CONFIG, import_openvino
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,15 @@ KEEP_COMPILED = 2  # compiled shapes kept at once: a run meets one or two (a las
 
 
 class OpenVinoUNet:
-    """A converted UNet (an ``openvino.Model`` with dynamic shapes) compiled for the CPU per input shape."""
+    """A converted UNet (an ``openvino.Model`` with dynamic shapes) compiled for the CPU per input shape;
+    ``weights_file``: the ``model.bin`` it was read from, whose mapped pages are given back after each compile."""
 
-    def __init__(self, model, in_channels: int) -> None:
+    def __init__(self, model, in_channels: int, weights_file: Path | None = None) -> None:
         self.ov = import_openvino()
         self.core = self.ov.Core()
         self.model = model
         self.in_channels = in_channels
+        self.weights_file = weights_file
         self.compiled: OrderedDict[Shapes, object] = OrderedDict()
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -57,6 +61,8 @@ class OpenVinoUNet:
         model.reshape({port: self.ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
         start = time.perf_counter()
         self.compiled[shapes] = self.core.compile_model(model, "CPU", CPU_CONFIG)
+        if self.weights_file is not None:  # the compiled model holds repacked weights: the file's pages can go
+            drop_file_pages(self.weights_file)
         log.info("compiled the OpenVINO UNet for %s in %.1f s", shapes[0], time.perf_counter() - start)
         return self.compiled[shapes]
 

@@ -66,4 +66,4 @@ def openvino_unet(unet: nn.Module, config: UNetConfig, key: str, cache: IRCache,
         model = core.read_model(stored / "model.xml")
     freed = release_weights(unet)
     log.info("OpenVINO UNet from %s; %.2f GiB of PyTorch weights given back", cache.path(key), freed / 2**30)
-    return OpenVinoUNet(model, config.in_channels)
+    return OpenVinoUNet(model, config.in_channels, cache.path(key) / "model.bin")
