@@ -9,9 +9,10 @@ from types import ModuleType
 from ldm.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[openvino]"'
-# fp32 kernels: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it (AVX-512 BF16, AMX),
-# which changes the image.
-CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+# fp32 kernels: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it (AVX-512 BF16, AMX), and
+# with --quantize's int8 weights it would quantize the activations to int8 as well (dynamic quantization):
+# either changes the image (int8 with it: 3 levels, 30 % of the values of a tiny-model image; without: 1 level).
+CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 
 def import_openvino() -> ModuleType:
