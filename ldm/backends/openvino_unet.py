@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ldm.backends.mapped_weights import drop_file_pages
+from ldm.backends.mapped_weights import dropping_pages
 from ldm.backends.openvino_runtime import CPU_CONFIG, import_openvino
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ class OpenVinoUNet:
         model = self.model.clone()
         model.reshape({port: self.ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
         start = time.perf_counter()
-        self.compiled[shapes] = self.core.compile_model(model, "CPU", CPU_CONFIG)
-        if self.weights_file is not None:  # the compiled model holds repacked weights: the file's pages can go
-            drop_file_pages(self.weights_file)
+        # The compiled model holds repacked weights: the file's pages can go, during the compile too.
+        with dropping_pages(self.weights_file) if self.weights_file is not None else nullcontext():
+            self.compiled[shapes] = self.core.compile_model(model, "CPU", CPU_CONFIG)
         log.info("compiled the OpenVINO UNet for %s in %.1f s", shapes[0], time.perf_counter() - start)
         return self.compiled[shapes]
 
@@ -78,7 +79,9 @@ def convert_unet(unet: nn.Module, in_channels: int, context_dim: int,
         progress("converting the UNet for OpenVINO (once for these weights: about a minute for SD v1)...")
     start = time.perf_counter()
     with torch.no_grad():
-        model = ov.convert_model(unet, example_input=example, input=inputs)
+        # Traced here, without the trace check: handing OpenVINO the module traces and checks it (twice the time).
+        traced = torch.jit.trace(unet, example, check_trace=False)
+        model = ov.convert_model(traced, example_input=example, input=inputs)
     if progress is not None:
         progress(f"converted the UNet for OpenVINO in {time.perf_counter() - start:.0f} s")
     return model
