@@ -11,9 +11,11 @@ import torch
 
 from ldm.checkpoints.hashes import model_hash
 from ldm.ledger.batch_parts import grid_fits
+from ldm.passes.hires import final_size
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
+from optimizedSD.flags.hires import hires_fields
 from optimizedSD.lora_tags import RunLora, metadata_prompt
 from optimizedSD.outputs import SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
 
@@ -76,7 +78,7 @@ class RunOutputs:
         self.inpainting = inpainting
         self.images = request.n_iter * prompts * request.n_samples
         # A grid over the cap is not made (one warning line): its images would all stay in host memory.
-        self.keep_grid = not request.skip_grid and grid_fits(self.images, height, width)
+        self.keep_grid = not request.skip_grid and grid_fits(self.images, *final_size(request, height, width))
 
     def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
         """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``), ``Img2img steps``."""
@@ -85,6 +87,7 @@ class RunOutputs:
             fields.update(self.inpainting.metadata())
         if self.request.img2img_steps != "cut":
             fields["Img2img steps"] = self.request.img2img_steps
+        fields.update(hires_fields(self.request))
         return fields
 
     def pixels(self, decoded: torch.Tensor) -> np.ndarray:

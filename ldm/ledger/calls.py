@@ -2,7 +2,8 @@
 
 :func:`generation_calls` turns a request into the ledger's ``calls(sd, residency, shape, device, phase)``: the
 run's prompts through :func:`~ldm.pipeline.encode.encode_prompts`, the init image's encode (img2img), the first
-batch through :func:`~ldm.pipeline.sample.sample_batch` and its images through
+batch through :func:`~ldm.pipeline.sample.sample_batch` (and the hires fix's second pass,
+:func:`~ldm.passes.hires.hires_pass`) and its images through
 :func:`~ldm.pipeline.decode.decode_and_write`, each under its phase. ``--plan``, low mode's tiling rule, the
 batch-parts planner and ``scripts/gpu_check.py`` (on a real GPU) all run it.
 """
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from ldm.memory.vae_decoding import DEFAULT_TILE
+from ldm.passes.hires import hires_pass, hires_texts
 from ldm.pipeline.batches import Batch, plan_batches
 from ldm.pipeline.decode import ImageSink, decode_and_write, decode_image
 from ldm.pipeline.encode import encode_prompts
@@ -86,7 +88,7 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
         )
         model = LoadedModel(sd, residency, sd.schedule)
         with phase("text_encoder"):
-            encoder = encode_prompts(run, prompts, model)
+            encoder = encode_prompts(run, [*prompts, *hires_texts(run)], model)
         init = None
         if shape.img2img:
             with phase("vae"):
@@ -97,6 +99,8 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
         batch = next(plan_batches(run, prompts))
         with phase("unet"):
             latents = sample_batch(run, model, encoder, init, batch, latent_shape)
+        if run.hires is not None:  # the hires fix's second pass, at its size (its upscale's VAE work under "vae")
+            latents = hires_pass(run, model, encoder, batch, latents, phase=phase)
         with phase("vae"):
             if first_tile_only:
                 side = 2 * DEFAULT_TILE if shape.tiled else None  # a tile with its overlap is at most twice the tile

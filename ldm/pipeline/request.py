@@ -27,6 +27,26 @@ class MaskOptions:
     invert: bool
     blur: float
     overlay: bool
+    area: str = "whole"  # --inpaint_area: "whole" picture, or "only_masked": the mask's box, scaled to H x W
+    padding: int = 32  # --only_masked_padding: px around the mask's box
+    content: str = "original"  # --masked_content: original, fill, latent_noise, latent_nothing
+
+
+@dataclass(frozen=True)
+class HiresOptions:
+    """txt2img's hires fix (:mod:`ldm.passes.hires`): the target (``scale``, or ``resize`` (W, H) with 0 for
+    "keep the aspect"), the second pass's steps (0: the first pass's), denoising strength, upscaler, and the
+    sampler, schedule and prompts of the second pass (None: the first pass's)."""
+
+    scale: float = 2.0
+    resize: tuple[int, int] | None = None
+    steps: int = 0
+    strength: float = 0.7
+    upscaler: str = "latent"
+    sampler: str | None = None
+    schedule: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,7 @@ class GenerationRequest:
     seed_resize_from: tuple[int, int] | None = None  # (width, height) px the seed's noise is drawn at
     eta_ancestral: float = 1.0  # --eta: noise amount of the ancestral and SDE samplers (the webui's Eta)
     ensd: int = 0  # eta noise seed delta: every draw after the start noise from seed + ensd
+    hires: HiresOptions | None = None  # txt2img: the hires fix's second pass (ldm/passes/hires.py)
     backend: str = "torch"  # --backend: the UNet's engine, "torch" or "openvino" (CPU; ldm/backends/)
     backend_cache: Path | None = None  # --backend_cache: converted models kept between runs; None: not kept
 
