@@ -5,6 +5,9 @@
     python scripts/benchmark.py --device cuda        # GPU: 512x512 fp16, 20 DPM-Solver++ steps, batch 1 and 4
     python scripts/benchmark.py --H 512 --W 512 --steps 20 --quantize int8 --tome 0.5   # the CPU targets' run, plus
                                                      # rows of our modes with --quantize int8 and with --tome 0.5
+    python scripts/benchmark.py --backend openvino --per_step --repeat 2   # rows of --backend openvino (a first
+                                                     # row converting into an empty cache, then cache hits), and
+                                                     # seconds per step from the runs at --steps and at 1 step
 
 Both sides read the same checkpoint (``--ckpt``; by default random weights in the SD v1 layout are written
 to a temporary .safetensors first). Our side runs through ``optimizedSD.generation.generate``, the code the
@@ -36,9 +39,11 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -244,11 +249,29 @@ def run_quantization_error(spec: dict) -> dict:
     return {"forward_error": error.item(), "quantize_s": seconds}
 
 
+def _anon_bytes() -> int:
+    """This process's private memory (RssAnon): RSS less the file pages the kernel may drop at any time."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+
+def _sample_anon_peak(peak: list[int]) -> None:
+    while True:
+        peak[0] = max(peak[0], _anon_bytes())
+        time.sleep(0.05)
+
+
 def run_worker(spec: dict) -> int:
     logging.basicConfig(level=logging.WARNING)
     runs = {"ours": run_ours, "diffusers": run_diffusers, "check": run_quantization_error}
+    if spec.get("fresh_cache"):  # the conversion row: an empty --backend_cache, so that it converts
+        shutil.rmtree(spec["fresh_cache"], ignore_errors=True)
+    anon = [0]
+    if sys.platform.startswith("linux"):
+        threading.Thread(target=_sample_anon_peak, args=(anon,), daemon=True).start()
     result = runs[spec["side"]](spec)
     result["peak_rss"] = _peak_rss_bytes()
+    result["peak_anon"] = max(anon[0], _anon_bytes()) if sys.platform.startswith("linux") else None
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
@@ -301,19 +324,20 @@ def format_row(spec: dict, result: dict) -> str:
         f"{name}{_fmt(result.get('load_s'), digits=1):>8}{_fmt(generate, digits=1):>12}{_fmt(result['total_s'], digits=1):>9}"
         f"{per_image:>9.2f}{_fmt(result['peak_rss'], GB):>8}"
         f"{_fmt(result.get('peak_vram_allocated'), GB):>14}{_fmt(result.get('peak_vram_reserved'), GB):>13}"
+        f"{_fmt(result.get('peak_anon'), GB):>9}{spec['steps']:>7}"
     )
 
 
 HEADER = (
     f"{'side':<10}{'mode':<19}{'batch':>5}{'load s':>8}{'generate s':>12}{'total s':>9}{'s/image':>9}"
-    f"{'RSS GB':>8}{'VRAM alloc GB':>14}{'reserved GB':>13}"
+    f"{'RSS GB':>8}{'VRAM alloc GB':>14}{'reserved GB':>13}{'anon GB':>9}{'steps':>7}"
 )
 
 
 def best_results(rows: list[tuple[dict, dict]]) -> dict[tuple, dict]:
     """Per (side, mode, batch): the fastest successful repeat (times), with the largest peaks seen (memory)."""
     best: dict[tuple, dict] = {}
-    for spec, result in rows:
+    for spec, result in main_rows(rows):
         key = (spec["side"], setup_name(spec), spec["batch"])
         if "error" in result or "skipped" in result:
             best.setdefault(key, result)
@@ -329,6 +353,30 @@ def best_results(rows: list[tuple[dict, dict]]) -> dict[tuple, dict]:
             if result.get(name) is not None and kept.get(name) is not None:
                 kept[name] = max(kept[name], result[name])
     return best
+
+
+def main_rows(rows: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+    """The rows at the run's step count (``--per_step`` adds rows at 1 step, which only per_step_lines reads)."""
+    return [(spec, result) for spec, result in rows if not spec.get("per_step_base")]
+
+
+def per_step_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+    """Seconds per sampling step of each setup: (generate at --steps - generate at 1 step) / (steps - 1), best
+    of the repeats each, so that load, conversion, compilation, prompt encoding and the decode cancel."""
+    best: dict[tuple, float] = {}
+    for spec, result in rows:
+        if result.get("generate_s") is not None and spec["side"] != "check" and not spec.get("fresh_cache"):
+            key = (spec["side"], setup_name(spec), spec["batch"], spec["steps"])
+            best[key] = min(best.get(key, float("inf")), result["generate_s"])
+    lines, per_step = [], {}
+    for (side, setup, batch, steps), seconds in best.items():
+        if steps > 1 and (side, setup, batch, 1) in best:
+            per_step[(side, setup, batch)] = (seconds - best[(side, setup, batch, 1)]) / (steps - 1)
+    for (side, setup, batch), value in per_step.items():
+        theirs = per_step.get(("diffusers", COUNTERPART.get(setup.split()[0], ""), batch))
+        ratio = f", {value / theirs:.2f}x diffusers'" if side == "ours" and theirs else ""
+        lines.append(f"{side} {setup}, batch {batch}: {value:.2f} s per step{ratio}")
+    return lines
 
 
 def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
@@ -408,10 +456,28 @@ def machine_line() -> str:
     except ImportError:
         diffusers_version = "not installed"
     text = (f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"diffusers {diffusers_version}")
+            f"diffusers {diffusers_version}, {cpu_line()}")
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(0)}"
     return text
+
+
+def cpu_line() -> str:
+    """The CPU's model, its widest vector ISA (OpenVINO and oneDNN pick kernels by it) and the load average."""
+    model, flags = platform.processor() or "?", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "avx512f" + (" + avx512_bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else (
+        "avx2 only" if "avx2" in flags else "no avx2")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return f"{model} ({isa}), load average {load}"
 
 
 def build_plan(args: argparse.Namespace) -> list[dict]:
@@ -430,14 +496,22 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
         variants.append((args.quantize, ["--quantize", args.quantize]))
     if args.tome:
         variants.append((f"tome {args.tome:g}", ["--tome", str(args.tome)]))
+    if args.backend == "openvino":  # converted once into the cache by the "openvino convert" row, then read
+        variants.append(("openvino", ["--backend", "openvino", "--backend_cache", args.backend_cache]))
     plan = []
     if args.quantize:  # its forward error, in a process of its own (not inside a timed or RSS-measured run)
         plan.append(dict(common, side="check", mode=f"{args.quantize} error", batch=1, quantize=args.quantize))
     for batch in batches:
+        if args.backend == "openvino":
+            plan.append(dict(common, side="ours", mode="full", batch=batch, variant="openvino convert",
+                             flags=variants[-1][1], fresh_cache=args.backend_cache))
         plan += [dict(common, side="ours", mode=m, batch=batch, variant=label, flags=flags)
                  for m in modes for label, flags in variants]
         if not args.skip_diffusers:
             plan += [dict(common, side="diffusers", mode=m, batch=batch) for m in theirs]
+    if args.per_step:  # the same setups at 1 step, interleaved with the others
+        plan += [dict(spec, steps=1, per_step_base=True) for spec in plan
+                 if spec["side"] != "check" and not spec.get("fresh_cache")]
     return plan
 
 
@@ -458,6 +532,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["int8"], default=None, help="also run each of our modes with --quantize int8")
     parser.add_argument("--tome", type=float, default=None, metavar="RATIO", help="also run each of our modes with --tome RATIO")
     parser.add_argument("--vram_budget", type=float, default=None, metavar="GB", help="--vram_budget for our low mode")
+    parser.add_argument("--backend", choices=["torch", "openvino"], default="torch",
+                        help="openvino: also rows of our full mode with --backend openvino (a conversion row, then cache hits)")
+    parser.add_argument("--backend_cache", default=None, help="--backend_cache of those rows (default: a temporary folder)")
+    parser.add_argument("--per_step", action="store_true",
+                        help="also run every setup at 1 step and report seconds per step")
     parser.add_argument("--fp32", action="store_true", help="fp32 weights on CUDA too (default fp16 there)")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="torch CPU threads per side")
     parser.add_argument("--seed", type=int, default=42)
@@ -476,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  python scripts/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# {machine_line()}")
     with tempfile.TemporaryDirectory(prefix="sd-benchmark-") as tmp:
+        if args.backend == "openvino" and args.backend_cache is None:
+            args.backend_cache = str(Path(tmp) / "openvino-cache")
         if args.ckpt is None:
             started = time.time()
             args.ckpt = str(make_checkpoint(args.config, Path(tmp), args.seed))
@@ -496,6 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nours / diffusers" + (f" (best of {args.repeat})" if args.repeat > 1 else "") + ":")
     for line in ratio_lines(rows):
         print(line)
+    steps = per_step_lines(rows)
+    if steps:
+        print("\nper sampling step (best of the repeats):")
+        print("\n".join(steps))
+    print(f"# done; {cpu_line()}")
     targets = target_lines(rows)
     if targets:
         print("\ntargets:")
