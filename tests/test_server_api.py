@@ -188,10 +188,10 @@ def test_raw_json_answers_and_data_urls(server, caplog):
     answer = requests.post(f"{server.url}/sdapi/v1/img2img", json={
         "init_images": [data_url], "prompt": "a wall", "seed": 5, "steps": 2, "width": 64, "height": 64,
         "denoising_strength": 0.5, "sampler_name": "Euler", "include_init_images": True,
-        "alwayson_scripts": {"ControlNet": {"args": [{"x": 1}]}}},
+        "alwayson_scripts": {"ADetailer": {"args": [{"x": 1}]}}},
         timeout=300)
     assert answer.status_code == 200, answer.text
-    assert "not done by this server, ignored: alwayson_scripts" in caplog.text  # ControlNet with arguments
+    assert "not done by this server, ignored: alwayson_scripts" in caplog.text  # an extension not done here
     body = answer.json()
     assert body["parameters"]["init_images"] is None and body["parameters"]["prompt"] == "a wall"
     assert set(body) == {"images", "parameters", "info"} and isinstance(body["info"], str)

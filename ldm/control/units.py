@@ -81,9 +81,20 @@ def place_units(nets: Sequence[ControlNet], specs: Sequence[ControlSpec], images
                 residency: ControlResidency, width: int, height: int) -> tuple[ControlUnit, ...]:
     """The networks placed under ``residency``; each image (``images``, in the specs' order, already opened and
     checked) made into its hint for ``width`` x ``height``."""
+    return hinted_units(place_nets(nets, residency), specs, images, width, height)
+
+
+def place_nets(nets: Sequence[ControlNet], residency: ControlResidency) -> tuple[PlacedControlNet, ...]:
+    """The networks attached to ``residency`` (``control.0``, ``control.1``, ...), in order."""
+    return tuple(PlacedControlNet(residency, net, f"control.{index}") for index, net in enumerate(nets))
+
+
+def hinted_units(placed: Sequence[PlacedControlNet], specs: Sequence[ControlSpec], images: Sequence[Image.Image],
+                 width: int, height: int) -> tuple[ControlUnit, ...]:
+    """One run's units of networks already placed (a server keeps them between requests): each image made into
+    its hint for ``width`` x ``height`` with its spec's preprocessor, weight and window of steps."""
     units = []
-    for index, (net, spec, image) in enumerate(zip(nets, specs, images, strict=True)):
+    for net, spec, image in zip(placed, specs, images, strict=True):
         control = control_map(image, width, height, spec.preprocess, spec.canny_low, spec.canny_high)
-        placed = PlacedControlNet(residency, net, f"control.{index}")
-        units.append(ControlUnit(placed, hint_tensor(control), spec.weight, spec.start, spec.end, control))
+        units.append(ControlUnit(net, hint_tensor(control), spec.weight, spec.start, spec.end, control))
     return tuple(units)

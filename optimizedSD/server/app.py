@@ -16,6 +16,7 @@ from ldm.errors import UserError
 from ldm.messages import one_line
 from ldm.samplers import SAMPLERS
 from ldm.samplers.schedules import SCHEDULES
+from optimizedSD.server.controlnet import API_VERSION, UNIT_COUNT, model_list, module_list
 from optimizedSD.server.guards import BodyLimit, basic_auth, validation_message
 from optimizedSD.server.listings import embeddings_listing, loras_listing, memory_listing, page_html, png_info
 from optimizedSD.server.schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
@@ -138,6 +139,26 @@ def add_listing_routes(app: FastAPI, service: Service) -> None:
         return page_html()
 
 
+def add_controlnet_routes(app: FastAPI, service: Service) -> None:
+    """The sd-webui-controlnet extension's listings (its ``scripts/api.py``)."""
+
+    @app.get("/controlnet/version")
+    async def controlnet_version() -> dict[str, Any]:
+        return {"version": API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models(update: bool = True) -> dict[str, Any]:
+        return {"model_list": model_list(service.config.control_dir)}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
+        return module_list()
+
+    @app.get("/controlnet/settings")
+    async def controlnet_settings() -> dict[str, Any]:
+        return {"control_net_unit_count": UNIT_COUNT}
+
+
 def build_app(service: Service) -> FastAPI:
     """The app for ``service``; with users (``--api-auth``) every route asks for HTTP Basic credentials."""
     dependencies = [Depends(basic_auth(service.config.users))] if service.config.users else []
@@ -145,5 +166,6 @@ def build_app(service: Service) -> FastAPI:
     add_error_handlers(app)
     add_generation_routes(app, service)
     add_listing_routes(app, service)
+    add_controlnet_routes(app, service)
     app.add_middleware(BodyLimit, limit=MAX_IMAGE_BYTES)
     return app

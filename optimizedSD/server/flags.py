@@ -18,6 +18,7 @@ from ldm.errors import UsageError
 from ldm.pipeline.model import WEIGHTS_HELP
 from ldm.pipeline.request import GenerationRequest
 from optimizedSD.arguments import given_flags, parse_args
+from optimizedSD.flags.control import DEFAULT_CONTROL_DIR
 
 DEFAULT_PORT = 7861  # the webui's API-only port (--nowebui)
 # The scripts' flags that set up the model and the machine (the rest belong to each request)
@@ -44,6 +45,7 @@ class ServerConfig:
     save_images: bool
     model_argv: tuple[str, ...]  # the scripts' model flags, without --ckpt
     base: GenerationRequest  # those flags parsed (device, memory mode, ...)
+    control_dir: Path = DEFAULT_CONTROL_DIR  # the ControlNets requests name (alwayson_scripts.controlnet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ckpt_dir", default=None, metavar="DIR", help="checkpoints the server offers (sd-models, sd_model_checkpoint)")
     add("--outdir", default="outputs/server-samples", help="where images go with --save_images or save_images: true")
     add("--save_images", action="store_true", help="write every image to --outdir, as the scripts do")
+    add("--control_dir", default=str(DEFAULT_CONTROL_DIR), metavar="DIR",
+        help="the ControlNets requests name by NAME [HASH] (/controlnet/model_list; default models/ControlNet)")
     return parser
 
 
@@ -109,7 +113,7 @@ def parse_server_args(argv: Sequence[str] | None) -> ServerConfig:
         raise UsageError(f"checkpoint not found: {ckpt}; {WEIGHTS_HELP}")
     model_argv = strip_ckpt(rest)
     return ServerConfig(opt.host, opt.port, users, ckpt, ckpt_dir, Path(opt.outdir), opt.save_images,
-                        tuple(model_argv), base)
+                        tuple(model_argv), base, Path(opt.control_dir))
 
 
 def strip_ckpt(argv: Sequence[str]) -> list[str]:

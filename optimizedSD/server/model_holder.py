@@ -8,19 +8,28 @@ new storage: the holder keeps the original tensors and puts them back when the n
 LoRA set (the weights come back bit for bit, without reading the checkpoint again). The memory mode is set up
 again around the changed weights. With ``--quantize`` the UNet's weights are int8 and a LoRA cannot be merged
 into them afterwards: there a new LoRA set loads the checkpoint again.
+
+ControlNets (a request's ``alwayson_scripts.controlnet`` units, the scripts' ``--control_model``) are read for the
+request that names them and kept, by file, for the next one; the checkpoint stays loaded. When the set of files
+changes the memory mode is set up again with them attached (as :func:`ldm.pipeline.model.load_model` attaches
+them), and each request gets its own hints, weights and windows of steps on the placed networks.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from ldm.control.network import ControlNet
+from ldm.control.placement import PlacedControlNet
+from ldm.control.units import ControlUnit, hinted_units, place_nets, read_nets
 from ldm.loading.lora import LoraFile, load_lora, merge_loras
 from ldm.loading.lora_layouts import lora_targets
+from ldm.memory.residency import Residency
 from ldm.pipeline.model import LoadedModel, load_model, make_residency
 from ldm.pipeline.request import GenerationRequest
 from optimizedSD.generation import RunInputs
@@ -37,6 +46,10 @@ class ModelHolder:
     lora_key: tuple[tuple[Path, float], ...] = ()
     originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
     loads: int = 0  # checkpoint loads so far
+    nets: dict[tuple, ControlNet] = field(default_factory=dict)  # ControlNets read, by (file, mtime, occurrence)
+    placed: tuple[PlacedControlNet, ...] = ()  # those of the last request, attached to ``placed_on``
+    placed_on: Residency | None = None
+    control_reads: int = 0  # ControlNet files read so far
 
     def get(self, request: GenerationRequest, inputs: RunInputs) -> LoadedModel:
         """The model for ``request``: loaded when its checkpoint (or VAE) is not the kept one; its LoRAs merged."""
@@ -45,12 +58,31 @@ class ModelHolder:
         if self.model is None or key != self.key:
             self.release()
             log.info("loading %s", request.ckpt)
-            self.model = load_model(request, inputs.config, list(loras) if request.quantize else [],
-                                    inputs.height, inputs.width)
+            self.model = load_model(replace(request, control=()), inputs.config,
+                                    list(loras) if request.quantize else [], inputs.height, inputs.width)
             self.key, self.lora_key, self.loads = key, loras if request.quantize else (), self.loads + 1
         if loras != self.lora_key:
             self.swap_loras(request, loras, inputs.height, inputs.width)
+        self.model.control = self.control_units(request, inputs)
         return self.model
+
+    def control_units(self, request: GenerationRequest, inputs: RunInputs) -> tuple[ControlUnit, ...]:
+        """``request``'s ControlNets on the kept model: read unless kept from an earlier request, attached to its
+        memory mode (set up again when the files or the mode changed), with this request's hints."""
+        model, specs = self.model, request.control
+        keys = control_keys(specs)
+        if keys != tuple(self.nets) or (specs and self.placed_on is not model.residency):
+            missing = [spec for spec, key in zip(specs, keys) if key not in self.nets]
+            read = iter(read_nets(missing, inputs.config, request.dtype))  # a bad file fails before anything moves
+            self.control_reads += len(missing)
+            self.nets = {key: self.nets[key] if key in self.nets else next(read) for key in keys}
+            nets = list(self.nets.values())
+            model.residency.release()
+            model.residency = make_residency(request, model.sd, inputs.height, inputs.width, model.safety,
+                                             sum(p.numel() * p.element_size() for net in nets for p in net.parameters()))
+            self.placed, self.placed_on = place_nets(nets, model.residency), model.residency
+            log.info("%d ControlNet(s) under memory mode %s", len(nets), model.residency.mode)
+        return hinted_units(self.placed, specs, inputs.control_images, inputs.width, inputs.height)
 
     def swap_loras(self, request: GenerationRequest, loras: tuple[tuple[Path, float], ...], height: int,
                    width: int) -> None:
@@ -76,9 +108,21 @@ class ModelHolder:
         if self.model is not None:
             self.model.residency.release()
             self.model, self.key, self.lora_key, self.originals = None, (), (), []
+            self.nets, self.placed, self.placed_on = {}, (), None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def control_keys(specs) -> tuple[tuple, ...]:
+    """Each spec's file as a cache key: resolved path, modification time, and which use of that file it is (a
+    file named twice is two networks, as the scripts read it twice)."""
+    keys, seen = [], {}
+    for spec in specs:
+        path = spec.model.resolve()
+        seen[path] = seen.get(path, -1) + 1
+        keys.append((path, path.stat().st_mtime_ns, seen[path]))
+    return tuple(keys)
 
 
 def touched_weights(loras: list[tuple[LoraFile, float]]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:

@@ -92,7 +92,8 @@ def ignored_fields(body: BaseModel) -> list[str]:
         if name in IDLE_VALUES and value in IDLE_VALUES[name]:
             continue
         if name == "alwayson_scripts" and isinstance(value, dict):
-            value = {key: args for key, args in value.items() if args not in ({}, {"args": []}, {"args": [False]})}
+            value = {key: args for key, args in value.items() if args not in ({}, {"args": []}, {"args": [False]})
+                     and str(key).lower() != "controlnet"}  # done: optimizedSD.server.controlnet
         if value not in (None, False, 0, "", [], {}):
             asked.append(name)
     return sorted(asked)

@@ -27,6 +27,7 @@ from optimizedSD.generation import check_inputs
 from optimizedSD.infotext import read_parameters
 from optimizedSD.run_outputs import RunSummary, weights_hash
 from optimizedSD.server.checkpoints import CheckpointList
+from optimizedSD.server.controlnet import control_argv, control_units
 from optimizedSD.server.flags import ServerConfig
 from optimizedSD.server.schemas import GenerationFields, Img2ImgRequest, ignored_fields
 from optimizedSD.server.translate import Resolved, api_message, generation_argv, info_json, resolve
@@ -84,8 +85,10 @@ class Service:
                 mask.write_bytes(decode_image(body.mask, "mask"))
         save = body.save_images or self.config.save_images
         outdir = self.config.outdir if save else folder / "images"
+        units = control_units(body.model_extra, self.config.control_dir, (body.width, body.height), decode_image)
         argv = [*self.config.model_argv, "--ckpt", str(ckpt),
-                *generation_argv(body, resolved, options, str(self.config.base.device), outdir, init, mask)]
+                *generation_argv(body, resolved, options, str(self.config.base.device), outdir, init, mask),
+                *control_argv(units, folder, init)]
         try:
             return parse_args(argv, resolved.mode)
         except UsageError as error:

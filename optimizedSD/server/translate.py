@@ -40,7 +40,10 @@ FIELD_NAMES = {"--W": "width", "--H": "height", "--ddim_steps": "steps", "--n_sa
                "--hires_resize": "hr_resize_x/y", "--hires_steps": "hr_second_pass_steps",
                "--hires_strength": "denoising_strength", "--hires_upscaler": "hr_upscaler",
                "--hires_sampler": "hr_sampler_name", "--hires_schedule": "hr_scheduler",
-               "--only_masked_padding": "inpaint_full_res_padding"}
+               "--only_masked_padding": "inpaint_full_res_padding", "--control_model": "controlnet model",
+               "--control_image": "controlnet image", "--control_weight": "controlnet weight",
+               "--control_start": "controlnet guidance_start", "--control_end": "controlnet guidance_end",
+               "--canny_low": "controlnet threshold_a", "--canny_high": "controlnet threshold_b"}
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # inpainting_fill 0..3
 SAME = (None, "", "Use same sampler", "Use same scheduler")  # the webui's "as the first pass" values
 

@@ -1,0 +1,169 @@
+"""The server's ControlNet API (the sd-webui-controlnet extension's ``alwayson_scripts.controlnet`` units and its
+``/controlnet/*`` listings) through the ``webuiapi`` client's ``ControlNetUnit``: a tiny random checkpoint, tiny
+random-weight ControlNets in ``--control_dir``, 64 x 64 images, 3 steps.
+
+Reference: the scripts. A server image must equal what ``optimized_txt2img.py`` / ``optimized_img2img.py`` write
+with the same ``--control_*`` flags (pixels within 1 of 255, the same ``parameters`` text, the extension's
+``ControlNet 0`` field included), since the server runs the scripts' run with the request's ControlNets placed on
+its kept model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import webuiapi
+from PIL import Image
+
+from ldm.config import load_model_config
+from ldm.control.files import webui_model_hash
+from ldm.loading.random_weights import random_state_dict, save_checkpoint
+from optimizedSD import optimized_img2img, optimized_txt2img
+from optimizedSD.infotext import read_parameters
+from tests.control_files import hint_png, random_control_state, save_v11
+from tests.server_helpers import TINY_CONFIG, running_server, tiny_server_argv
+
+PROMPT = "a fox in the snow"
+COMMON = dict(prompt=PROMPT, seed=42, steps=3, cfg_scale=6.0, width=64, height=64, sampler_name="Euler")
+SCRIPT_COMMON = ["--prompt", PROMPT, "--seed", "42", "--ddim_steps", "3", "--scale", "6.0", "--H", "64", "--W", "64",
+                 "--sampler", "Euler", "--rng", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("server_control")
+    save_checkpoint(random_state_dict(load_model_config(TINY_CONFIG), seed=1234), folder / "alpha.safetensors")
+    library = folder / "ControlNet"
+    library.mkdir()
+    save_v11(random_control_state(TINY_CONFIG, seed=7), library / "control_v11p_sd15_canny.pth")
+    save_v11(random_control_state(TINY_CONFIG, seed=8), library / "control_v11p_sd15_lineart.safetensors")
+    return {"ckpt": folder / "alpha.safetensors", "library": library, "hint": hint_png(folder / "hint.png"),
+            "wide": hint_png(folder / "wide.png", width=96, height=64, seed=5),
+            "canny": library / "control_v11p_sd15_canny.pth", "lineart": library / "control_v11p_sd15_lineart.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    argv = tiny_server_argv(files["ckpt"], "--no-watermark", "--control_dir", str(files["library"]))
+    with running_server(argv) as running:
+        yield running
+
+
+@pytest.fixture()
+def api(server):
+    return webuiapi.WebUIApi(port=server.port)
+
+
+def script_image(tmp_path: Path, script, *argv: str) -> Path:
+    assert script.main([*argv, "--config", str(TINY_CONFIG), "--device", "cpu", "--outdir", str(tmp_path),
+                        "--no-watermark", "--prompt_syntax", "webui", "--skip_grid", "--format", "png",
+                        "--n_samples", "1"]) == 0
+    (image,) = tmp_path.rglob("seed_*.png")
+    return image
+
+
+def pixels(image: Image.Image | Path) -> np.ndarray:
+    image = Image.open(image) if isinstance(image, Path) else image
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def assert_same(served: Image.Image, written: Path) -> None:
+    assert np.abs(pixels(served) - pixels(written)).max() <= 1
+    assert served.info["parameters"] == read_parameters(written)
+
+
+def named(path: Path) -> str:
+    return f"{path.stem} [{webui_model_hash(path)}]"
+
+
+def test_one_canny_unit_equals_the_script(api, server, files, tmp_path):
+    unit = webuiapi.ControlNetUnit(image=Image.open(files["hint"]), module="canny", model=named(files["canny"]),
+                                   weight=0.6, guidance_start=0.2, guidance_end=0.8, threshold_a=60, threshold_b=180,
+                                   resize_mode="Crop and Resize")
+    result = api.txt2img(**COMMON, controlnet_units=[unit])
+    written = script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON,
+                           "--control_model", str(files["canny"]), "--control_image", str(files["hint"]),
+                           "--control_weight", "0.6", "--control_start", "0.2", "--control_end", "0.8",
+                           "--control_preprocess", "canny", "--canny_low", "60", "--canny_high", "180")
+    assert_same(result.image, written)
+    assert 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [' in result.info["infotexts"][0]
+    reads, loads = server.service.worker.holder.control_reads, server.service.worker.holder.loads
+    again = api.txt2img(**COMMON, controlnet_units=[unit])  # the same file: kept, not read again
+    assert np.array_equal(pixels(again.image), pixels(result.image))
+    assert server.service.worker.holder.control_reads == reads and server.service.worker.holder.loads == loads
+
+
+def test_two_units_by_name_on_img2img_equal_the_script(api, files, tmp_path):
+    init = Image.open(files["hint"])
+    units = [webuiapi.ControlNetUnit(image=init, module="invert", model="control_v11p_sd15_lineart", weight=0.8),
+             webuiapi.ControlNetUnit(image=Image.open(files["wide"]), module="none", model=named(files["canny"]),
+                                     guidance_end=0.5, resize_mode="Crop and Resize")]
+    result = api.img2img(images=[init], denoising_strength=0.6, controlnet_units=units, **COMMON)
+    written = script_image(tmp_path, optimized_img2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON,
+                           "--init-img", str(files["hint"]), "--strength", "0.6", "--img2img_steps", "webui",
+                           "--control_model", str(files["lineart"]), "--control_image", str(files["hint"]),
+                           "--control_weight", "0.8", "--control_end", "1", "--control_preprocess", "invert",
+                           "--control_model", str(files["canny"]), "--control_image", str(files["wide"]),
+                           "--control_end", "0.5", "--control_preprocess", "none")  # the n-th of each flag: n-th unit
+    assert_same(result.image, written)
+    assert "ControlNet 1: " in result.info["infotexts"][0]
+
+
+def test_a_disabled_unit_gives_the_plain_image(api, files, tmp_path):
+    unit = webuiapi.ControlNetUnit(image=Image.open(files["hint"]), module="canny", model=named(files["canny"]),
+                                   enabled=False)
+    result = api.txt2img(**COMMON, controlnet_units=[unit])
+    plain = api.txt2img(**COMMON)
+    assert np.array_equal(pixels(result.image), pixels(plain.image))
+    assert "ControlNet" not in result.info["infotexts"][0]
+    assert_same(result.image, script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON))
+
+
+def test_listings_in_the_extensions_shapes(server, files):
+    models = requests.get(f"{server.url}/controlnet/model_list", timeout=30).json()
+    assert models == {"model_list": [named(files["canny"]), named(files["lineart"])]}
+    modules = requests.get(f"{server.url}/controlnet/module_list", timeout=30).json()
+    assert modules["module_list"] == ["none", "invert", "canny"]
+    assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [512, 100, 200]
+    assert requests.get(f"{server.url}/controlnet/version", timeout=30).json() == {"version": 2}
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+@pytest.mark.parametrize("unit, words", [
+    ({"module": "openpose", "model": "control_v11p_sd15_canny"}, ["openpose", "none, invert, canny"]),
+    ({"module": "none", "model": "control_v11p_sd15_depth [12345678]"}, ["not in", "control_v11p_sd15_canny ["]),
+    ({"module": "none", "model": "None"}, ["no model"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "control_mode": 2}, ["control_mode", "Balanced"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "resize_mode": "Just Resize", "image": "WIDE"},
+     ["Just Resize", "96x64", "Crop and Resize"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "image": "not base64!"}, ["controlnet unit 0", "base64"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "image": None}, ["controlnet unit 0", "no image"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "weight": "heavy"}, ["weight", "number"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "guidance_start": 0.9, "guidance_end": 0.1},
+     ["guidance_start", "guidance_end"]),
+])
+def test_bad_units_are_one_line_422(server, files, unit, words):
+    unit = {"image": b64(files["hint"]), **unit}
+    if unit.get("image") == "WIDE":
+        unit["image"] = b64(files["wide"])
+    body = {**{k: v for k, v in COMMON.items()}, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert "\n" not in answer.text and all(word in json.loads(answer.text)["detail"] for word in words), answer.text
+
+
+def test_old_input_image_field_and_same_ratio_just_resize(server, files):
+    unit = {"input_image": b64(files["hint"]), "module": "none", "model": "control_v11p_sd15_canny",
+            "resize_mode": 0}
+    body = {**COMMON, "alwayson_scripts": {"ControlNet": {"args": [unit]}}}
+    answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert "ControlNet 0" in json.loads(answer.json()["info"])["infotexts"][0]
