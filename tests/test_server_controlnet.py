@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 import webuiapi
 from PIL import Image
 
@@ -30,6 +31,8 @@ from tests.server_helpers import TINY_CONFIG, running_server, tiny_server_argv
 
 PROMPT = "a fox in the snow"
 COMMON = dict(prompt=PROMPT, seed=42, steps=3, cfg_scale=6.0, width=64, height=64, sampler_name="Euler")
+# webuiapi's txt2img writes its units into its default ``alwayson_scripts={}`` argument (one dict for every call):
+# a call without units passes a fresh one, or it would send the last call's units again.
 SCRIPT_COMMON = ["--prompt", PROMPT, "--seed", "42", "--ddim_steps", "3", "--scale", "6.0", "--H", "64", "--W", "64",
                  "--sampler", "Euler", "--rng", "cpu"]
 
@@ -42,6 +45,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     library.mkdir()
     save_v11(random_control_state(TINY_CONFIG, seed=7), library / "control_v11p_sd15_canny.pth")
     save_v11(random_control_state(TINY_CONFIG, seed=8), library / "control_v11p_sd15_lineart.safetensors")
+    save_v11({"lora_unet_down.lora_down.weight": torch.zeros(4, 4)}, library / "not_a_controlnet.safetensors")
     return {"ckpt": folder / "alpha.safetensors", "library": library, "hint": hint_png(folder / "hint.png"),
             "wide": hint_png(folder / "wide.png", width=96, height=64, seed=5),
             "canny": library / "control_v11p_sd15_canny.pth", "lineart": library / "control_v11p_sd15_lineart.safetensors"}
@@ -63,7 +67,7 @@ def script_image(tmp_path: Path, script, *argv: str) -> Path:
     assert script.main([*argv, "--config", str(TINY_CONFIG), "--device", "cpu", "--outdir", str(tmp_path),
                         "--no-watermark", "--prompt_syntax", "webui", "--skip_grid", "--format", "png",
                         "--n_samples", "1"]) == 0
-    (image,) = tmp_path.rglob("seed_*.png")
+    (image,) = (path for path in tmp_path.rglob("seed_*.png") if "-control" not in path.name)
     return image
 
 
@@ -89,8 +93,11 @@ def test_one_canny_unit_equals_the_script(api, server, files, tmp_path):
     written = script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON,
                            "--control_model", str(files["canny"]), "--control_image", str(files["hint"]),
                            "--control_weight", "0.6", "--control_start", "0.2", "--control_end", "0.8",
-                           "--control_preprocess", "canny", "--canny_low", "60", "--canny_high", "180")
+                           "--control_preprocess", "canny", "--canny_low", "60", "--canny_high", "180",
+                           "--save_control_map")
     assert_same(result.image, written)
+    assert len(result.images) == 2  # the extension appends each unit's detected map
+    assert np.array_equal(pixels(result.images[1]), pixels(written.with_name(f"{written.stem}-control0.png")))
     assert 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [' in result.info["infotexts"][0]
     reads, loads = server.service.worker.holder.control_reads, server.service.worker.holder.loads
     again = api.txt2img(**COMMON, controlnet_units=[unit])  # the same file: kept, not read again
@@ -100,7 +107,7 @@ def test_one_canny_unit_equals_the_script(api, server, files, tmp_path):
 
 def test_two_units_by_name_on_img2img_equal_the_script(api, files, tmp_path):
     init = Image.open(files["hint"])
-    units = [webuiapi.ControlNetUnit(image=init, module="invert", model="control_v11p_sd15_lineart", weight=0.8),
+    units = [webuiapi.ControlNetUnit(image=init, module="invert", model="LINEART", weight=0.8),  # as the extension finds it
              webuiapi.ControlNetUnit(image=Image.open(files["wide"]), module="none", model=named(files["canny"]),
                                      guidance_end=0.5, resize_mode="Crop and Resize")]
     result = api.img2img(images=[init], denoising_strength=0.6, controlnet_units=units, **COMMON)
@@ -111,14 +118,14 @@ def test_two_units_by_name_on_img2img_equal_the_script(api, files, tmp_path):
                            "--control_model", str(files["canny"]), "--control_image", str(files["wide"]),
                            "--control_end", "0.5", "--control_preprocess", "none")  # the n-th of each flag: n-th unit
     assert_same(result.image, written)
-    assert "ControlNet 1: " in result.info["infotexts"][0]
+    assert "ControlNet 1: " in result.info["infotexts"][0] and len(result.images) == 3
 
 
 def test_a_disabled_unit_gives_the_plain_image(api, files, tmp_path):
     unit = webuiapi.ControlNetUnit(image=Image.open(files["hint"]), module="canny", model=named(files["canny"]),
                                    enabled=False)
     result = api.txt2img(**COMMON, controlnet_units=[unit])
-    plain = api.txt2img(**COMMON)
+    plain = api.txt2img(**COMMON, alwayson_scripts={})
     assert np.array_equal(pixels(result.image), pixels(plain.image))
     assert "ControlNet" not in result.info["infotexts"][0]
     assert_same(result.image, script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON))
@@ -126,7 +133,8 @@ def test_a_disabled_unit_gives_the_plain_image(api, files, tmp_path):
 
 def test_listings_in_the_extensions_shapes(server, files):
     models = requests.get(f"{server.url}/controlnet/model_list", timeout=30).json()
-    assert models == {"model_list": [named(files["canny"]), named(files["lineart"])]}
+    assert models == {"model_list": [named(files["canny"]), named(files["lineart"]),
+                                     named(files["library"] / "not_a_controlnet.safetensors")]}
     modules = requests.get(f"{server.url}/controlnet/module_list", timeout=30).json()
     assert modules["module_list"] == ["none", "invert", "canny"]
     assert [s["value"] for s in modules["module_detail"]["canny"]["sliders"]] == [512, 100, 200]
@@ -149,6 +157,7 @@ def b64(path: Path) -> str:
     ({"module": "none", "model": "control_v11p_sd15_canny", "weight": "heavy"}, ["weight", "number"]),
     ({"module": "none", "model": "control_v11p_sd15_canny", "guidance_start": 0.9, "guidance_end": 0.1},
      ["guidance_start", "guidance_end"]),
+    ({"module": "none", "model": "not_a_controlnet"}, ["not_a_controlnet.safetensors", "not a ControlNet"]),
 ])
 def test_bad_units_are_one_line_422(server, files, unit, words):
     unit = {"image": b64(files["hint"]), **unit}
@@ -163,7 +172,31 @@ def test_bad_units_are_one_line_422(server, files, unit, words):
 def test_old_input_image_field_and_same_ratio_just_resize(server, files):
     unit = {"input_image": b64(files["hint"]), "module": "none", "model": "control_v11p_sd15_canny",
             "resize_mode": 0}
-    body = {**COMMON, "alwayson_scripts": {"ControlNet": {"args": [unit]}}}
+    body = {**COMMON, "alwayson_scripts": {"ControlNet": {"args": [unit]}},
+            "override_settings": {"control_net_no_detectmap": True}}
     answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
+    assert len(answer.json()["images"]) == 1  # no map appended
     assert "ControlNet 0" in json.loads(answer.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("vram", ["low", "medium"])
+def test_memory_modes_with_the_nets_kept_between_requests(files, tmp_path, vram):
+    """The ControlNets go under the kept model's memory mode; after a request without them and back, the image
+    is the same, the file not read again."""
+    argv = tiny_server_argv(files["ckpt"], "--no-watermark", "--control_dir", str(files["library"]), "--vram", vram)
+    unit = webuiapi.ControlNetUnit(image=Image.open(files["hint"]), module="invert", model="control_v11p_sd15_canny",
+                                   weight=0.7, resize_mode="Crop and Resize")
+    with running_server(argv) as running:
+        api = webuiapi.WebUIApi(port=running.port)
+        first = api.txt2img(**COMMON, controlnet_units=[unit])
+        plain = api.txt2img(**COMMON, alwayson_scripts={})
+        again = api.txt2img(**COMMON, controlnet_units=[unit])
+        holder = running.service.worker.holder
+        assert holder.model.residency.mode == vram and holder.control_reads == 1 and holder.loads == 1
+    written = script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON, "--vram", vram,
+                           "--control_model", str(files["canny"]), "--control_image", str(files["hint"]),
+                           "--control_weight", "0.7", "--control_preprocess", "invert")
+    assert_same(first.image, written)
+    assert np.array_equal(pixels(again.image), pixels(first.image))
+    assert not np.array_equal(pixels(plain.image), pixels(first.image)) and "ControlNet" not in plain.info["infotexts"][0]

@@ -57,14 +57,17 @@ class ApiUnit:
     start: float
     end: float
     canny: tuple[int, int] | None  # (low, high) for a canny unit
+    save_map: bool = True  # save_detected_map: its map is appended to the answer's images
 
 
 def model_list(folder: Path) -> list[str]:
     """``GET /controlnet/model_list``: "NAME [HASH]" of each ControlNet file (or diffusers folder) in ``folder``."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if (p.is_file() and p.suffix in MODEL_SUFFIXES) or (p / "config.json").is_file()]
-    return [f"{p.name if p.is_dir() else p.stem} [{webui_model_hash(p)}]" for p in sorted(found, key=lambda p: p.name.lower())]
+    found = sorted((p for p in folder.iterdir()
+                    if (p.is_file() and p.suffix in MODEL_SUFFIXES) or (p / "config.json").is_file()),
+                   key=lambda p: p.name.lower())
+    return [f"{p.name if p.is_dir() else p.stem} [{webui_model_hash(p)}]" for p in found]
 
 
 def module_list() -> dict[str, Any]:
@@ -74,18 +77,19 @@ def module_list() -> dict[str, Any]:
 
 
 def find_control_model(name: str, folder: Path) -> Path:
-    """The file ``name`` ("NAME [HASH]" or NAME) means in ``folder``: by name (case as the extension: any), else by
-    hash; a one-line :class:`UsageError` listing the models there."""
+    """The file ``name`` ("NAME [HASH]" or NAME) means in ``folder``, as the extension's
+    ``find_closest_lora_model_name``: by name in any case, else the shortest name containing it; else by hash. A
+    one-line :class:`UsageError` listing the models there."""
     base, _, rest = name.strip().partition(" [")
     wanted_hash = rest.rstrip("]").lower() if rest else None
     path = find_model(base, folder)
-    if path is None and folder.is_dir():
-        path = next((p for p in sorted(folder.iterdir()) if base.lower() in (p.stem.lower(), p.name.lower())
-                     and (p.suffix in MODEL_SUFFIXES or p.is_dir())), None)
-    if path is None and wanted_hash:
-        path = next((folder / entry.partition(" [")[0] for entry in model_list(folder)
-                     if entry.endswith(f"[{wanted_hash}]")), None)
-        path = find_model(path.name, folder) if path is not None else None
+    entries = [entry.rpartition(" [") for entry in model_list(folder)] if path is None else []
+    if path is None:  # entries: (name, " [", "hash]")
+        names = sorted((n for n, _, _ in entries if base.lower() in n.lower()),
+                       key=lambda n: (n.lower() != base.lower(), len(n)))
+        by_hash = [n for n, _, h in entries if wanted_hash and h.rstrip("]") == wanted_hash]
+        found = (names or by_hash or [None])[0]
+        path = find_model(found, folder) if found is not None else None
     if path is None:
         raise UsageError(f"model {name!r} is not in {folder}; one of: {', '.join(model_list(folder)) or 'none there'}")
     if wanted_hash and webui_model_hash(path) != wanted_hash:
@@ -132,7 +136,8 @@ def check_unit(index: int, unit: dict[str, Any], folder: Path, image: bytes | No
                          "(preprocessors that need their own models are not supported; send the map with module none)")
     model = str(unit.get("model") or "None")
     if model == "None":
-        raise UsageError(f"controlnet unit {index}: no model; one of: {', '.join(model_list(folder)) or 'none in ' + str(folder)}")
+        listed = ", ".join(model_list(folder)) or f"none in {folder}"
+        raise UsageError(f"controlnet unit {index}: no model; one of: {listed}")
     control_mode = unit.get("control_mode", 0)
     if control_mode not in (0, CONTROL_MODES[0]):
         raise UsageError(f"controlnet unit {index}: control_mode {control_mode!r} is not supported (only Balanced, 0)")
@@ -144,7 +149,8 @@ def check_unit(index: int, unit: dict[str, Any], folder: Path, image: bytes | No
         low, high = (_number(index, unit, name, default) for name, default in
                      (("threshold_a", CANNY_LOW), ("threshold_b", CANNY_HIGH)))
         canny = (CANNY_LOW if low < 0 else int(round(low)), CANNY_HIGH if high < 0 else int(round(high)))
-    return ApiUnit(index, find_control_model(model, folder), image, module, weight, start, end, canny)
+    return ApiUnit(index, find_control_model(model, folder), image, module, weight, start, end, canny,
+                   bool(unit.get("save_detected_map", True)))
 
 
 def check_resize_mode(index: int, mode: Any, image: bytes | None, size: tuple[int, int]) -> None:
@@ -185,9 +191,10 @@ def control_units(extra: dict[str, Any] | None, folder: Path, size: tuple[int, i
     return units
 
 
-def control_argv(units: list[ApiUnit], folder: Path, init: Path | None) -> list[str]:
-    """The scripts' ``--control_*`` flags of ``units``, their images written under ``folder``."""
-    argv: list[str] = []
+def control_argv(units: list[ApiUnit], folder: Path, init: Path | None, maps: bool = True) -> list[str]:
+    """The scripts' ``--control_*`` flags of ``units``, their images written under ``folder``; with ``maps``
+    (the option ``control_net_no_detectmap`` off) ``--save_control_map`` where a unit's map is answered."""
+    argv: list[str] = ["--save_control_map"] if maps and any(unit.save_map for unit in units) else []
     for unit in units:
         if unit.image is None and init is None:
             raise UsageError(f"controlnet unit {unit.index}: no image (send image, base64 or a data URL)")
@@ -202,3 +209,10 @@ def control_argv(units: list[ApiUnit], folder: Path, init: Path | None) -> list[
     if canny is not None:
         argv += ["--canny_low", str(canny[0]), "--canny_high", str(canny[1])]
     return argv
+
+
+def detected_maps(units: list[ApiUnit], sample: Path) -> list[Path]:
+    """The maps the extension appends to the images (each unit's with ``save_detected_map``, in order): the
+    scripts' ``--save_control_map`` files beside the last ``sample``."""
+    paths = [sample.with_name(f"{sample.stem}-control{n}.png") for n, unit in enumerate(units) if unit.save_map]
+    return [path for path in paths if path.is_file()]

@@ -10,7 +10,8 @@ again around the changed weights. With ``--quantize`` the UNet's weights are int
 into them afterwards: there a new LoRA set loads the checkpoint again.
 
 ControlNets (a request's ``alwayson_scripts.controlnet`` units, the scripts' ``--control_model``) are read for the
-request that names them and kept, by file, for the next one; the checkpoint stays loaded. When the set of files
+request that names them and kept, by file, for the next one (and ``SPARE_NETS`` more no longer named, on the host,
+as the extension's model cache keeps one); the checkpoint stays loaded. When the set of files
 changes the memory mode is set up again with them attached (as :func:`ldm.pipeline.model.load_model` attaches
 them), and each request gets its own hints, weights and windows of steps on the placed networks.
 """
@@ -35,6 +36,7 @@ from ldm.pipeline.request import GenerationRequest
 from optimizedSD.generation import RunInputs
 
 log = logging.getLogger(__name__)
+SPARE_NETS = 1  # ControlNets kept on the host after a request stops naming them (sd-webui-controlnet: cache size 1)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class ModelHolder:
     originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
     loads: int = 0  # checkpoint loads so far
     nets: dict[tuple, ControlNet] = field(default_factory=dict)  # ControlNets read, by (file, mtime, occurrence)
+    spare: dict[tuple, ControlNet] = field(default_factory=dict)  # no longer named, oldest first
     placed: tuple[PlacedControlNet, ...] = ()  # those of the last request, attached to ``placed_on``
     placed_on: Residency | None = None
     control_reads: int = 0  # ControlNet files read so far
@@ -72,10 +75,12 @@ class ModelHolder:
         model, specs = self.model, request.control
         keys = control_keys(specs)
         if keys != tuple(self.nets) or (specs and self.placed_on is not model.residency):
-            missing = [spec for spec, key in zip(specs, keys) if key not in self.nets]
+            kept = {**self.spare, **self.nets}
+            missing = [spec for spec, key in zip(specs, keys) if key not in kept]
             read = iter(read_nets(missing, inputs.config, request.dtype))  # a bad file fails before anything moves
             self.control_reads += len(missing)
-            self.nets = {key: self.nets[key] if key in self.nets else next(read) for key in keys}
+            self.nets = {key: kept.pop(key) if key in kept else next(read) for key in keys}
+            self.spare = dict(list(kept.items())[-SPARE_NETS:]) if SPARE_NETS else {}
             nets = list(self.nets.values())
             model.residency.release()
             model.residency = make_residency(request, model.sd, inputs.height, inputs.width, model.safety,
@@ -108,7 +113,7 @@ class ModelHolder:
         if self.model is not None:
             self.model.residency.release()
             self.model, self.key, self.lora_key, self.originals = None, (), (), []
-            self.nets, self.placed, self.placed_on = {}, (), None
+            self.nets, self.spare, self.placed, self.placed_on = {}, {}, (), None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

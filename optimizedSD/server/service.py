@@ -27,7 +27,7 @@ from optimizedSD.generation import check_inputs
 from optimizedSD.infotext import read_parameters
 from optimizedSD.run_outputs import RunSummary, weights_hash
 from optimizedSD.server.checkpoints import CheckpointList
-from optimizedSD.server.controlnet import control_argv, control_units
+from optimizedSD.server.controlnet import ApiUnit, control_argv, control_units, detected_maps
 from optimizedSD.server.flags import ServerConfig
 from optimizedSD.server.schemas import GenerationFields, Img2ImgRequest, ignored_fields
 from optimizedSD.server.translate import Resolved, api_message, generation_argv, info_json, resolve
@@ -39,6 +39,7 @@ MAX_IMAGE_BYTES = 50 * 2**20
 DEFAULT_OPTIONS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "randn_source": "GPU", "eta_ancestral": 1.0,
     "eta_ddim": 0.0, "return_grid": True, "samples_format": "png", "sd_vae": "Automatic",
+    "control_net_no_detectmap": False,  # the ControlNet extension's: no maps appended to the images
 }
 HONOURED_OPTIONS = {"sd_model_checkpoint", *DEFAULT_OPTIONS} - {"samples_format", "sd_vae"}
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=-]+)*;base64,")
@@ -70,8 +71,10 @@ class Service:
         self.worker = Worker()
 
     # ---- generation -------------------------------------------------------------------------------------
-    def request_for(self, body: GenerationFields, resolved: Resolved, folder: Path) -> GenerationRequest:
-        """The scripts' request for ``body``: its images written under ``folder``, checked as the scripts check."""
+    def request_for(self, body: GenerationFields, resolved: Resolved,
+                    folder: Path) -> tuple[GenerationRequest, list[ApiUnit]]:
+        """The scripts' request for ``body``, its images written under ``folder``, checked as the scripts check;
+        and its ControlNet units."""
         options = {**self.options, **(body.override_settings or {})}
         ckpt = self.checkpoints.find(str(options["sd_model_checkpoint"])).path
         init = mask = None
@@ -88,9 +91,9 @@ class Service:
         units = control_units(body.model_extra, self.config.control_dir, (body.width, body.height), decode_image)
         argv = [*self.config.model_argv, "--ckpt", str(ckpt),
                 *generation_argv(body, resolved, options, str(self.config.base.device), outdir, init, mask),
-                *control_argv(units, folder, init)]
+                *control_argv(units, folder, init, not options.get("control_net_no_detectmap"))]
         try:
-            return parse_args(argv, resolved.mode)
+            return parse_args(argv, resolved.mode), units
         except UsageError as error:
             raise UsageError(api_message(str(error))) from None
 
@@ -101,13 +104,15 @@ class Service:
             log.warning("not done by this server, ignored: %s", ", ".join(asked))
         resolved = resolve(body, img2img)
         with tempfile.TemporaryDirectory(prefix="optimizedsd-server-") as tmp:
-            request = self.request_for(body, resolved, Path(tmp))
+            request, units = self.request_for(body, resolved, Path(tmp))
             try:  # bad images, a bad prompt, sizes: answered now, not after the queue
                 await run_in_threadpool(check_inputs, request)
             except UsageError as error:
                 raise UsageError(api_message(str(error))) from None
             summary: RunSummary = await self.worker.run(self.worker.generate, request, resolved.mode)
             files = ([summary.grid] if summary.grid is not None and len(summary.written) > 1 else []) + summary.written
+            if request.save_control_map and summary.written:  # the ControlNet extension appends its maps
+                files += detected_maps(units, summary.written[-1])
             images = [encode_file(path) for path in files] if body.send_images else []
             infotexts = [read_parameters(path) or "" for path in summary.written]
         ckpt_hash = await run_in_threadpool(weights_hash, request.ckpt)
