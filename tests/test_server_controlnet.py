@@ -200,3 +200,16 @@ def test_memory_modes_with_the_nets_kept_between_requests(files, tmp_path, vram)
     assert_same(first.image, written)
     assert np.array_equal(pixels(again.image), pixels(first.image))
     assert not np.array_equal(pixels(plain.image), pixels(first.image)) and "ControlNet" not in plain.info["infotexts"][0]
+
+
+@pytest.mark.parametrize("path, fields, words", [
+    ("txt2img", {"enable_hr": True}, ["controlnet model", "hires fix", "not supported"]),
+    ("img2img", {"mask": "MASK", "inpaint_full_res": True}, ["controlnet model", "inpaint_full_res", "not supported"]),
+])
+def test_controlnet_with_what_the_scripts_do_not_combine_is_one_line_422(server, files, path, fields, words):
+    unit = {"image": b64(files["hint"]), "module": "none", "model": "control_v11p_sd15_canny"}
+    body = {**COMMON, **fields, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    if path == "img2img":
+        body.update(init_images=[b64(files["hint"])], mask=b64(files["hint"]))
+    answer = requests.post(f"{server.url}/sdapi/v1/{path}", json=body, timeout=60)
+    assert answer.status_code == 422 and all(word in answer.json()["detail"] for word in words), answer.text

@@ -43,7 +43,8 @@ FIELD_NAMES = {"--W": "width", "--H": "height", "--ddim_steps": "steps", "--n_sa
                "--only_masked_padding": "inpaint_full_res_padding", "--control_model": "controlnet model",
                "--control_image": "controlnet image", "--control_weight": "controlnet weight",
                "--control_start": "controlnet guidance_start", "--control_end": "controlnet guidance_end",
-               "--canny_low": "controlnet threshold_a", "--canny_high": "controlnet threshold_b"}
+               "--canny_low": "controlnet threshold_a", "--canny_high": "controlnet threshold_b",
+               "--inpaint_area": "inpaint_full_res"}
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # inpainting_fill 0..3
 SAME = (None, "", "Use same sampler", "Use same scheduler")  # the webui's "as the first pass" values
 
