@@ -141,3 +141,17 @@ def test_img2img_with_taesd_decoder_alone_is_one_line(reference, tiny_checkpoint
     assert optimized_img2img.main(argv) == 2
     err = capsys.readouterr().err
     assert "taesd_encoder.pth" in err and "Traceback" not in err
+
+
+def test_ledger_low_mode_taesd_decode_peak_is_below_the_unet_phase():
+    """SD v1 at 512x512 in low mode, fp16 (meta): 0.315 GiB for the KL decoder's decode, 0.096 GiB for
+    TAESD's, both under the UNet phase's 0.352 GiB."""
+    from ldm.ledger import RunShape, meta_stable_diffusion, simulate
+    from tests.conftest import SD_V1_CONFIG
+
+    shape = RunShape(512, 512, steps=1, sampler="ddim")
+    tiny = simulate(meta_stable_diffusion(SD_V1_CONFIG, torch.float16, taesd=True), "low", shape)
+    kl = simulate(meta_stable_diffusion(SD_V1_CONFIG, torch.float16), "low", shape)
+    assert tiny.phase_peaks["vae"].total <= tiny.phase_peaks["unet"].total
+    assert tiny.phase_peaks["vae"].total < 0.5 * kl.phase_peaks["vae"].total
+    assert tiny.phase_peaks["unet"].total == kl.phase_peaks["unet"].total
