@@ -33,6 +33,7 @@ from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
+from optimizedSD.flags.speed import add_speed_flags, check_speed_args, speed_settings
 from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--ddim_steps", type=int, default=50, help="number of sampling steps")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 is deterministic DDIM)")
     add_noise_flags(add)
+    add_speed_flags(add)
     add("--scale", type=float, default=7.5,
         help="classifier-free guidance scale: eps = eps(x, neg) + scale * (eps(x, cond) - eps(x, neg))")
     add("--sampler", type=str, default="ddim" if img2img else "plms",
@@ -277,6 +279,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         safety_checker_mode=opt.safety_checker_mode or "black",
         mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
         **noise_settings(opt),
+        **speed_settings(opt),
     )
 
 
@@ -294,7 +297,8 @@ _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "pr
                    "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora",
                    "schedule": "schedule", "img2img_steps": "img2img_steps", "rng": "rng", "eta_ancestral": "eta",
                    "ensd": "ensd", "subseed": "subseed", "subseed_strength": "subseed_strength",
-                   "seed_resize_from": "seed_resize_from"}
+                   "seed_resize_from": "seed_resize_from", "deepcache": "deepcache",
+                   "deepcache_branch": "deepcache_branch"}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
@@ -397,6 +401,7 @@ def check_args(opt: argparse.Namespace) -> None:
     if opt.ddim_eta != 0 and opt.sampler != "ddim":
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     check_noise_args(opt)
+    check_speed_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     for value in opt.lora:

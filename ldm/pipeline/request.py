@@ -95,6 +95,9 @@ class GenerationRequest:
     seed_resize_from: tuple[int, int] | None = None  # (width, height) px the seed's noise is drawn at
     eta_ancestral: float = 1.0  # --eta: noise amount of the ancestral and SDE samplers (the webui's Eta)
     ensd: int = 0  # eta noise seed delta: every draw after the start noise from seed + ensd
+    deepcache: int = 0  # --deepcache N: the whole UNet every N steps, its shallow branch between (0: off)
+    deepcache_branch: int = 0  # --deepcache_branch B: the shallow branch's depth (input_blocks.0 to B)
+    preview_every: int = 0  # --preview_every N: write the running image every N steps (0: never)
 
     @property
     def img2img(self) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from ldm import samplers
 from ldm.conditioning.prompts import PromptEncoder
+from ldm.memory.deep_cache import counting_steps, deep_cached, unet_deep_cache
 from ldm.memory.out_of_memory import retry_lower
 from ldm.memory.residency import Residency
 from ldm.memory.streaming import chunked_unet
@@ -79,9 +80,12 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
     """The guided UNet under the chosen sampler (``--unet_bs`` chunks), the preparer's per-step hook after
     each step, then ``progress``."""
     with residency.use("unet") as unet, torch.no_grad():
+        cache = unet_deep_cache(unet, request.deepcache, request.deepcache_branch) if request.deepcache else None
+        unet = unet if cache is None else deep_cached(unet, cache)  # --deepcache: shallow steps between whole ones
         unet = start.wrap_unet(chunked_unet(unet, request.unet_bs))
         eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
         callback = progress if start.after_step is None else blend_then(start.after_step, progress)
+        callback = callback if cache is None else counting_steps(cache, callback)
         return samplers.sample(
             request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta,
             ancestral_eta=request.eta_ancestral, init_latent=start.init_latent,
