@@ -278,8 +278,7 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
         mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
-        **noise_settings(opt),
-        **speed_settings(opt),
+        **noise_settings(opt), **speed_settings(opt),
     )
 
 
