@@ -107,3 +107,18 @@ def test_low_mode_cached_steps_move_a_small_part_of_the_weights():
     cached = (onload(3, 3) - onload(1, 3)) / 2  # steps 1 and 2 of interval 3 are cached
     assert cached <= 0.3 * whole, (cached, whole)
     assert cached > 0
+
+
+def test_from_png_restores_deepcache(tmp_path, tiny_checkpoint):
+    from PIL.PngImagePlugin import PngInfo
+
+    from optimizedSD.arguments import parse_args
+
+    info = PngInfo()
+    info.add_text("parameters", "a castle\nSteps: 10, Sampler: DDIM, CFG scale: 6, Seed: 5, Size: 64x64, "
+                                "DeepCache: 3, DeepCache branch: 2, RNG: CPU")
+    Image.new("RGB", (64, 64)).save(tmp_path / "old.png", pnginfo=info)
+    request = parse_args(["--from_png", str(tmp_path / "old.png"), "--ckpt", str(tiny_checkpoint)], "txt2img")
+    assert (request.deepcache, request.deepcache_branch) == (3, 2)
+    plain = parse_args(["--prompt", "x", "--ckpt", str(tiny_checkpoint)], "txt2img")
+    assert (plain.deepcache, plain.deepcache_branch) == (0, 0)
