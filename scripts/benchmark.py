@@ -18,6 +18,13 @@ included). Reported: load time (read + build + place), generation time (prompt e
 decode), their sum, seconds per image, and our/diffusers ratios. On CUDA each side first makes a 2-step
 warm-up image (kernel selection, lazy initialisation), not timed.
 
+Fewer and lighter passes (docs/benchmarks.md, "DeepCache, LCM and TAESD"): ``--deepcache N`` adds rows of our
+modes with ``--deepcache N``; ``--per_step`` runs each of our rows at 1 step too and prints the time per step,
+``(generate(steps) - generate(1)) / (steps - 1)``, so that load and decode cancel; ``--lcm_taesd`` adds a row of
+``--sampler lcm``, 4 steps, scale 1 with a TAESD (random weights in diffusers' ``AutoencoderTiny`` layout) as
+``--vae``, compared with our plain row (the run's sampler, steps and scale 7.5, the full VAE). Every process runs
+in the order planned, each repeat again, so the machine's other load falls on both sides of a ratio alike.
+
 With ``--quantize int8`` a first row ("check  int8 error") loads the file in fp32 in a process of its own
 and reports one UNet forward (batch 2, the run's latent size) with int8 weights against fp32's, relative
 L2, and the targets check it against at most 1 %.
@@ -278,6 +285,42 @@ def make_checkpoint(config: str, directory: Path, seed: int) -> Path:
     return path
 
 
+def make_taesd(directory: Path, seed: int) -> Path:
+    """A TAESD with random weights in diffusers' ``AutoencoderTiny`` layout (its timing does not depend on them)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().save_pretrained(directory / "taesd")
+    return directory / "taesd"
+
+
+def speed_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+    """Per-step times (rows with a ``1-step`` twin), DeepCache's per-step ratio to the plain run (target at most
+    0.60x), LCM + TAESD's generate time against the plain run's (target at most 0.10x)."""
+    best = best_results(rows)
+    lines, per_step = [], {}
+    for (side, mode, batch), result in best.items():
+        one = best.get((side, f"{mode} 1-step", batch))
+        steps = next((s["steps"] for s, _ in rows if setup_name(s) == mode), None)
+        if side != "ours" or not one or "generate_s" not in result or "generate_s" not in one or not steps or steps < 2:
+            continue
+        per_step[(mode, batch)] = (result["generate_s"] - one["generate_s"]) / (steps - 1)
+        lines.append(f"ours {mode}, batch {batch}: {per_step[(mode, batch)]:.2f} s per step")
+    for (mode, batch), seconds in per_step.items():
+        base = per_step.get((mode.split()[0], batch))
+        if "deepcache" in mode and base:
+            verdict = "met" if seconds / base <= 0.60 else "MISSED"
+            lines.append(f"ours {mode} / plain, batch {batch}: {seconds / base:.2f}x per step (target at most 0.60x): {verdict}")
+    for (side, mode, batch), result in best.items():
+        base = best.get((side, mode.split()[0], batch))
+        if mode.endswith("lcm4 taesd") and base and result.get("generate_s") and base.get("generate_s"):
+            ratio = result["generate_s"] / base["generate_s"]
+            lines.append(f"ours {mode} / plain, batch {batch}: generate {ratio:.2f}x (target at most 0.10x): "
+                         f"{'met' if ratio <= 0.10 else 'MISSED'}")
+    return lines
+
+
 def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if value is None else f"{value / scale:.{digits}f}"
 
@@ -411,6 +454,9 @@ def machine_line() -> str:
             f"diffusers {diffusers_version}")
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(0)}"
+    # The CPU kernels that ran: ATen's dispatch level (ATEN_CPU_CAPABILITY) and oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA).
+    text += (f"; CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN max ISA "
+             f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset (the best the CPU has)')}")
     return text
 
 
@@ -430,6 +476,13 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
         variants.append((args.quantize, ["--quantize", args.quantize]))
     if args.tome:
         variants.append((f"tome {args.tome:g}", ["--tome", str(args.tome)]))
+    if args.deepcache:
+        variants.append((f"deepcache {args.deepcache}", ["--deepcache", str(args.deepcache)]))
+    if args.lcm_taesd:
+        variants.append(("lcm4 taesd", ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", args.lcm_taesd]))
+    if args.per_step:  # the same rows at 1 step: per-step time without load and decode
+        variants += [(f"{label} 1-step".strip(), flags + ["--ddim_steps", "1"]) for label, flags in variants
+                     if label != "lcm4 taesd"]
     plan = []
     if args.quantize:  # its forward error, in a process of its own (not inside a timed or RSS-measured run)
         plan.append(dict(common, side="check", mode=f"{args.quantize} error", batch=1, quantize=args.quantize))
@@ -457,6 +510,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip_diffusers", action="store_true", help="measure only this project")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="also run each of our modes with --quantize int8")
     parser.add_argument("--tome", type=float, default=None, metavar="RATIO", help="also run each of our modes with --tome RATIO")
+    parser.add_argument("--deepcache", type=int, default=None, metavar="N", help="also run each of our modes with --deepcache N")
+    parser.add_argument("--per_step", action="store_true", help="also run our rows at 1 step and print the time per step")
+    parser.add_argument("--lcm_taesd", nargs="?", const="random", default=None, metavar="TAESD",
+                        help="also run --sampler lcm, 4 steps, scale 1, with this TAESD as --vae (default: random weights)")
     parser.add_argument("--vram_budget", type=float, default=None, metavar="GB", help="--vram_budget for our low mode")
     parser.add_argument("--fp32", action="store_true", help="fp32 weights on CUDA too (default fp16 there)")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="torch CPU threads per side")
@@ -480,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.time()
             args.ckpt = str(make_checkpoint(args.config, Path(tmp), args.seed))
             print(f"# random weights for {args.config} written in {time.time() - started:.0f} s")
+        if args.lcm_taesd == "random":
+            args.lcm_taesd = str(make_taesd(Path(tmp), args.seed))
         plan = build_plan(args)
         for spec in plan:
             spec["ckpt"] = str(Path(args.ckpt).resolve())
@@ -496,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nours / diffusers" + (f" (best of {args.repeat})" if args.repeat > 1 else "") + ":")
     for line in ratio_lines(rows):
         print(line)
+    speed = speed_lines(rows)
+    if speed:
+        print("\nfewer and lighter passes (ratios within this run):")
+        print("\n".join(speed))
     targets = target_lines(rows)
     if targets:
         print("\ntargets:")
