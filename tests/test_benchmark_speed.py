@@ -1,0 +1,38 @@
+"""scripts/benchmark.py's DeepCache / LCM + TAESD rows: the plan they add and the ratios computed from what ran."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+benchmark = sys.modules.get("benchmark") or importlib.util.module_from_spec(spec)
+if "benchmark" not in sys.modules:
+    sys.modules["benchmark"] = benchmark
+    spec.loader.exec_module(benchmark)
+
+
+def test_plan_adds_deepcache_per_step_and_lcm_rows():
+    args = benchmark.parse(["--deepcache", "3", "--per_step", "--lcm_taesd", "/x/taesd", "--skip_diffusers"])
+    plan = benchmark.build_plan(args)
+    names = [benchmark.setup_name(s) for s in plan]
+    assert names == ["full", "full deepcache 3", "full lcm4 taesd", "full 1-step", "full deepcache 3 1-step"]
+    lcm = plan[2]["flags"]
+    assert lcm == ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", "/x/taesd"]
+    assert plan[4]["flags"] == ["--deepcache", "3", "--ddim_steps", "1"]
+
+
+def test_speed_lines_from_measured_rows():
+    args = benchmark.parse(["--deepcache", "3", "--per_step", "--lcm_taesd", "/x/taesd", "--skip_diffusers"])
+    plan = benchmark.build_plan(args)
+    generate = {"full": 50.0, "full deepcache 3": 23.0, "full lcm4 taesd": 4.0, "full 1-step": 5.0,
+                "full deepcache 3 1-step": 5.0}
+    rows = [(s, {"generate_s": generate[benchmark.setup_name(s)], "total_s": 1.0, "images": 1, "peak_rss": 1})
+            for s in plan]
+    lines = benchmark.speed_lines(rows)
+    assert "ours full, batch 1: 5.00 s per step" in lines
+    assert "ours full deepcache 3, batch 1: 2.00 s per step" in lines
+    assert "ours full deepcache 3 / plain, batch 1: 0.40x per step (target at most 0.60x): met" in lines
+    assert "ours full lcm4 taesd / plain, batch 1: generate 0.08x (target at most 0.10x): met" in lines
