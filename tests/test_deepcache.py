@@ -60,8 +60,9 @@ def _theirs(state, config, sampler, interval, branch):
     return np.round(image * 255).astype(np.float64)
 
 
-@pytest.mark.parametrize("sampler, vram, branch", [("ddim", "full", 0), ("euler", "full", 0), ("ddim", "low", 0),
-                                                   ("euler", "low", 1)])
+@pytest.mark.parametrize("sampler, vram, branch", [
+    ("ddim", "full", 0), pytest.param("euler", "full", 0, marks=pytest.mark.slow),
+    pytest.param("ddim", "low", 0, marks=pytest.mark.slow), ("euler", "low", 1)])
 def test_deepcache_matches_deepcache_sd_helper(model_files, tiny_config_path, tmp_path, sampler, vram, branch):
     state, ckpt = model_files
     extra = ["--deepcache", "3", "--vram", vram] + (["--deepcache_branch", str(branch)] if branch else [])
@@ -122,3 +123,25 @@ def test_from_png_restores_deepcache(tmp_path, tiny_checkpoint):
     assert (request.deepcache, request.deepcache_branch) == (3, 2)
     plain = parse_args(["--prompt", "x", "--ckpt", str(tiny_checkpoint)], "txt2img")
     assert (plain.deepcache, plain.deepcache_branch) == (0, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--unet_bs", "1"], ["--vram", "low", "--unet_bs", "1"], ["--vram", "medium"]],
+                         ids=["unet_bs", "low-unet_bs", "medium"])
+def test_deepcache_is_the_same_in_chunks_and_modes(model_files, tiny_config_path, tmp_path, extra):
+    """Each chunk of ``--unet_bs`` (and each mode) keeps and reuses its own features: the same image."""
+    _, ckpt = model_files
+    reference, _, _ = _ours(ckpt, tiny_config_path, tmp_path / "ref", "ddim", ["--deepcache", "3"])
+    other, _, _ = _ours(ckpt, tiny_config_path, tmp_path / "other", "ddim", ["--deepcache", "3", *extra])
+    assert np.abs(reference - other).mean() <= 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler, extra", [("heun", []), ("dpmpp_2s_a", ["--tome", "0.5"]),
+                                            ("euler_a", ["--quantize", "int8"])])
+def test_deepcache_runs_with_two_call_samplers_tome_and_int8(model_files, tiny_config_path, tmp_path, sampler, extra):
+    _, ckpt = model_files
+    cached, parameters, _ = _ours(ckpt, tiny_config_path, tmp_path / "dc", sampler, ["--deepcache", "2", *extra])
+    plain, _, _ = _ours(ckpt, tiny_config_path, tmp_path / "plain", sampler, extra)
+    assert cached.std() > 1 and "DeepCache: 2" in parameters
+    assert np.abs(cached - plain).mean() > 0.5  # the shallow steps ran

@@ -3,6 +3,7 @@ at full size when it is the VAE)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -36,6 +37,7 @@ def test_preview_every_writes_the_running_images(tiny_checkpoint, tiny_config_pa
     assert len(again) == 8  # the first run's previews stay
 
 
+@pytest.mark.slow
 def test_preview_with_taesd_is_full_size(tiny_checkpoint, tiny_config_path, tmp_path):
     from diffusers import AutoencoderTiny
 
