@@ -131,6 +131,33 @@ def test_sde_samplers_equal_k_diffusion_with_the_webuis_brownian_tree(k_diffusio
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4 * max(1.0, expected.abs().max().item()))
 
 
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_3m_sde"])
+def test_sde_img2img_spans_the_brownian_tree_over_the_whole_schedule(k_diffusion, schedule, eps_model, name):
+    """The webui's ``sample_img2img`` walks ``sigmas[steps - t_enc - 1:]`` but builds the noise sampler from the
+    whole ``sigmas``: a tree over the walked tail alone reads another path."""
+    seeds, steps, strength = [5, 6], 8, 0.5
+    noise = SeededNoise(seeds)
+    x_T = noise.initial(SHAPE)
+    init = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(9))
+    got = sample(name, eps_model, schedule, x_T, steps, init_latent=init, strength=strength, noise_sampler=noise,
+                 img2img_steps="webui")
+    whole = torch.tensor(walk_levels(name, schedule, steps), dtype=torch.float32)
+    tail = torch.tensor(walk_levels(name, schedule, steps, strength, img2img_steps="webui"), dtype=torch.float32)
+    assert len(tail) < len(whole)
+    denoiser = k_diffusion.external.CompVisDenoiser(InnerModel(eps_model, schedule))
+    x = init + x_T * tail[0]
+    function, options = SDE[name]
+    runs = {}
+    for span, levels in (("whole", whole), ("tail", tail)):
+        tree = k_diffusion.sampling.BrownianTreeNoiseSampler(x, levels[levels > 0].min(), levels.max(), seed=seeds)
+        with torch.no_grad():
+            runs[span] = getattr(k_diffusion.sampling, function)(denoiser, x, tail, disable=True,
+                                                                 noise_sampler=tree, **options)
+    scale = max(1.0, runs["whole"].abs().max().item())
+    torch.testing.assert_close(got, runs["whole"], rtol=0, atol=2e-4 * scale)
+    assert (got - runs["tail"]).abs().max() > 1e-2 * scale
+
+
 @pytest.mark.parametrize("name", list(SDE))
 def test_sde_image_k_of_a_batch_equals_a_single_run_and_eta_0_draws_nothing(schedule, eps_model, name):
     x_T = SeededNoise([7, 8]).initial(SHAPE)

@@ -204,6 +204,7 @@ def sample(
         return init_latent.clone()
     x, levels = start
     options = _options(spec, eta, ancestral_eta, noise_sampler, callback)
+    options.update(_brownian_span(spec, schedule, steps, schedule_type) if init_latent is not None else {})
     return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
 
 
@@ -219,6 +220,15 @@ def _options(spec: Sampler, eta: float, ancestral_eta: float, noise_sampler: Noi
     if options.get("eta", 0) > 0 or options.get("s_noise", 0) > 0:
         options["noise_sampler"] = noise_sampler or torch.randn_like
     return options
+
+
+def _brownian_span(spec: Sampler, schedule: DiffusionSchedule, steps: int, schedule_type: str) -> dict:
+    """An SDE sampler's ``span`` in img2img: the webui builds its Brownian trees over the whole schedule, not the
+    tail it walks (``create_noise_sampler(x, sigmas, p)`` in ``sample_img2img``)."""
+    if spec not in SDE_SAMPLERS:
+        return {}
+    whole = walk_levels(spec.name, schedule, steps, 1.0, schedule_type)
+    return {"span": (min(s for s in whole if s > 0), max(whole))}
 
 
 def _start(spec: Sampler, schedule: DiffusionSchedule, noise: Tensor, levels: list[float], init_latent: Tensor | None,

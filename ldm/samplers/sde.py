@@ -67,13 +67,17 @@ class BrownianNoise:
             self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(seed)) for seed in seeds]
 
     @classmethod
-    def for_batch(cls, like: Tensor, sigmas: Sequence[float], noise_sampler: NoiseSampler | None) -> "BrownianNoise":
+    def for_batch(cls, like: Tensor, sigmas: Sequence[float], noise_sampler: NoiseSampler | None,
+                  span: tuple[float, float] | None = None) -> "BrownianNoise":
         """The trees for a walk over ``sigmas``: the noise sampler's ``seeds`` and ``rng``
-        (:class:`ldm.samplers.noise.SeededNoise`), or random seeds without them."""
+        (:class:`ldm.samplers.noise.SeededNoise`), or random seeds without them. ``span`` (lowest positive,
+        highest level) is the trees' interval when it is not the walk's own: img2img walks the tail of the
+        schedule, and the webui spans the trees over the whole schedule, so the noise depends on it."""
         seeds = getattr(noise_sampler, "seeds", None)
         if seeds is None:
             seeds = torch.randint(0, 2**63 - 1, (like.shape[0],)).tolist()
-        return cls(like, min(s for s in sigmas if s > 0), max(sigmas), seeds, getattr(noise_sampler, "rng", "cpu"))
+        low, high = span if span is not None else (min(s for s in sigmas if s > 0), max(sigmas))
+        return cls(like, low, high, seeds, getattr(noise_sampler, "rng", "cpu"))
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         # In float32, as the webui's sigmas: a path read at other times is another path (tol 1e-6 away).
@@ -101,11 +105,11 @@ def _floats(sigmas: Sequence[float] | Tensor) -> list[float]:
 @torch.no_grad()
 def sample_dpmpp_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, eta: float = 1.0,
                      noise_sampler: NoiseSampler | None = None, callback: Callback | None = None,
-                     r: float = 0.5) -> Tensor:
+                     r: float = 0.5, span: tuple[float, float] | None = None) -> Tensor:
     """DPM-Solver++ (stochastic): a first-order step to ``t + r h`` with its share of noise, the denoiser
     there, then the whole step with the blended denoised; the step to sigma 0 is Euler."""
     sigmas = _floats(sigmas)
-    noise = BrownianNoise.for_batch(x, sigmas, noise_sampler) if eta > 0 else None
+    noise = BrownianNoise.for_batch(x, sigmas, noise_sampler, span) if eta > 0 else None
     total = len(sigmas) - 1
     for i in range(total):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -140,13 +144,13 @@ def _exponential_step(x: Tensor, sigma: float, sigma_to: float, denoised: Tensor
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, eta: float = 1.0,
                         noise_sampler: NoiseSampler | None = None, callback: Callback | None = None,
-                        solver_type: str = "midpoint") -> Tensor:
+                        solver_type: str = "midpoint", span: tuple[float, float] | None = None) -> Tensor:
     """DPM-Solver++(2M) SDE: each step corrected with the previous step's denoised (``midpoint`` or ``heun``
     weights); the last step returns the denoised."""
     if solver_type not in ("heun", "midpoint"):
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     sigmas = _floats(sigmas)
-    noise = BrownianNoise.for_batch(x, sigmas, noise_sampler) if eta > 0 else None
+    noise = BrownianNoise.for_batch(x, sigmas, noise_sampler, span) if eta > 0 else None
     total = len(sigmas) - 1
     old_denoised, h_last = None, None
     for i in range(total):
@@ -172,11 +176,11 @@ def sample_dpmpp_2m_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, eta: float = 1.0,
-                        noise_sampler: NoiseSampler | None = None, callback: Callback | None = None) -> Tensor:
+                        noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, span: tuple[float, float] | None = None) -> Tensor:
     """DPM-Solver++(3M) SDE: third order from the two previous denoised (second order in the second step);
     the last step returns the denoised."""
     sigmas = _floats(sigmas)
-    noise = BrownianNoise.for_batch(x, sigmas, noise_sampler) if eta > 0 else None
+    noise = BrownianNoise.for_batch(x, sigmas, noise_sampler, span) if eta > 0 else None
     total = len(sigmas) - 1
     denoised_1 = denoised_2 = None
     h_1 = h_2 = None
