@@ -29,10 +29,12 @@ def test_speed_lines_from_measured_rows():
     plan = benchmark.build_plan(args)
     generate = {"full": 50.0, "full deepcache 3": 23.0, "full lcm4 taesd": 4.0, "full 1-step": 5.0,
                 "full deepcache 3 1-step": 5.0}
-    rows = [(s, {"generate_s": generate[benchmark.setup_name(s)], "total_s": 1.0, "images": 1, "peak_rss": 1})
+    rows = [(s, {"generate_s": generate[benchmark.setup_name(s)], "total_s": 1.0, "images": 1, "peak_rss": 1,
+                 "cpu_s": 2 * generate[benchmark.setup_name(s)]})
             for s in plan]
     lines = benchmark.speed_lines(rows)
-    assert "ours full, batch 1: 5.00 s per step" in lines
-    assert "ours full deepcache 3, batch 1: 2.00 s per step" in lines
+    assert "ours full, batch 1: 5.00 s per step, 10.00 CPU-s per step" in lines
+    assert "ours full deepcache 3 / plain, batch 1: 0.40x per step (CPU time) (target at most 0.60x): met" in lines
+    assert "ours full deepcache 3, batch 1: 2.00 s per step, 4.00 CPU-s per step" in lines
     assert "ours full deepcache 3 / plain, batch 1: 0.40x per step (target at most 0.60x): met" in lines
     assert "ours full lcm4 taesd / plain, batch 1: generate 0.08x (target at most 0.10x): met" in lines
