@@ -68,10 +68,11 @@ def test_deepcache_matches_deepcache_sd_helper(model_files, tiny_config_path, tm
     extra = ["--deepcache", "3", "--vram", vram] + (["--deepcache_branch", str(branch)] if branch else [])
     ours, parameters, _ = _ours(ckpt, tiny_config_path, tmp_path / "out", sampler, extra)
     theirs = _theirs(state, tiny_config_path, sampler, 3, branch)
-    plain, _, _ = _ours(ckpt, tiny_config_path, tmp_path / "plain", sampler)
     assert ours.std() > 1
     assert np.abs(ours - theirs).mean() <= 1.0, np.abs(ours - theirs).mean()
-    assert np.abs(ours - plain).mean() > 1.0  # the cache changed the picture: DeepCache ran
+    if (sampler, vram) == ("ddim", "full"):  # the cache changed the picture: DeepCache ran (once is enough)
+        plain, _, _ = _ours(ckpt, tiny_config_path, tmp_path / "plain", sampler)
+        assert np.abs(ours - plain).mean() > 1.0
     assert "DeepCache: 3" in parameters and (f"DeepCache branch: {branch}" in parameters) == bool(branch)
 
 

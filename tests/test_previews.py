@@ -33,8 +33,8 @@ def test_preview_every_writes_the_running_images(tiny_checkpoint, tiny_config_pa
                                        "seed_4_step_004.png"]
     with Image.open(files[0]) as image:
         assert image.size == (8, 8)  # the latent's size
-    again = _run(tiny_checkpoint, tiny_config_path, tmp_path / "out")
-    assert len(again) == 8  # the first run's previews stay
+    again = _run(tiny_checkpoint, tiny_config_path, tmp_path / "out", ["--n_samples", "1", "--ddim_steps", "2"])
+    assert len(again) == 5 and (tmp_path / "out" / "previews" / "seed_3_step_002_2.png").is_file()  # none replaced
 
 
 @pytest.mark.slow
