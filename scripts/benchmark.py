@@ -558,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure(spec, args.timeout)
                 rows.append((spec, result))
                 print(format_row(spec, result), flush=True)
+                if args.json:  # after each row: a long run stopped early keeps what it measured
+                    Path(args.json).write_text(json.dumps([{"spec": s, "result": r} for s, r in rows], indent=2))
     print("\nours / diffusers" + (f" (best of {args.repeat})" if args.repeat > 1 else "") + ":")
     for line in ratio_lines(rows):
         print(line)
