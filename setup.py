@@ -21,6 +21,6 @@ setup(
         "torchsde",  # the SDE samplers' Brownian trees (as the webui and ComfyUI)
     ],
     extras_require={
-        "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3"],
+        "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3", "DeepCache==0.1.1"],
     },
 )
