@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Low-VRAM Stable Diffusion v1.x command-line generator (optimizedSD-style scripts)",
     packages=find_packages(include=["ldm", "ldm.*", "optimizedSD", "optimizedSD.*"]),
+    package_data={"optimizedSD.server": ["*.html"]},  # the server's page
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1,<3",
@@ -19,8 +20,11 @@ setup(
         "regex",
         "invisible-watermark",
         "torchsde",  # the SDE samplers' Brownian trees (as the webui and ComfyUI)
+        "opencv-python",  # ControlNet hints: the webui extension's resizing and Canny (invisible-watermark pulls it too)
     ],
     extras_require={
-        "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3", "DeepCache==0.1.1"],
+        "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3",
+                 "fastapi>=0.110", "uvicorn>=0.29", "webuiapi", "requests", "selenium>=4.10", "DeepCache==0.1.1"],
+        "server": ["fastapi>=0.110", "uvicorn>=0.29"],  # optimizedSD/optimized_server.py (the webui's own stack)
     },
 )

@@ -32,9 +32,13 @@ from ldm.models.quantize import QUANTIZE_CHOICES
 from ldm.models.token_matching import MAX_RATIO
 from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
+from optimizedSD.flags.control import add_control_flags, check_control_args, control_settings, restore_control
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
 from optimizedSD.flags.speed import add_speed_flags, check_speed_args, speed_settings
-from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest, MaskOptions
+from optimizedSD.flags.inpaint_area import (INPAINT_AREA_DESTS, add_inpaint_area_flags, check_inpaint_area_args,
+                                            mask_options)
+from optimizedSD.flags.hires import HIRES_DESTS, add_hires_flags, check_hires_args, hires_options
+from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                  "int(min(strength, 0.999)*steps)+1, starting one level higher (AUTOMATIC1111; --from_png sets it)")
     if mode == INPAINT:
         _add_mask_flags(add)
+        add_inpaint_area_flags(add)
+    if not img2img:
+        add_hires_flags(add)
     add("--H", type=int, default=None if img2img else 512,
         help="image height in pixels, a multiple of 64" + (" (default: the init image's, floored to 64)" if img2img else ""))
     add("--W", type=int, default=None if img2img else 512,
@@ -100,6 +107,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--ddim_steps", type=int, default=50, help="number of sampling steps")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 is deterministic DDIM)")
     add_noise_flags(add)
+    add_control_flags(add)
     add_speed_flags(add)
     add("--scale", type=float, default=7.5,
         help="classifier-free guidance scale: eps = eps(x, neg) + scale * (eps(x, cond) - eps(x, neg))")
@@ -277,8 +285,8 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
-        mask=MaskOptions(Path(opt.mask), opt.invert_mask, opt.mask_blur, not opt.no_overlay) if mode == INPAINT else None,
-        **noise_settings(opt), **speed_settings(opt),
+        mask=mask_options(opt) if mode == INPAINT else None,
+        **noise_settings(opt), hires=hires_options(opt), **control_settings(opt), **speed_settings(opt),
     )
 
 
@@ -296,8 +304,8 @@ _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "pr
                    "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora",
                    "schedule": "schedule", "img2img_steps": "img2img_steps", "rng": "rng", "eta_ancestral": "eta",
                    "ensd": "ensd", "subseed": "subseed", "subseed_strength": "subseed_strength",
-                   "seed_resize_from": "seed_resize_from", "deepcache": "deepcache",
-                   "deepcache_branch": "deepcache_branch"}
+                   "seed_resize_from": "seed_resize_from", **{d: d for d in (*HIRES_DESTS, *INPAINT_AREA_DESTS)},
+                   "deepcache": "deepcache", "deepcache_branch": "deepcache_branch"}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
@@ -312,8 +320,9 @@ def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
         raise UsageError(f"--from_png {source}: no generation parameters in it (PNG 'parameters' chunk or JPEG EXIF UserComment)")
     ckpt = Path(opt.ckpt)
     try:
+        info, control = restore_control(opt, given, parse_infotext(text))  # ControlNet's entries, set here
         restored = restore_settings(
-            parse_infotext(text), img2img=opt.mode == IMG2IMG,
+            info, img2img=opt.mode == IMG2IMG,
             sampler_labels={record.label: name for name, record in SAMPLER_RECORDS.items()},
             model_hash=model_hash(ckpt) if ckpt.is_file() else None,
             embedding_hashes=embedding_file_hashes(Path(opt.embeddings_dir or DEFAULT_EMBEDDINGS_DIR)),
@@ -400,6 +409,9 @@ def check_args(opt: argparse.Namespace) -> None:
     if opt.ddim_eta != 0 and opt.sampler != "ddim":
         raise UsageError(f"--ddim_eta applies only to --sampler ddim, not {opt.sampler}")
     check_noise_args(opt)
+    check_control_args(opt)
+    check_hires_args(opt)
+    check_inpaint_area_args(opt)
     check_speed_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")

@@ -15,7 +15,8 @@ How the webui's fields are read (webui >= 1.9, ``infotext_utils.parse_generation
   label named no schedule: plain ``DPM++ 2M`` walked the uniform grid;
 - ``Version``: this tool writes ``optimizedSD ...``; an img2img infotext of another program (the webui,
   Forge) replays with the webui's step rule (``--img2img_steps webui``), this tool's with its own;
-- ``Clip skip`` missing means 1; ``Denoising strength`` in a txt2img infotext belongs to the hires fix;
+- ``Clip skip`` missing means 1; ``Denoising strength`` in a txt2img infotext belongs to the hires fix, which the
+  ``Hires ...`` fields set (``--hires_*``);
 - a prompt from the webui is in its syntax; this tool writes ``Prompt syntax: fork`` when its own syntax
   would read the prompt differently;
 - ``<lora:NAME:WEIGHT>`` tags in the prompt (the webui's, or those this tool appends for each LoRA) become
@@ -30,6 +31,7 @@ from typing import Callable, Mapping
 
 from ldm.loading.lora import extract_lora_tags
 from ldm.loading.errors import LoraError
+from ldm.passes.upscalers import find_upscaler
 from ldm.samplers.schedules import find_schedule
 from optimizedSD.infotext import Infotext
 
@@ -113,6 +115,9 @@ def restore_settings(
             del fields["Size"]  # else it stays, and is named: this tool makes multiples of size_multiple
     if img2img and "Denoising strength" in fields:
         out.values["strength"] = _number(float, "Denoising strength", fields.pop("Denoising strength"))
+    if not img2img:
+        _restore_hires(fields, out)
+    _restore_inpaint_area(fields, out)
     _check_environment(fields, out, model_hash, embedding_hashes)
     out.ignored.extend(f"{key}: {value}" for key, value in fields.items() if key not in _INFORMATIONAL)
     return out
@@ -225,6 +230,53 @@ def _check_environment(fields: dict[str, str], out: RestoredSettings, model_hash
             name, _, short = pair.strip().rpartition(": ")
             if available.get(name) != short:
                 out.ignored.append(f"TI hashes: {name or pair.strip()} ({'another file' if name in available else 'not found'})")
+
+
+_HIRES_FIELDS = (("Hires upscale", "hires_scale", float), ("Hires steps", "hires_steps", int),
+                 ("Hires sampler", "hires_sampler", str), ("Hires schedule type", "hires_schedule", str),
+                 ("Hires prompt", "hires_prompt", str), ("Hires negative prompt", "hires_negative_prompt", str))
+
+
+def _restore_hires(fields: dict[str, str], out: RestoredSettings) -> None:
+    """txt2img's hires fix, on as the webui's paste turns it on: ``Denoising strength`` with ``Hires upscale``,
+    ``Hires upscaler`` or ``Hires resize``. An upscaler this tool does not have (ESRGAN models) is named and the
+    default latent one used."""
+    if "Denoising strength" not in fields or not {"Hires upscale", "Hires upscaler", "Hires resize"} & set(fields):
+        return
+    out.values["hires_strength"] = _number(float, "Denoising strength", fields.pop("Denoising strength"))
+    for key, name, kind in _HIRES_FIELDS:
+        if key in fields:
+            out.values[name] = _number(kind, key, fields.pop(key))
+    if "Hires resize" in fields:
+        width, height = _size(fields.pop("Hires resize"))
+        out.values["hires_resize"] = f"{width}x{height}"
+        out.values.pop("hires_scale", None)
+    elif "hires_scale" not in out.values:
+        out.values["hires_scale"] = 2.0  # the webui's default
+    upscaler = fields.pop("Hires upscaler", "Latent")
+    if find_upscaler(upscaler) is not None:
+        out.values["hires_upscaler"] = upscaler
+    else:
+        out.ignored.append(f"Hires upscaler: {upscaler} (not available here: Latent used)")
+
+
+_MASKED_CONTENT = {"original": "original", "fill": "fill", "latent noise": "latent_noise",
+                   "latent nothing": "latent_nothing"}
+
+
+def _restore_inpaint_area(fields: dict[str, str], out: RestoredSettings) -> None:
+    """Inpainting's ``Inpaint area: Only masked``, ``Masked area padding`` and ``Masked content`` (the webui writes
+    each only when not its default: whole picture, original)."""
+    area = fields.pop("Inpaint area", None)
+    if area is not None:
+        out.values["inpaint_area"] = "only_masked" if area == "Only masked" else "whole"
+    if "Masked area padding" in fields:
+        out.values["only_masked_padding"] = _number(int, "Masked area padding", fields.pop("Masked area padding"))
+    content = fields.pop("Masked content", None)
+    if content is not None and content in _MASKED_CONTENT:
+        out.values["masked_content"] = _MASKED_CONTENT[content]
+    elif content is not None:
+        out.ignored.append(f"Masked content: {content}")
 
 
 def _same_number(a: str, b: str) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,8 @@ from ldm.memory.estimates import model_bytes
 from ldm.memory.vae_decoding import should_tile
 from ldm.models.attention import attention_backend
 from ldm.models.safety_checker import find_safety_checker_files
+from ldm.passes.hires import final_size, hires_pass, hires_texts
+from ldm.passes.only_masked import AreaInpaintingInputs
 from ldm.pipeline.batches import Batch, batch_parts, plan_batches
 from ldm.pipeline.decode import decode_and_write
 from ldm.pipeline.encode import encode_prompts
@@ -57,7 +59,7 @@ from ldm.pipeline.input_checks import check_finite, check_prompt_weights, check_
 from ldm.pipeline.model import WEIGHTS_HELP, LoadedModel, attention_name, load_model
 from ldm.pipeline.prepare import prepare_init
 from ldm.pipeline.request import GenerationRequest
-from ldm.pipeline.sample import sample_batch
+from ldm.pipeline.sample import StepCallback, sample_batch
 from optimizedSD import distributed
 from optimizedSD.arguments import resolve_config
 from optimizedSD.lora_tags import RunLora, collect_loras
@@ -81,6 +83,7 @@ class RunInputs:
     config: ModelConfig
     inpainting: InpaintingInputs | None = None  # inpaint: the mask read and sized, and the init image's pixels
     loras: tuple[RunLora, ...] = ()  # --lora files, then the webui prompts' <lora:NAME:WEIGHT> tags
+    control_images: tuple[Image.Image, ...] = ()  # --control_image, opened and checked, in order
 
 
 def check_inputs(request: GenerationRequest) -> RunInputs:
@@ -95,8 +98,7 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
     inpainting = None
     if request.inpaint:
         mask = request.mask
-        inpainting = InpaintingInputs.prepare(init_image, mask.path, width, height, invert=mask.invert, blur=mask.blur,
-                                              overlay=mask.overlay)
+        inpainting = AreaInpaintingInputs.prepare_area(init_image, mask, width, height)
     writer = SampleWriter(request.outdir, request.image_format, Watermarker() if request.watermark else None)
     writer.prepare(".")
     for prompt in distinct(prompts) if not request.skip_save else ():  # every prompt's folder now, not after sampling
@@ -121,7 +123,20 @@ def check_inputs(request: GenerationRequest) -> RunInputs:
                          f"got {request.clip_skip}")
     if request.steps > config.schedule.timesteps:
         raise UsageError(f"--ddim_steps must be at most {config.schedule.timesteps}, got {request.steps}")
-    return RunInputs(prompts, init_image, height, width, writer, config, inpainting, loras)
+    return RunInputs(prompts, init_image, height, width, writer, config, inpainting, loras, control_images(request))
+
+
+def control_images(request: GenerationRequest) -> tuple[Image.Image, ...]:
+    """Each ControlNet's file found and its image opened and checked, before the model load."""
+    images = []
+    for spec in request.control:
+        if not spec.model.exists():
+            raise UsageError(f"--control_model not found: {spec.model}")
+        try:  # the init image's checks (size from the header first, regular file, ...), named as the flag
+            images.append(load_init_image(spec.image))
+        except UsageError as error:
+            raise UsageError(f"--control_image: {str(error).replace('init image', 'image')}") from None
+    return tuple(images)
 
 
 def model_config_path(request: GenerationRequest) -> Path:
@@ -182,14 +197,36 @@ class StepBar:
 
 
 def sample_with_bar(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, init, batch: Batch,
-                    latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """:func:`~ldm.pipeline.sample.sample_batch` with a progress bar over its steps."""
+                    latent_shape: tuple[int, ...], watcher: StepCallback | None = None) -> torch.Tensor:
+    """:func:`~ldm.pipeline.sample.sample_batch` with a progress bar over its steps (and ``watcher`` after each)."""
     preview = None
     if request.preview_every:
         preview = PreviewWriter(request.outdir / "previews", request.preview_every, batch.seeds, model.sd.vae)
     bar = StepBar(request.sampler, preview)
+
+    def progress(step: int, total: int, x: torch.Tensor) -> None:  # returns None: the sampler keeps its latent
+        bar(step, total, x)
+        if watcher is not None:
+            watcher(step, total, x)
+
     try:
-        return sample_batch(request, model, encoder, init, batch, latent_shape, bar)
+        return sample_batch(request, model, encoder, init, batch, latent_shape, progress)
+    finally:
+        bar.close()
+
+
+def hires_with_bar(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, batch: Batch,
+                   latents: torch.Tensor, watcher: StepCallback | None = None) -> torch.Tensor:
+    """:func:`~ldm.passes.hires.hires_pass` with a progress bar over its steps (and ``watcher`` after each)."""
+    bar = StepBar(f"hires fix, {request.hires.sampler or request.sampler}")
+
+    def progress(step: int, total: int, x: torch.Tensor) -> None:
+        bar(step, total, x)
+        if watcher is not None:
+            watcher(step, total, x)
+
+    try:
+        return hires_pass(request, model, encoder, batch, latents, progress)
     finally:
         bar.close()
 
@@ -222,15 +259,29 @@ def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) ->
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def generate(request: GenerationRequest) -> RunSummary:
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller that outlives one run (the HTTP server, :mod:`optimizedSD.server`) changes in :func:`generate`:
+    ``model`` gives the model it keeps loaded (not released after the run), ``progress`` sees every sampling step
+    (it may raise to stop the batch), and ``around_batch(run)`` runs each batch (or skips it)."""
+
+    model: Callable[[GenerationRequest, RunInputs], LoadedModel]
+    progress: StepCallback | None = None
+    around_batch: Callable[[Callable[[], None]], None] = lambda run: run()
+
+
+def generate(request: GenerationRequest, hooks: RunHooks | None = None) -> RunSummary:
     """Run the scripts' job for a parsed and checked request (see :func:`optimizedSD.arguments.parse_args`)."""
     started = time.perf_counter()
     job, request = distributed.join(request)  # torchrun: this rank's device and rank 0's seed; else (None, request)
     inputs = check_inputs(request)
     if job is None or job.is_main:
         print(f"Seed: {request.seed}" + (" (fixed code: every batch starts from the first batch's noise)" if request.fixed_code else ""))
-    model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras], inputs.height,
-                       inputs.width)
+    if hooks is not None:
+        model = hooks.model(request, inputs)
+    else:
+        model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras],
+                           *final_size(request, inputs.height, inputs.width), inputs.control_images)
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
                          memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
                          safety_mode=request.safety_checker_mode if model.safety is not None else None)
@@ -240,9 +291,10 @@ def generate(request: GenerationRequest) -> RunSummary:
     # The backend for this run only (the out-of-memory ladders may switch to slices inside it).
     with attention_backend(attention_name(request.attention, device)):
         try:
-            run_batches(request, inputs, model, summary, job)
+            run_batches(request, inputs, model, summary, job, hooks)
         finally:
-            model.residency.release()
+            if hooks is None:  # the server keeps its model where its memory mode puts it
+                model.residency.release()
             if job is not None:
                 job.stop()
     summary.seconds = time.perf_counter() - started
@@ -252,21 +304,34 @@ def generate(request: GenerationRequest) -> RunSummary:
 
 
 def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedModel, summary: RunSummary,
-                job: distributed.Distributed | None) -> None:
+                job: distributed.Distributed | None, hooks: RunHooks | None = None) -> None:
     """Prompts, the input preparer, then every batch (under torchrun, this rank's share) and the grid."""
     outputs = RunOutputs(request, inputs.writer, len(inputs.prompts), inputs.width, inputs.height, summary, inputs.loras,
                          lora_hashes_text(model.loras, [lora.name for lora in inputs.loras]), inputs.inpainting)
-    encoder = outputs.encoder = encode_prompts(request, inputs.prompts, model)
+    if request.save_control_map:
+        outputs.control_maps = [unit.map for unit in model.control]
+    encoder = outputs.encoder = encode_prompts(request, [*inputs.prompts, *hires_texts(request)], model)
     init = prepare_init(request, model, inputs.init_image, inputs.width, inputs.height, inputs.inpainting)
     cfg = inputs.config
     latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
-    tiled = decode_in_tiles(request, inputs, model.residency.mode)
+    final = replace(inputs, **dict(zip(("height", "width"), final_size(request, inputs.height, inputs.width))))
+    tiled = decode_in_tiles(request, final, model.residency.mode)  # the pictures written: the hires fix's size
     batches = list(plan_batches(request, inputs.prompts))
-    size = part_size(request, inputs, model, outputs, tiled)
+    size = part_size(request, final, model, outputs, tiled)
+    watcher = hooks.progress if hooks is not None else None
+
+    def run_parts(batch: Batch) -> None:
+        for part in batch_parts(batch, size):  # one part unless the batch is larger than the memory holds
+            latents = sample_with_bar(request, model, encoder, init, part, latent_shape, watcher)
+            if request.hires is not None:
+                latents = hires_with_bar(request, model, encoder, part, latents, watcher)
+            decode_and_write(model, part, latents, tiled, outputs)
 
     def run_batch(batch: Batch) -> None:
-        for part in batch_parts(batch, size):  # one part unless the batch is larger than the memory holds
-            decode_and_write(model, part, sample_with_bar(request, model, encoder, init, part, latent_shape), tiled, outputs)
+        if hooks is None:
+            run_parts(batch)
+        else:
+            hooks.around_batch(lambda: run_parts(batch))
 
     if job is not None:
         run_rank_share(job, request, inputs, batches, run_batch, outputs)

@@ -32,6 +32,7 @@ from ldm.config import load_model_config
 from ldm.ledger.calls import generation_calls
 from ldm.ledger.plan import format_plan, memory_plan
 from ldm.ledger.shapes import RunShape
+from ldm.passes.hires import final_size
 from ldm.pipeline.images import load_init_image, output_size
 from ldm.pipeline.input_checks import read_prompts_file
 from ldm.pipeline.model import attention_name
@@ -52,7 +53,11 @@ def gpu_bytes(request_bytes: int | None) -> int | None:
 def plan_text(request) -> str:
     """``--plan``'s answer for a parsed request: a table, or with ``plan_json`` one JSON object."""
     plan = plan_for(request)
-    return json.dumps(plan.as_json()) if request.plan_json else format_plan(plan, gpu_bytes(request.gpu_memory_bytes))
+    hires = None if request.hires is None else final_size(request, plan.shape.height, plan.shape.width)
+    if request.plan_json:
+        return json.dumps({**plan.as_json(), **({"hires": {"height": hires[0], "width": hires[1]}} if hires else {})})
+    text = format_plan(plan, gpu_bytes(request.gpu_memory_bytes))
+    return text if hires is None else f"{text}\nhires fix to {hires[1]}x{hires[0]}: the peaks include its second pass"
 
 
 def plan_for(request):

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm.checkpoints.hashes import model_hash
+from ldm.control.files import webui_model_hash
+from ldm.control.metadata import control_fields
 from ldm.ledger.batch_parts import grid_fits
+from ldm.passes.hires import final_size
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
+from optimizedSD.atomic_files import write_new_file
+from optimizedSD.flags.hires import hires_fields
 from optimizedSD.flags.speed import speed_fields
 from optimizedSD.lora_tags import RunLora, metadata_prompt
-from optimizedSD.outputs import SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
+from optimizedSD.outputs import OutputError, SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
 
 
 @dataclass
@@ -76,8 +82,11 @@ class RunOutputs:
         self.file_numbers: list[int] | None = None  # torchrun: each image's number in a single process's naming
         self.inpainting = inpainting
         self.images = request.n_iter * prompts * request.n_samples
+        self.control_maps: list[np.ndarray] = []  # --save_control_map: each ControlNet's preprocessed map
+        hashes = [None if request.skip_save and request.skip_grid else webui_model_hash(spec.model) for spec in request.control]
+        self.control_fields = control_fields(request.control, hashes)  # the webui extension's "ControlNet <i>"
         # A grid over the cap is not made (one warning line): its images would all stay in host memory.
-        self.keep_grid = not request.skip_grid and grid_fits(self.images, height, width)
+        self.keep_grid = not request.skip_grid and grid_fits(self.images, *final_size(request, height, width))
 
     def infotext_fields(self, prompt: str, negative: str) -> dict[str, str]:
         """The prompts' own metadata fields (webui syntax), then inpainting's (``Mask blur``), ``Img2img steps``."""
@@ -86,6 +95,8 @@ class RunOutputs:
             fields.update(self.inpainting.metadata())
         if self.request.img2img_steps != "cut":
             fields["Img2img steps"] = self.request.img2img_steps
+        fields.update(self.control_fields)
+        fields.update(hires_fields(self.request))
         return fields
 
     def pixels(self, decoded: torch.Tensor) -> np.ndarray:
@@ -105,6 +116,7 @@ class RunOutputs:
         if not request.skip_save:
             number = None if self.file_numbers is None else self.file_numbers[index]
             self.summary.written.append(self.writer.write_sample(prompt_folder_name(batch.prompt), seed, image, text, number))
+            write_control_maps(self.summary.written[-1], self.control_maps)
         self.summary.images += 1  # after the write: a rank stopped while writing counts only what is on disk
         self.summary.flagged += safety is not None
         if self.keep_grid:
@@ -129,3 +141,13 @@ class RunOutputs:
         images = [image for _, image in self.grid_images] if images is None else images
         if images:
             self.summary.grid = self.writer.write_grid(images, self.request.n_rows, self.grid_text)
+
+
+def write_control_maps(sample: Path, maps: list[np.ndarray]) -> None:
+    """``--save_control_map``: each map beside ``sample`` as ``<sample>-control<n>.png`` (never over a file)."""
+    for index, control in enumerate(maps):
+        path = sample.with_name(f"{sample.stem}-control{index}.png")
+        try:
+            write_new_file(path, lambda handle: Image.fromarray(control).save(handle, format="PNG"))
+        except OSError as error:  # FileExistsError included: nothing is overwritten
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from None

@@ -4,6 +4,7 @@ that keys cached text encodings."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -22,7 +23,19 @@ def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
 
 def model_hash(path: str | os.PathLike) -> str:
     """A1111's ``shorthash`` of a checkpoint (AutoV2): the first 10 hex digits of the whole file's sha256."""
-    return file_sha256(path)[:10]
+    return file_sha256_once(path)[:10]
+
+
+def file_sha256_once(path: str | os.PathLike) -> str:
+    """:func:`file_sha256` of a whole file, read once per file version (path, size, modification time), so that
+    a server's requests do not hash gigabytes each."""
+    stat = os.stat(path)
+    return _sha256_of_version(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def safetensors_data_sha256(path: str | os.PathLike) -> str:

@@ -2,7 +2,8 @@
 
 :func:`generation_calls` turns a request into the ledger's ``calls(sd, residency, shape, device, phase)``: the
 run's prompts through :func:`~ldm.pipeline.encode.encode_prompts`, the init image's encode (img2img), the first
-batch through :func:`~ldm.pipeline.sample.sample_batch` and its images through
+batch through :func:`~ldm.pipeline.sample.sample_batch` (and the hires fix's second pass,
+:func:`~ldm.passes.hires.hires_pass`) and its images through
 :func:`~ldm.pipeline.decode.decode_and_write`, each under its phase. ``--plan``, low mode's tiling rule, the
 batch-parts planner and ``scripts/gpu_check.py`` (on a real GPU) all run it.
 """
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.control.units import meta_units
 from ldm.memory.vae_decoding import DEFAULT_TILE
+from ldm.passes.hires import hires_pass, hires_texts
 from ldm.pipeline.batches import Batch, plan_batches
 from ldm.pipeline.decode import ImageSink, decode_and_write, decode_image
 from ldm.pipeline.encode import encode_prompts
@@ -84,9 +87,12 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
             steps=shape.steps,
             scale=shape.scale, unet_bs=shape.unet_chunk, embedding_cache=None, skip_save=True, skip_grid=True,
         )
-        model = LoadedModel(sd, residency, sd.schedule)
+        if id(residency) not in prepared:  # a caller that did not prepare (a real device): built now
+            prepare(sd, residency, shape)
+        control = prepared.pop(id(residency))
+        model = LoadedModel(sd, residency, sd.schedule, control=control)
         with phase("text_encoder"):
-            encoder = encode_prompts(run, prompts, model)
+            encoder = encode_prompts(run, [*prompts, *hires_texts(run)], model)
         init = None
         if shape.img2img:
             with phase("vae"):
@@ -97,6 +103,8 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
         batch = next(plan_batches(run, prompts))
         with phase("unet"):
             latents = sample_batch(run, model, encoder, init, batch, latent_shape)
+        if run.hires is not None:  # the hires fix's second pass, at its size (its upscale's VAE work under "vae")
+            latents = hires_pass(run, model, encoder, batch, latents, phase=phase)
         with phase("vae"):
             if first_tile_only:
                 side = 2 * DEFAULT_TILE if shape.tiled else None  # a tile with its overlap is at most twice the tile
@@ -104,4 +112,16 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
             else:
                 decode_and_write(model, batch, latents, shape.tiled, sink or Discard())
 
+    prepared: dict[int, tuple] = {}
+
+    def prepare(sd, residency, shape: RunShape) -> dict[int, tuple]:
+        """One ControlNet of the config's architecture per ``--control_model``, on ``meta`` (no file is read),
+        under ``residency``: built before the counting starts (:func:`~ldm.ledger.simulation.simulate` calls
+        this first), since a model built on ``meta`` stands for host copies, not device memory."""
+        count = len(request.control) if request is not None else 0
+        dtype = next(sd.unet.parameters()).dtype
+        prepared[id(residency)] = meta_units(count, sd.config, dtype, residency, shape.width, shape.height)
+        return prepared
+
+    calls.prepare = prepare
     return calls

@@ -106,14 +106,20 @@ def simulate(
 
     def on_transfer(event) -> None:
         if event.event == "onload":
+            if event.group not in groups:  # attached after the start (a ControlNet's, ldm/control)
+                groups.update((group.name, group) for group in residency.groups())
             counter.mark_weights(groups[event.group].tensors)
             onloaded[counter.current_phase] = onloaded.get(counter.current_phase, 0) + event.nbytes
 
     residency.on_transfer = on_transfer
+    calls = calls or generation_calls()
+    prepare = getattr(calls, "prepare", None)
+    if prepare is not None:  # what the run holds on the host from its start (generation_calls' ControlNets)
+        prepare(sd, residency, shape)
     replay = CudaAttentionChoice()
     try:
         with attention_backend(shape.attention), replay, counter, torch.no_grad():
-            (calls or generation_calls())(sd, residency, shape, DEVICE, counter.phase)
+            calls(sd, residency, shape, DEVICE, counter.phase)
     finally:
         residency.release()
     return LedgerRun(mode, counter.peak, dict(counter.phase_peaks), dict(replay.choices), onloaded)

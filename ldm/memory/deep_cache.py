@@ -108,14 +108,14 @@ def deep_cached(unet: Callable, cache: DeepCache) -> Callable:
     """``unet(x, t, context[, chunk])`` running each call through ``cache``: the model with the cache's hook
     around :func:`call_part`, or low mode's :class:`StreamedUNet` with it around its streaming hook."""
     if isinstance(unet, StreamedUNet):
-        def streamed(x: Tensor, t: Tensor, context: Tensor, chunk: int | None = None) -> Tensor:
-            return unet(x, t, context, chunk, cache=cache)
+        def streamed(x: Tensor, t: Tensor, context: Tensor, chunk: int | None = None, control=None) -> Tensor:
+            return unet(x, t, context, chunk, control=control, cache=cache)
 
         streamed.chunks_each_part = True  # --unet_bs inside the one streamed pass (chunked_unet)
         return streamed
 
-    def call(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        hook, _ = cache.call_hook(call_part, x)
-        return unet(x, t, context, hook=hook)
+    def call(x: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+        hook, _ = cache.call_hook(call_part, x)  # control: a ControlNet's residuals, passed on (ldm/control)
+        return unet(x, t, context, hook=hook, control=control)
 
     return call

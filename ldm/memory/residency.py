@@ -155,6 +155,7 @@ class Residency:
         self.decoder_groups = self._streamed_groups("vae.", dict(vae.decoder_parts()), self.decoder_layout, home)
         _check_covered(vae, self.decoder_groups + [self.whole["vae.encoder"]], "VAE")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.attached: list[ModuleGroup] = []  # other networks' groups, moved by their owners (attach)
         self._streamed: StreamedUNet | None = None
         self.resident_bytes = 0
         self.mode = ""
@@ -284,7 +285,24 @@ class Residency:
     def groups(self) -> list[ModuleGroup]:
         """Every group whose weights this manager moves (whole models, the UNet's and the decoder's
         streamed groups)."""
-        return list(self.whole.values()) + self.unet_groups + self.decoder_groups
+        return list(self.whole.values()) + self.unet_groups + self.decoder_groups + self.attached
+
+    def attach(self, name: str, model: nn.Module, groups: list[ModuleGroup]) -> None:
+        """One more network whose ``groups`` (covering all its weights) its owner moves through :meth:`onload`
+        and :meth:`offload` while the UNet runs (a ControlNet, :mod:`ldm.control`); :meth:`release`, the
+        step-down after out of memory, pinning and :meth:`on_device` cover them like the models' own."""
+        if name in self.models:
+            raise ValueError(f"model name {name!r} is taken")
+        _check_covered(model, groups, name)
+        self.models[name] = model
+        self.attached += groups
+        if self.pinned_bytes:  # the mode already moves weights: the new homes go to pinned slabs too
+            for group in groups:
+                group.home = []
+            self.pinned_bytes += pin_together(tensors_of([model]), module_groups.pinned_buffer,
+                                              module_groups.PIN_SLAB_BYTES)
+            for group in groups:
+                group.refresh_home()
 
     def on_device(self) -> list[str]:
         """Names of the groups whose weights are on the device now."""

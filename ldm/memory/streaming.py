@@ -195,7 +195,7 @@ class StreamedUNet(PartStreamer):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunk: int | None = None,
-                 cache=None) -> torch.Tensor:
+                 control: list[torch.Tensor] | None = None, cache=None) -> torch.Tensor:
         """One UNet evaluation; ``chunk`` (the fork's ``--unet_bs``) runs each part on at most that many
         latents at a time, all chunks through a group before the next group comes: one pass of weights per
         call whatever the chunk, where calling the UNet once per chunk would stream it once per chunk. What
@@ -208,7 +208,7 @@ class StreamedUNet(PartStreamer):
         if cache is not None:
             hook, self.skipped = cache.call_hook(self.run_part, x)
         try:
-            return self.unet(x, timesteps, context, hook=hook)
+            return self.unet(x, timesteps, context, hook=hook, control=control)
         finally:
             self.chunk, self.skipped = None, frozenset()
 

@@ -169,9 +169,12 @@ class UNetModel(nn.Module):
         return parts
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, hook: PartHook = call_part
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, hook: PartHook = call_part,
+        control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """eps for noisy latents ``x`` at ``timesteps`` given the text ``context``; ``hook`` runs each part."""
+        """eps for noisy latents ``x`` at ``timesteps`` given the text ``context``; ``hook`` runs each part.
+        ``control``: a ControlNet's residuals (:mod:`ldm.control`), one per skip then the middle block's, added
+        to the skips and to the middle block's output (cldm's ``ControlledUnetModel``)."""
         dtype = self.out[2].weight.dtype
         emb = hook("time_embed", self.time_embed, timestep_embedding(timesteps, self.model_channels).to(dtype))
         h, context = x.to(dtype), context.to(dtype)
@@ -180,6 +183,9 @@ class UNetModel(nn.Module):
             h = hook(f"input_blocks.{i}", block, h, emb, context)
             skips.append(h)
         h = hook("middle_block", self.middle_block, h, emb, context)
+        if control is not None:
+            skips = [skip + residual.to(dtype) for skip, residual in zip(skips, control[:-1], strict=True)]
+            h = h + control[-1].to(dtype)
         for i, block in enumerate(self.output_blocks):
             h = hook(f"output_blocks.{i}", block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return hook("out", self.out, h).to(x.dtype)

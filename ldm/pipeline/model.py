@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 
 from ldm.checkpoints.errors import CheckpointError
 from ldm.config import ModelConfig
+from ldm.control.units import ControlUnit, place_units, read_nets
 from ldm.errors import UsageError
 from ldm.loading.lora import LoraFile, apply_loras
 from ldm.loading.stable_diffusion import StableDiffusion, load_stable_diffusion, own_weights
@@ -38,12 +40,17 @@ class LoadedModel:
     schedule: DiffusionSchedule
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
     safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
+    control: tuple[ControlUnit, ...] = ()  # --control_model: ControlNets under the same residency (ldm/control)
 
 
 def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
-               height: int, width: int) -> LoadedModel:
+               height: int, width: int, control_images: Sequence[Image.Image] = ()) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype, merge ``loras`` ((file, weight) in order) and put
-    it under a memory mode for images of ``height`` x ``width``."""
+    it under a memory mode for images of ``height`` x ``width``; the ControlNets of ``request.control`` with
+    their ``control_images`` (opened and checked, in the same order) under the same memory mode."""
+    if len(control_images) != len(request.control):
+        raise UsageError(f"{len(request.control)} ControlNet(s) but {len(control_images)} control image(s) given to this run")
+    nets = read_nets(request.control, config, request.dtype)  # a file that is no ControlNet fails before the load
     log.info("loading %s", request.ckpt)
     try:
         # --quantize reads the UNet's mapped weights straight into int8 (the load never holds it in float).
@@ -57,8 +64,10 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
     safety = None
     if request.safety_checker is not None:
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
-    residency = make_residency(request, sd, height, width, safety)
-    return LoadedModel(sd, residency, sd.schedule, merged, safety)
+    control_bytes = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+    residency = make_residency(request, sd, height, width, safety, control_bytes)
+    control = place_units(nets, request.control, control_images, residency, width, height)
+    return LoadedModel(sd, residency, sd.schedule, merged, safety, control)
 
 
 def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:
@@ -78,14 +87,15 @@ def attention_name(name: str, device: torch.device) -> str:
 
 
 def make_residency(request: GenerationRequest, sd: StableDiffusion, height: int, width: int,
-                   safety: SafetyStage | None = None) -> Residency:
-    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``); the safety checker as one more model."""
+                   safety: SafetyStage | None = None, control_bytes: int = 0) -> Residency:
+    """The memory mode (``--vram``, ``--turbo``, ``--vram_budget``); the safety checker as one more model, and
+    ``control_bytes`` of ControlNets, in what ``--vram auto`` must fit."""
     device = request.device
     dtype = next(sd.unet.parameters()).dtype
     tiled = should_tile(height, width, request.vae_tiling)
     extra = {SAFETY_CHECKER: safety.checker} if safety is not None else {}
     mode = resolve_mode(request.vram, device, height, width, request.n_samples, sd=sd, dtype=dtype, tiled=tiled,
-                        extra_bytes=safety.weight_bytes if safety is not None else 0)
+                        extra_bytes=(safety.weight_bytes if safety is not None else 0) + control_bytes)
     budget = request.vram_budget_bytes
     if budget is None and request.vram == "auto" and mode == "low":
         budget = auto_budget_bytes(device, height, width, request.n_samples, sd=sd, dtype=dtype)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.control.units import ControlSpec
+
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
 INPAINT = "inpaint"
@@ -27,6 +29,26 @@ class MaskOptions:
     invert: bool
     blur: float
     overlay: bool
+    area: str = "whole"  # --inpaint_area: "whole" picture, or "only_masked": the mask's box, scaled to H x W
+    padding: int = 32  # --only_masked_padding: px around the mask's box
+    content: str = "original"  # --masked_content: original, fill, latent_noise, latent_nothing
+
+
+@dataclass(frozen=True)
+class HiresOptions:
+    """txt2img's hires fix (:mod:`ldm.passes.hires`): the target (``scale``, or ``resize`` (W, H) with 0 for
+    "keep the aspect"), the second pass's steps (0: the first pass's), denoising strength, upscaler, and the
+    sampler, schedule and prompts of the second pass (None: the first pass's)."""
+
+    scale: float = 2.0
+    resize: tuple[int, int] | None = None
+    steps: int = 0
+    strength: float = 0.7
+    upscaler: str = "latent"
+    sampler: str | None = None
+    schedule: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +117,9 @@ class GenerationRequest:
     seed_resize_from: tuple[int, int] | None = None  # (width, height) px the seed's noise is drawn at
     eta_ancestral: float = 1.0  # --eta: noise amount of the ancestral and SDE samplers (the webui's Eta)
     ensd: int = 0  # eta noise seed delta: every draw after the start noise from seed + ensd
+    control: tuple[ControlSpec, ...] = ()  # --control_model/--control_image pairs, in order (ldm/control)
+    save_control_map: bool = False  # --save_control_map: each preprocessed map beside the images
+    hires: HiresOptions | None = None  # txt2img: the hires fix's second pass (ldm/passes/hires.py)
     deepcache: int = 0  # --deepcache N: the whole UNet every N steps, its shallow branch between (0: off)
     deepcache_branch: int = 0  # --deepcache_branch B: the shallow branch's depth (input_blocks.0 to B)
     preview_every: int = 0  # --preview_every N: write the running image every N steps (0: never)

@@ -18,6 +18,7 @@ import torch
 from ldm import samplers
 from ldm.conditioning.prompts import PromptEncoder
 from ldm.memory.deep_cache import counting_steps, deep_cached, unet_deep_cache
+from ldm.control.controlled import controlled_unet
 from ldm.memory.out_of_memory import retry_lower
 from ldm.memory.residency import Residency
 from ldm.memory.streaming import chunked_unet
@@ -63,7 +64,7 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
                                steps=request.steps, strength=request.strength, schedule_type=request.schedule,
                                img2img_steps=request.img2img_steps)
         return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, start, noise,
-                           progress)
+                           progress, control=model.control)
 
     return retry_lower(model.residency, attempt)
 
@@ -76,19 +77,29 @@ def batch_noise(request: GenerationRequest, batch: Batch) -> SeededNoise:
 
 def run_sampler(request: GenerationRequest, residency: Residency, schedule: DiffusionSchedule, guided: GuidedInputs,
                 x_T: torch.Tensor, start: BatchStart, noise: SeededNoise,
-                progress: StepCallback | None = None) -> torch.Tensor:
-    """The guided UNet under the chosen sampler (``--unet_bs`` chunks), the preparer's per-step hook after
-    each step, then ``progress``."""
+                progress: StepCallback | None = None, control=()) -> torch.Tensor:
+    """The guided UNet (steered by the ``control`` units' ControlNets) under the chosen sampler (``--unet_bs``
+    chunks), the preparer's per-step hook after each step, then ``progress``."""
     with residency.use("unet") as unet, torch.no_grad():
+        strength = request.strength if request.img2img else 1.0
+        steps = len(samplers.walk_levels(request.sampler, schedule, request.steps, strength, request.schedule,
+                                         request.img2img_steps)) - 1
         cache = unet_deep_cache(unet, request.deepcache, request.deepcache_branch) if request.deepcache else None
         unet = unet if cache is None else deep_cached(unet, cache)  # --deepcache: shallow steps between whole ones
+        unet = controlled = controlled_unet(unet, control, steps)
         unet = start.wrap_unet(chunked_unet(unet, request.unet_bs))
         eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
         callback = progress if start.after_step is None else blend_then(start.after_step, progress)
+        if control:
+            callback = controlled.count_steps(callback)
         callback = callback if cache is None else counting_steps(cache, callback)
-        return samplers.sample(
-            request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta,
-            ancestral_eta=request.eta_ancestral, init_latent=start.init_latent,
-            strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,
-            schedule_type=request.schedule, img2img_steps=request.img2img_steps,
-        )
+        try:
+            return samplers.sample(
+                request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta,
+                ancestral_eta=request.eta_ancestral, init_latent=start.init_latent,
+                strength=request.strength if request.img2img else 1.0, noise_sampler=noise, callback=callback,
+                schedule_type=request.schedule, img2img_steps=request.img2img_steps,
+            )
+        finally:
+            if control:
+                controlled.release()

@@ -46,7 +46,7 @@ from ldm.samplers.grids import (LCM_TIMESTEPS, SIGMAS, SIGMAS_WITHOUT_PENULTIMAT
 from ldm.samplers.schedule import DiffusionSchedule
 from ldm.samplers.schedules import SCHEDULES, find_schedule
 
-__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Sampler", "find_sampler", "resolve_schedule", "sample", "sampler_record",
+__all__ = ["HIRES_STEPS", "SAMPLERS", "SAMPLER_NAMES", "Sampler", "find_sampler", "resolve_schedule", "sample", "sampler_record",
            "walk_levels"]
 
 
@@ -112,6 +112,7 @@ SAMPLERS: dict[str, Sampler] = {
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
 IMG2IMG_STEPS = ("cut", "webui")  # how --strength picks img2img's steps (walk_levels)
+HIRES_STEPS = "hires"  # the webui's hires pass: exactly ``steps`` steps of a longer walk (walk_levels)
 
 
 def find_sampler(name: str) -> tuple[Sampler, str | None] | None:
@@ -204,7 +205,7 @@ def sample(
         return init_latent.clone()
     x, levels = start
     options = _options(spec, eta, ancestral_eta, noise_sampler, callback)
-    options.update(_brownian_span(spec, schedule, steps, schedule_type) if init_latent is not None else {})
+    options.update(_brownian_span(spec, schedule, steps, schedule_type, init_latent, strength, img2img_steps))
     return spec.function(ScheduledEps(eps_model, schedule), x, levels, **options)
 
 
@@ -222,11 +223,15 @@ def _options(spec: Sampler, eta: float, ancestral_eta: float, noise_sampler: Noi
     return options
 
 
-def _brownian_span(spec: Sampler, schedule: DiffusionSchedule, steps: int, schedule_type: str) -> dict:
+def _brownian_span(spec: Sampler, schedule: DiffusionSchedule, steps: int, schedule_type: str,
+                   init_latent: Tensor | None = None, strength: float = 1.0, img2img_steps: str = "cut") -> dict:
     """An SDE sampler's ``span`` in img2img: the webui builds its Brownian trees over the whole schedule, not the
-    tail it walks (``create_noise_sampler(x, sigmas, p)`` in ``sample_img2img``)."""
-    if spec not in SDE_SAMPLERS:
+    tail it walks (``create_noise_sampler(x, sigmas, p)`` in ``sample_img2img``; the hires pass's whole schedule is
+    the longer one its steps are the tail of)."""
+    if spec not in SDE_SAMPLERS or init_latent is None:
         return {}
+    if img2img_steps == HIRES_STEPS:
+        steps = max(int(steps / min(strength, 0.999)), 1)
     whole = walk_levels(spec.name, schedule, steps, 1.0, schedule_type)
     return {"span": (min(s for s in whole if s > 0), max(whole))}
 
@@ -253,7 +258,13 @@ def walk_levels(name: str, schedule: DiffusionSchedule, steps: int, strength: fl
     """The levels sampler ``name`` walks for ``steps`` steps at img2img ``strength`` on ``schedule_type``: its
     whole grid, or the tail of it (one level alone: no step to run). ``img2img_steps``: ``cut`` runs the last
     ``int(strength * steps)`` steps (CompVis' ``t_enc``); ``webui`` the last ``int(min(strength, 0.999) * steps)
-    + 1``, as AUTOMATIC1111's img2img does (``sigmas[steps - t_enc - 1:]``)."""
+    + 1``, as AUTOMATIC1111's img2img does (``sigmas[steps - t_enc - 1:]``); ``hires`` exactly ``steps`` steps,
+    the tail of the walk for ``int(steps / min(strength, 0.999))`` (the webui's ``setup_img2img_steps`` given
+    the hires pass's steps: ``t_enc = steps - 1``)."""
+    if img2img_steps == HIRES_STEPS:
+        longer = int(steps / min(strength, 0.999)) if strength > 0 else 0
+        levels = sampler_record(name).grid.levels(schedule, max(longer, 1), resolve_schedule(name, schedule_type))
+        return levels[-(min(steps, len(levels) - 1) + 1):] if strength > 0 else levels[-1:]
     if img2img_steps not in IMG2IMG_STEPS:
         raise ValueError(f"img2img_steps must be one of {', '.join(IMG2IMG_STEPS)}, got {img2img_steps!r}")
     levels = sampler_record(name).grid.levels(schedule, steps, resolve_schedule(name, schedule_type))

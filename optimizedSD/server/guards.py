@@ -1,0 +1,89 @@
+"""What stands before the endpoints: HTTP Basic authentication (``--api-auth``), the 50 MB cap on a request's
+body (413, as a proxy would answer), and request validation errors as one line naming the field."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Callable
+
+from fastapi import Depends, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def basic_auth(users: tuple[tuple[str, str], ...]) -> Callable[..., None]:
+    """A dependency that lets a request through only with one of ``users``' credentials (401 otherwise, with
+    ``WWW-Authenticate: Basic``, as the webui's ``--api-auth``); compared in constant time."""
+    security = HTTPBasic(auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
+        if credentials is not None:
+            for user, password in users:
+                same_user = secrets.compare_digest(credentials.username.encode(), user.encode())
+                same_password = secrets.compare_digest(credentials.password.encode(), password.encode())
+                if same_user and same_password:
+                    return
+        raise HTTPException(status_code=401, detail="wrong or missing credentials (--api-auth)",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def validation_message(error: RequestValidationError) -> tuple[int, str]:
+    """(status, one line): 400 for a body that is not JSON, 422 naming each bad field."""
+    problems = error.errors()
+    for problem in problems:
+        if problem.get("type") == "json_invalid":
+            reason = (problem.get("ctx") or {}).get("error", "not JSON")
+            return 400, f"the body is not valid JSON: {reason}"
+    parts = []
+    for problem in problems[:5]:
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+    return 422, "; ".join(parts)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes (by its Content-Length, or counted as it arrives) is answered
+    413 before any endpoint sees it; a body within it is read whole first (the endpoints read it whole anyway)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self.refuse(send)
+            return
+        parts, seen, message = [], 0, {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.limit:
+                await self.refuse(send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, send: Send) -> None:
+        body = (f'{{"error": "PayloadTooLarge", "detail": "the request body is over {self.limit // 2**20} MB"}}'
+                .encode())
+        headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                              (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
