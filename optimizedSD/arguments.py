@@ -38,6 +38,7 @@ from optimizedSD.flags.speed import add_speed_flags, check_speed_args, speed_set
 from optimizedSD.flags.inpaint_area import (INPAINT_AREA_DESTS, add_inpaint_area_flags, check_inpaint_area_args,
                                             mask_options)
 from optimizedSD.flags.hires import HIRES_DESTS, add_hires_flags, check_hires_args, hires_options
+from optimizedSD.flags.backend import add_backend_flags, backend_settings, check_backend_args
 from ldm.pipeline.request import IMG2IMG, INPAINT, SIZE_MULTIPLE, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--tome", type=float, default=0.0, metavar="RATIO",
         help="token merging: merge this share of the tokens before the UNet's full-resolution self-attention "
              "(0 to 0.75; 0.5 is tomesd's default; faster on large images, changes the image slightly)")
+    add_backend_flags(add)
     add("--quantize", type=str, choices=list(QUANTIZE_CHOICES), default=None,
         help="int8: the UNet's weights as int8 with one scale per output channel (half fp16's memory, "
              "a quarter of fp32's; changes the image slightly)")
@@ -286,7 +288,8 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
         mask=mask_options(opt) if mode == INPAINT else None,
-        **noise_settings(opt), hires=hires_options(opt), **control_settings(opt), **speed_settings(opt),
+        **noise_settings(opt), hires=hires_options(opt), **control_settings(opt), **backend_settings(opt),
+        **speed_settings(opt),
     )
 
 
@@ -412,6 +415,7 @@ def check_args(opt: argparse.Namespace) -> None:
     check_control_args(opt)
     check_hires_args(opt)
     check_inpaint_area_args(opt)
+    check_backend_args(opt)
     check_speed_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")

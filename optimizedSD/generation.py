@@ -281,7 +281,8 @@ def generate(request: GenerationRequest, hooks: RunHooks | None = None) -> RunSu
         model = hooks.model(request, inputs)
     else:
         model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras],
-                           *final_size(request, inputs.height, inputs.width), inputs.control_images)
+                           *final_size(request, inputs.height, inputs.width), inputs.control_images,
+                           progress=print)
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
                          memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
                          safety_mode=request.safety_checker_mode if model.safety is not None else None)

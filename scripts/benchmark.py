@@ -5,6 +5,9 @@
     python scripts/benchmark.py --device cuda        # GPU: 512x512 fp16, 20 DPM-Solver++ steps, batch 1 and 4
     python scripts/benchmark.py --H 512 --W 512 --steps 20 --quantize int8 --tome 0.5   # the CPU targets' run, plus
                                                      # rows of our modes with --quantize int8 and with --tome 0.5
+    python scripts/benchmark.py --backend openvino --per_step --repeat 2   # rows of --backend openvino (a first
+                                                     # row converting into an empty cache, then cache hits), and
+                                                     # seconds per step from the runs at --steps and at 1 step
 
 Both sides read the same checkpoint (``--ckpt``; by default random weights in the SD v1 layout are written
 to a temporary .safetensors first). Our side runs through ``optimizedSD.generation.generate``, the code the
@@ -17,13 +20,6 @@ and, on CUDA, ``max_memory_allocated`` / ``max_memory_reserved`` over the genera
 included). Reported: load time (read + build + place), generation time (prompt encoding, sampling, VAE
 decode), their sum, seconds per image, and our/diffusers ratios. On CUDA each side first makes a 2-step
 warm-up image (kernel selection, lazy initialisation), not timed.
-
-Fewer and lighter passes (docs/benchmarks.md, "DeepCache, LCM and TAESD"): ``--deepcache N`` adds rows of our
-modes with ``--deepcache N``; ``--per_step`` runs each of our rows at 1 step too and prints the time per step,
-``(generate(steps) - generate(1)) / (steps - 1)``, so that load and decode cancel; ``--lcm_taesd`` adds a row of
-``--sampler lcm``, 4 steps, scale 1 with a TAESD (random weights in diffusers' ``AutoencoderTiny`` layout) as
-``--vae``, compared with our plain row (the run's sampler, steps and scale 7.5, the full VAE). Every process runs
-in the order planned, each repeat again, so the machine's other load falls on both sides of a ratio alike.
 
 With ``--quantize int8`` a first row ("check  int8 error") loads the file in fp32 in a process of its own
 and reports one UNet forward (batch 2, the run's latent size) with int8 weights against fp32's, relative
@@ -43,9 +39,11 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -252,11 +250,29 @@ def run_quantization_error(spec: dict) -> dict:
     return {"forward_error": error.item(), "quantize_s": seconds}
 
 
+def _anon_bytes() -> int:
+    """This process's private memory (RssAnon): RSS less the file pages the kernel may drop at any time."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+
+def _sample_anon_peak(peak: list[int]) -> None:
+    while True:
+        peak[0] = max(peak[0], _anon_bytes())
+        time.sleep(0.05)
+
+
 def run_worker(spec: dict) -> int:
     logging.basicConfig(level=logging.WARNING)
     runs = {"ours": run_ours, "diffusers": run_diffusers, "check": run_quantization_error}
+    if spec.get("fresh_cache"):  # the conversion row: an empty --backend_cache, so that it converts
+        shutil.rmtree(spec["fresh_cache"], ignore_errors=True)
+    anon = [0]
+    if sys.platform.startswith("linux"):
+        threading.Thread(target=_sample_anon_peak, args=(anon,), daemon=True).start()
     result = runs[spec["side"]](spec)
     result["peak_rss"] = _peak_rss_bytes()
+    result["peak_anon"] = max(anon[0], _anon_bytes()) if sys.platform.startswith("linux") else None
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
@@ -286,47 +302,6 @@ def make_checkpoint(config: str, directory: Path, seed: int) -> Path:
     return path
 
 
-def make_taesd(directory: Path, seed: int) -> Path:
-    """A TAESD with random weights in diffusers' ``AutoencoderTiny`` layout (its timing does not depend on them)."""
-    import torch
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(seed)
-    AutoencoderTiny().save_pretrained(directory / "taesd")
-    return directory / "taesd"
-
-
-def speed_lines(rows: list[tuple[dict, dict]]) -> list[str]:
-    """Per-step times (rows with a ``1-step`` twin), DeepCache's per-step ratio to the plain run (target at most
-    0.60x), LCM + TAESD's generate time against the plain run's (target at most 0.10x)."""
-    best = best_results(rows)
-    lines, per_step = [], {}
-    for (side, mode, batch), result in best.items():
-        one = best.get((side, f"{mode} 1-step", batch))
-        steps = next((s["steps"] for s, _ in rows if setup_name(s) == mode), None)
-        if side != "ours" or not one or "generate_s" not in result or "generate_s" not in one or not steps or steps < 2:
-            continue
-        per_step[(mode, batch)] = (result["generate_s"] - one["generate_s"]) / (steps - 1)
-        cpu = ""
-        if result.get("cpu_s") is not None and one.get("cpu_s") is not None:
-            per_step[(mode, batch, "cpu")] = (result["cpu_s"] - one["cpu_s"]) / (steps - 1)
-            cpu = f", {per_step[(mode, batch, 'cpu')]:.2f} CPU-s per step"
-        lines.append(f"ours {mode}, batch {batch}: {per_step[(mode, batch)]:.2f} s per step{cpu}")
-    for (mode, batch, *cpu), seconds in per_step.items():
-        base = per_step.get((mode.split()[0], batch, *cpu))
-        if "deepcache" in mode and base:
-            verdict = "met" if seconds / base <= 0.60 else "MISSED"
-            lines.append(f"ours {mode} / plain, batch {batch}: {seconds / base:.2f}x per step{' (CPU time)' if cpu else ''} "
-                         f"(target at most 0.60x): {verdict}")
-    for (side, mode, batch), result in best.items():
-        base = best.get((side, mode.split()[0], batch))
-        if mode.endswith("lcm4 taesd") and base and result.get("generate_s") and base.get("generate_s"):
-            ratio = result["generate_s"] / base["generate_s"]
-            lines.append(f"ours {mode} / plain, batch {batch}: generate {ratio:.2f}x (target at most 0.10x): "
-                         f"{'met' if ratio <= 0.10 else 'MISSED'}")
-    return lines
-
-
 def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if value is None else f"{value / scale:.{digits}f}"
 
@@ -350,19 +325,20 @@ def format_row(spec: dict, result: dict) -> str:
         f"{name}{_fmt(result.get('load_s'), digits=1):>8}{_fmt(generate, digits=1):>12}{_fmt(result['total_s'], digits=1):>9}"
         f"{per_image:>9.2f}{_fmt(result['peak_rss'], GB):>8}"
         f"{_fmt(result.get('peak_vram_allocated'), GB):>14}{_fmt(result.get('peak_vram_reserved'), GB):>13}"
+        f"{_fmt(result.get('peak_anon'), GB):>9}{spec['steps']:>7}"
     )
 
 
 HEADER = (
     f"{'side':<10}{'mode':<19}{'batch':>5}{'load s':>8}{'generate s':>12}{'total s':>9}{'s/image':>9}"
-    f"{'RSS GB':>8}{'VRAM alloc GB':>14}{'reserved GB':>13}"
+    f"{'RSS GB':>8}{'VRAM alloc GB':>14}{'reserved GB':>13}{'anon GB':>9}{'steps':>7}"
 )
 
 
 def best_results(rows: list[tuple[dict, dict]]) -> dict[tuple, dict]:
     """Per (side, mode, batch): the fastest successful repeat (times), with the largest peaks seen (memory)."""
     best: dict[tuple, dict] = {}
-    for spec, result in rows:
+    for spec, result in main_rows(rows):
         key = (spec["side"], setup_name(spec), spec["batch"])
         if "error" in result or "skipped" in result:
             best.setdefault(key, result)
@@ -378,6 +354,71 @@ def best_results(rows: list[tuple[dict, dict]]) -> dict[tuple, dict]:
             if result.get(name) is not None and kept.get(name) is not None:
                 kept[name] = max(kept[name], result[name])
     return best
+
+
+def main_rows(rows: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+    """The rows at the run's step count (``--per_step`` adds rows at 1 step, which only per_step_lines reads)."""
+    return [(spec, result) for spec, result in rows if not spec.get("per_step_base")]
+
+
+LCM_TAESD = "lcm4 taesd"
+
+
+def make_taesd(directory: Path, seed: int) -> Path:
+    """A TAESD with random weights in diffusers' ``AutoencoderTiny`` layout (its timing does not depend on them)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().save_pretrained(directory / "taesd")
+    return directory / "taesd"
+
+
+def speed_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+    """``--deepcache``'s time per step against the plain run's, in wall and CPU seconds (target at most 0.60x), and
+    LCM + TAESD's generate time against the plain run's (target at most 0.10x); best of the repeats."""
+    best: dict[tuple, dict] = {}
+    for spec, result in rows:
+        if spec["side"] == "ours" and result.get("generate_s") is not None:
+            key = (setup_name(spec), spec["batch"], spec["steps"])
+            kept = best.setdefault(key, {})
+            for name in ("generate_s", "cpu_s"):
+                if result.get(name) is not None:
+                    kept[name] = min(kept.get(name, float("inf")), result[name])
+    lines = []
+    for (setup, batch, steps), result in best.items():
+        plain = best.get((setup.split()[0], batch, steps))
+        if "deepcache" in setup and steps > 1 and plain:
+            one, plain_one = best.get((setup, batch, 1), {}), best.get((setup.split()[0], batch, 1), {})
+            for name, label in (("generate_s", ""), ("cpu_s", " (CPU time)")):
+                if all(name in r for r in (result, one, plain, plain_one)):
+                    ratio = (result[name] - one[name]) / (plain[name] - plain_one[name])
+                    lines.append(f"ours {setup} / plain, batch {batch}: {ratio:.2f}x per step{label} (target at most "
+                                 f"0.60x): {'met' if ratio <= 0.60 else 'MISSED'}")
+        if setup.endswith(LCM_TAESD) and plain and "generate_s" in plain:
+            ratio = result["generate_s"] / plain["generate_s"]
+            lines.append(f"ours {setup} / plain, batch {batch}: generate {ratio:.2f}x (target at most 0.10x): "
+                         f"{'met' if ratio <= 0.10 else 'MISSED'}")
+    return lines
+
+
+def per_step_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+    """Seconds per sampling step of each setup: (generate at --steps - generate at 1 step) / (steps - 1), best
+    of the repeats each, so that load, conversion, compilation, prompt encoding and the decode cancel."""
+    best: dict[tuple, float] = {}
+    for spec, result in rows:
+        if result.get("generate_s") is not None and spec["side"] != "check" and not spec.get("fresh_cache"):
+            key = (spec["side"], setup_name(spec), spec["batch"], spec["steps"])
+            best[key] = min(best.get(key, float("inf")), result["generate_s"])
+    lines, per_step = [], {}
+    for (side, setup, batch, steps), seconds in best.items():
+        if steps > 1 and (side, setup, batch, 1) in best:
+            per_step[(side, setup, batch)] = (seconds - best[(side, setup, batch, 1)]) / (steps - 1)
+    for (side, setup, batch), value in per_step.items():
+        theirs = per_step.get(("diffusers", COUNTERPART.get(setup.split()[0], ""), batch))
+        ratio = f", {value / theirs:.2f}x diffusers'" if side == "ours" and theirs else ""
+        lines.append(f"{side} {setup}, batch {batch}: {value:.2f} s per step{ratio}")
+    return lines
 
 
 def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
@@ -457,13 +498,28 @@ def machine_line() -> str:
     except ImportError:
         diffusers_version = "not installed"
     text = (f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"diffusers {diffusers_version}")
+            f"diffusers {diffusers_version}, {cpu_line()}")
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(0)}"
-    # The CPU kernels that ran: ATen's dispatch level (ATEN_CPU_CAPABILITY) and oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA).
-    text += (f"; CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN max ISA "
-             f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset (the best the CPU has)')}")
     return text
+
+
+def cpu_line() -> str:
+    """The CPU's model, its widest vector ISA (OpenVINO and oneDNN pick kernels by it) and the load average."""
+    model, flags = platform.processor() or "?", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "avx512f" + (" + avx512_bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else (
+        "avx2 only" if "avx2" in flags else "no avx2")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return f"{model} ({isa}), load average {load}"
 
 
 def build_plan(args: argparse.Namespace) -> list[dict]:
@@ -482,21 +538,26 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
         variants.append((args.quantize, ["--quantize", args.quantize]))
     if args.tome:
         variants.append((f"tome {args.tome:g}", ["--tome", str(args.tome)]))
+    if args.backend == "openvino":  # converted once into the cache by the "openvino convert" row, then read
+        variants.append(("openvino", ["--backend", "openvino", "--backend_cache", args.backend_cache]))
     if args.deepcache:
         variants.append((f"deepcache {args.deepcache}", ["--deepcache", str(args.deepcache)]))
-    if args.lcm_taesd:
-        variants.append(("lcm4 taesd", ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", args.lcm_taesd]))
-    if args.per_step:  # the same rows at 1 step: per-step time without load and decode
-        variants += [(f"{label} 1-step".strip(), flags + ["--ddim_steps", "1"]) for label, flags in variants
-                     if label != "lcm4 taesd"]
+    if args.lcm_taesd:  # its own step count: no 1-step twin
+        variants.append((LCM_TAESD, ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", args.lcm_taesd]))
     plan = []
     if args.quantize:  # its forward error, in a process of its own (not inside a timed or RSS-measured run)
         plan.append(dict(common, side="check", mode=f"{args.quantize} error", batch=1, quantize=args.quantize))
     for batch in batches:
+        if args.backend == "openvino":
+            plan.append(dict(common, side="ours", mode="full", batch=batch, variant="openvino convert",
+                             flags=variants[-1][1], fresh_cache=args.backend_cache))
         plan += [dict(common, side="ours", mode=m, batch=batch, variant=label, flags=flags)
                  for m in modes for label, flags in variants]
         if not args.skip_diffusers:
             plan += [dict(common, side="diffusers", mode=m, batch=batch) for m in theirs]
+    if args.per_step:  # the same setups at 1 step, interleaved with the others
+        plan += [dict(spec, steps=1, per_step_base=True) for spec in plan
+                 if spec["side"] != "check" and not spec.get("fresh_cache") and spec.get("variant") != LCM_TAESD]
     return plan
 
 
@@ -516,11 +577,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip_diffusers", action="store_true", help="measure only this project")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="also run each of our modes with --quantize int8")
     parser.add_argument("--tome", type=float, default=None, metavar="RATIO", help="also run each of our modes with --tome RATIO")
+    parser.add_argument("--vram_budget", type=float, default=None, metavar="GB", help="--vram_budget for our low mode")
+    parser.add_argument("--backend", choices=["torch", "openvino"], default="torch",
+                        help="openvino: also rows of our full mode with --backend openvino (a conversion row, then cache hits)")
+    parser.add_argument("--backend_cache", default=None, help="--backend_cache of those rows (default: a temporary folder)")
     parser.add_argument("--deepcache", type=int, default=None, metavar="N", help="also run each of our modes with --deepcache N")
-    parser.add_argument("--per_step", action="store_true", help="also run our rows at 1 step and print the time per step")
     parser.add_argument("--lcm_taesd", nargs="?", const="random", default=None, metavar="TAESD",
                         help="also run --sampler lcm, 4 steps, scale 1, with this TAESD as --vae (default: random weights)")
-    parser.add_argument("--vram_budget", type=float, default=None, metavar="GB", help="--vram_budget for our low mode")
+    parser.add_argument("--per_step", action="store_true",
+                        help="also run every setup at 1 step and report seconds per step")
     parser.add_argument("--fp32", action="store_true", help="fp32 weights on CUDA too (default fp16 there)")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="torch CPU threads per side")
     parser.add_argument("--seed", type=int, default=42)
@@ -539,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  python scripts/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# {machine_line()}")
     with tempfile.TemporaryDirectory(prefix="sd-benchmark-") as tmp:
+        if args.backend == "openvino" and args.backend_cache is None:
+            args.backend_cache = str(Path(tmp) / "openvino-cache")
         if args.ckpt is None:
             started = time.time()
             args.ckpt = str(make_checkpoint(args.config, Path(tmp), args.seed))
@@ -558,15 +625,18 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure(spec, args.timeout)
                 rows.append((spec, result))
                 print(format_row(spec, result), flush=True)
-                if args.json:  # after each row: a long run stopped early keeps what it measured
-                    Path(args.json).write_text(json.dumps([{"spec": s, "result": r} for s, r in rows], indent=2))
     print("\nours / diffusers" + (f" (best of {args.repeat})" if args.repeat > 1 else "") + ":")
     for line in ratio_lines(rows):
         print(line)
+    steps = per_step_lines(rows)
+    if steps:
+        print("\nper sampling step (best of the repeats):")
+        print("\n".join(steps))
     speed = speed_lines(rows)
     if speed:
         print("\nfewer and lighter passes (ratios within this run):")
         print("\n".join(speed))
+    print(f"# done; {cpu_line()}")
     targets = target_lines(rows)
     if targets:
         print("\ntargets:")

@@ -106,6 +106,7 @@ def test_listening_beyond_loopback_needs_auth_or_insecure(tiny_checkpoint, capsy
     (["--ckpt_dir", "/no/such/folder"], "no such folder"),
     (["--ckpt", "/no/such/model.ckpt"], "checkpoint not found: /no/such/model.ckpt"),
     (["--format", "jpg"], "--format belongs to each request"),
+    (["--backend", "openvino"], "--backend is not served"),
 ])
 def test_bad_command_lines(tiny_checkpoint, argv, words):
     with pytest.raises(UsageError, match=words):

@@ -6,11 +6,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
+from ldm.backends.ir_cache import IRCache
+from ldm.backends.openvino_runtime import openvino_version
+from ldm.backends.openvino_unet import OpenVinoUNet
+from ldm.backends.unet_engine import openvino_unet, unet_key
 from ldm.checkpoints.errors import CheckpointError
 from ldm.config import ModelConfig
 from ldm.control.units import ControlUnit, place_units, read_nets
@@ -41,13 +45,16 @@ class LoadedModel:
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
     safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
     control: tuple[ControlUnit, ...] = ()  # --control_model: ControlNets under the same residency (ldm/control)
+    unet_engine: OpenVinoUNet | None = None  # --backend openvino: runs the UNet instead of sd.unet
 
 
 def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
-               height: int, width: int, control_images: Sequence[Image.Image] = ()) -> LoadedModel:
+               height: int, width: int, control_images: Sequence[Image.Image] = (),
+               progress: Callable[[str], object] | None = None) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype, merge ``loras`` ((file, weight) in order) and put
     it under a memory mode for images of ``height`` x ``width``; the ControlNets of ``request.control`` with
-    their ``control_images`` (opened and checked, in the same order) under the same memory mode."""
+    their ``control_images`` (opened and checked, in the same order) under the same memory mode; ``progress``
+    gets the lines of a slow step (an OpenVINO conversion)."""
     if len(control_images) != len(request.control):
         raise UsageError(f"{len(request.control)} ControlNet(s) but {len(control_images)} control image(s) given to this run")
     nets = read_nets(request.control, config, request.dtype)  # a file that is no ControlNet fails before the load
@@ -65,9 +72,22 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
     if request.safety_checker is not None:
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
     control_bytes = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+    engine = unet_engine(request, sd, loras, progress)  # before the residency: it may give the weights back
     residency = make_residency(request, sd, height, width, safety, control_bytes)
     control = place_units(nets, request.control, control_images, residency, width, height)
-    return LoadedModel(sd, residency, sd.schedule, merged, safety, control)
+    return LoadedModel(sd, residency, sd.schedule, merged, safety, control, engine)
+
+
+def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence[tuple[Path, float]],
+                progress: Callable[[str], object] | None = None) -> OpenVinoUNet | None:
+    """``--backend openvino``: the UNet converted (or read from ``--backend_cache``) and compiled for the CPU;
+    None for the PyTorch backend."""
+    if request.backend != "openvino":
+        return None
+    version = openvino_version()
+    key = unet_key(request.ckpt, sd.config.unet, use_ema=request.use_ema, loras=loras, quantize=request.quantize,
+                   dtype=request.dtype, openvino_version=version)
+    return openvino_unet(sd.unet, sd.config.unet, key, IRCache(request.backend_cache, version), progress)
 
 
 def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:

@@ -10,6 +10,7 @@ image, then the ancestral samplers' fresh noise; the SDE samplers' Brownian tree
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,7 +65,7 @@ def sample_batch(request: GenerationRequest, model: LoadedModel, encoder: Prompt
                                steps=request.steps, strength=request.strength, schedule_type=request.schedule,
                                img2img_steps=request.img2img_steps)
         return run_sampler(request, model.residency, model.schedule, GuidedInputs(cond, uncond), x_T, start, noise,
-                           progress, control=model.control)
+                           progress, control=model.control, engine=model.unet_engine)
 
     return retry_lower(model.residency, attempt)
 
@@ -77,10 +78,11 @@ def batch_noise(request: GenerationRequest, batch: Batch) -> SeededNoise:
 
 def run_sampler(request: GenerationRequest, residency: Residency, schedule: DiffusionSchedule, guided: GuidedInputs,
                 x_T: torch.Tensor, start: BatchStart, noise: SeededNoise,
-                progress: StepCallback | None = None, control=()) -> torch.Tensor:
+                progress: StepCallback | None = None, control=(), engine=None) -> torch.Tensor:
     """The guided UNet (steered by the ``control`` units' ControlNets) under the chosen sampler (``--unet_bs``
-    chunks), the preparer's per-step hook after each step, then ``progress``."""
-    with residency.use("unet") as unet, torch.no_grad():
+    chunks), the preparer's per-step hook after each step, then ``progress``; ``engine`` (``--backend
+    openvino``'s UNet) runs instead of the residency's."""
+    with (nullcontext(engine) if engine is not None else residency.use("unet")) as unet, torch.no_grad():
         strength = request.strength if request.img2img else 1.0
         steps = len(samplers.walk_levels(request.sampler, schedule, request.steps, strength, request.schedule,
                                          request.img2img_steps)) - 1

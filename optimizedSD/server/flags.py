@@ -89,6 +89,8 @@ def parse_server_args(argv: Sequence[str] | None) -> ServerConfig:
     """The server's flags and the scripts' model flags, each checked; a per-request flag is refused."""
     opt, rest = build_parser().parse_known_args(argv)
     given = given_flags("txt2img", rest)  # the scripts' parser: an unknown flag is a UsageError
+    if {"backend", "backend_cache"} & given:  # prompt LoRAs merge into the PyTorch UNet, which openvino empties
+        raise UsageError("--backend is not served: the server runs the PyTorch UNet (prompt LoRAs merge into it)")
     per_request = sorted(given - set(MODEL_FLAGS))
     if per_request:
         raise UsageError(f"--{per_request[0]} belongs to each request (send it in the JSON body), not to the server")

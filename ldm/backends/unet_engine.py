@@ -1,0 +1,69 @@
+"""``--backend openvino`` for the UNet of a loaded checkpoint: the cache key of its weights, the converted model
+from the disk cache or a fresh conversion (stored for the next run), then the PyTorch weights given back.
+
+The key is the sha256 of what decides the converted model's numbers: the checkpoint (a file's fingerprint, or
+a diffusers folder's UNet weight files'), ``--use_ema``, each merged LoRA's fingerprint and weight in order,
+``--quantize``, the weights' dtype, the UNet's config, and the OpenVINO version. ``--vae`` is not in it: it does
+not change the UNet. Shapes are not either: the model is converted with dynamic shapes
+(:mod:`ldm.backends.openvino_unet`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ldm.backends.ir_cache import FORMAT, IRCache
+from ldm.backends.openvino_runtime import import_openvino
+from ldm.backends.openvino_unet import OpenVinoUNet, convert_unet, release_weights
+from ldm.checkpoints.diffusers_folders import weight_files
+from ldm.checkpoints.hashes import checkpoint_fingerprint
+from ldm.config import UNetConfig
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], object]
+
+
+def weights_fingerprint(path: Path, component: str = "unet") -> str:
+    """A checkpoint file's fingerprint, or that of a diffusers folder's ``component`` weight files."""
+    if not path.is_dir():
+        return checkpoint_fingerprint(path)
+    return hashlib.sha256("".join(checkpoint_fingerprint(f) for f in weight_files(path / component)).encode()).hexdigest()
+
+
+def unet_key(ckpt: Path, config: UNetConfig, *, use_ema: bool, loras: Sequence[tuple[Path, float]],
+             quantize: str | None, dtype: torch.dtype, openvino_version: str) -> str:
+    """The cache key of the converted UNet (see the module's docstring for what goes in)."""
+    parts = {
+        "format": FORMAT, "openvino": openvino_version, "checkpoint": weights_fingerprint(ckpt),
+        "use_ema": use_ema, "loras": [[checkpoint_fingerprint(path), float(weight)] for path, weight in loras],
+        "quantize": quantize, "dtype": str(dtype), "unet": asdict(config),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def openvino_unet(unet: nn.Module, config: UNetConfig, key: str, cache: IRCache,
+                  progress: Progress | None = None) -> OpenVinoUNet:
+    """The converted ``unet`` (from ``cache`` when it holds ``key``, else converted and stored there); the
+    PyTorch weights are given back once the model comes from disk, where OpenVINO maps them from the file."""
+    ov = import_openvino()
+    core = ov.Core()
+    model = cache.load(key, core.read_model)
+    if model is None:
+        converted = convert_unet(unet, config.in_channels, config.context_dim, progress)
+        stored = cache.store(key, lambda xml: ov.save_model(converted, xml, compress_to_fp16=False))
+        if stored is None:  # no cache: the converted model shares the PyTorch weights, which stay
+            return OpenVinoUNet(converted, config.in_channels)
+        del converted
+        model = core.read_model(stored / "model.xml")
+    freed = release_weights(unet)
+    log.info("OpenVINO UNet from %s; %.2f GiB of PyTorch weights given back", cache.path(key), freed / 2**30)
+    return OpenVinoUNet(model, config.in_channels, cache.path(key) / "model.bin")

@@ -1,0 +1,58 @@
+"""``--backend`` and ``--backend_cache``: which engine runs the UNet (what they do: :mod:`ldm.backends`;
+docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Callable
+
+from ldm.backends import BACKENDS
+from ldm.backends.openvino_runtime import import_openvino
+from ldm.errors import UsageError
+
+# Flags that change the UNet's forward in ways the converted model does not carry: (destination, flag).
+# ControlNet (issue 25) and DeepCache (issue 26) are read with getattr, so this check holds before and after
+# their flags exist.
+NOT_CONVERTED = (("tome", "--tome"), ("control_model", "--control_model"), ("deepcache", "--deepcache"))
+
+
+def default_cache_dir() -> Path:
+    """The user's cache directory (``$XDG_CACHE_HOME``, else ``~/.cache``), ``optimizedSD/openvino`` in it."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "optimizedSD" / "openvino"
+
+
+def add_backend_flags(add: Callable[..., object]) -> None:
+    """The flags, added with the parser's ``add_argument``."""
+    add("--backend", choices=BACKENDS, default="torch",
+        help="the engine of the UNet: torch (PyTorch, any device) or openvino (CPU only: the UNet converted "
+             "once to OpenVINO and compiled in fp32; same images, faster on x86 CPUs; pip install -e \".[openvino]\")")
+    add("--backend_cache", type=str, default=None, metavar="DIR",
+        help="with --backend openvino: where converted models are kept between runs (default: "
+             "~/.cache/optimizedSD/openvino, or $XDG_CACHE_HOME/optimizedSD/openvino); 'none' keeps nothing")
+
+
+def check_backend_args(opt: argparse.Namespace) -> None:
+    """openvino: installed, on the CPU (the default device with it), and no flag whose UNet it cannot run."""
+    if opt.backend == "torch":
+        if opt.backend_cache is not None:
+            raise UsageError("--backend_cache goes with --backend openvino")
+        return
+    if opt.device is None:
+        opt.device = "cpu"
+    elif opt.device != "cpu":
+        raise UsageError(f"--backend openvino runs on the CPU; drop --device {opt.device} or use --backend torch")
+    for dest, flag in NOT_CONVERTED:
+        if getattr(opt, dest, None):
+            raise UsageError(f"{flag} does not work with --backend openvino yet; use --backend torch for it")
+    import_openvino()  # a missing package is one line naming the install command, before any model loads
+
+
+def backend_settings(opt: argparse.Namespace) -> dict[str, object]:
+    """The :class:`ldm.pipeline.request.GenerationRequest` fields of these flags."""
+    cache = None
+    if opt.backend == "openvino" and (opt.backend_cache or "").lower() != "none":
+        cache = Path(opt.backend_cache) if opt.backend_cache else default_cache_dir()
+    return {"backend": opt.backend, "backend_cache": cache}

@@ -1,0 +1,123 @@
+"""``--backend openvino``: the UNet converted with ``openvino.convert_model`` and compiled for the CPU in fp32
+gives the PyTorch backend's images.
+
+References and tolerances: the golden cases of ``test_cli_golden.py`` (several samplers, guidance and
+``--scale 1``, a negative prompt, ``--unet_bs 1``, img2img) run with ``--backend openvino`` must stay within
+that file's tolerance of the pinned PyTorch images (no value more than 1 level of 255 away, at most 0.1 % of
+the values different); 9-channel inpainting and a merged LoRA are compared with the PyTorch backend's own run
+under the same tolerance. The UNet alone, on several shapes (batch, size, context length, 9 channels), equals
+PyTorch's within 1e-5 of the output's scale (fp32 rounding: measured ~5e-8 on the tiny UNet, 6e-6 on SD v1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from ldm.backends.ir_cache import IRCache  # noqa: E402
+from ldm.backends.openvino_runtime import openvino_version  # noqa: E402
+from ldm.backends.unet_engine import openvino_unet  # noqa: E402
+from ldm.config import load_model_config  # noqa: E402
+from ldm.loading.random_weights import random_state_dict, save_checkpoint  # noqa: E402
+from ldm.models.unet import UNetModel  # noqa: E402
+from optimizedSD import optimized_inpaint, optimized_txt2img  # noqa: E402
+from tests import lora_files  # noqa: E402
+from tests.conftest import TINY_CONFIG  # noqa: E402
+from tests.test_cli_golden import GOLDEN, _read, differences, run_case, within_tolerance  # noqa: E402
+from tests.test_cli_vs_diffusers import diffusers_pipeline_from_checkpoint  # noqa: E402
+from tests.test_inpainting_vs_diffusers import tiny_inpainting_config, write_test_images  # noqa: E402
+
+GOLDEN_CASES = ("txt2img_plms_default", "txt2img_euler_a_negative", "txt2img_heun_low_unet_bs",
+                "txt2img_lms_scale1_medium", "img2img_ddim")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One converted-model cache for the module: each checkpoint (and LoRA) is converted once."""
+    return tmp_path_factory.mktemp("openvino_cache")
+
+
+def openvino_argv(cache: Path) -> tuple[str, ...]:
+    return ("--backend", "openvino", "--backend_cache", str(cache))
+
+
+@pytest.mark.parametrize("name", GOLDEN_CASES)
+def test_golden_cases_within_tolerance(name, tiny_checkpoint, tmp_path, cache):
+    images = run_case(name, tiny_checkpoint, tmp_path, openvino_argv(cache))
+    golden = [_read(path) for path in sorted((GOLDEN / name).glob("*.png"))]
+    assert within_tolerance(images, golden), differences(images, golden)
+
+
+def unet_and_inputs(config_path: Path, shapes, seed: int = 3):
+    config = load_model_config(config_path).unet
+    torch.manual_seed(seed)
+    unet = UNetModel(config).eval()
+    with torch.no_grad():
+        for tensor in unet.parameters():
+            tensor.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(seed)
+    inputs = [(torch.randn(b, config.in_channels, h, w, generator=g), torch.rand(b, generator=g) * 999,
+               torch.randn(b, length, config.context_dim, generator=g)) for b, h, w, length in shapes]
+    return unet, config, inputs
+
+
+def test_unet_equals_pytorch_on_several_shapes(tmp_path):
+    unet, config, inputs = unet_and_inputs(TINY_CONFIG, [(2, 8, 8, 77), (3, 16, 8, 154), (1, 8, 16, 77), (2, 8, 8, 77)])
+    with torch.no_grad():
+        expected = [unet(*args) for args in inputs]
+    engine = openvino_unet(unet, config, "k", IRCache(tmp_path / "cache", openvino_version()))
+    assert unet.input_blocks[0][0].weight.numel() == 0  # the PyTorch weights were given back
+    for args, reference in zip(inputs, expected):
+        eps = engine(*args)
+        assert eps.shape == reference.shape and eps.dtype == reference.dtype
+        assert (eps - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert len(engine.compiled) == 2  # three shapes met, the last two kept
+
+
+def pixels(folder: Path) -> list[np.ndarray]:
+    return [_read(path) for path in sorted(p for p in folder.rglob("seed_*") if p.is_file())]
+
+
+def test_nine_channel_inpainting_equals_torch_backend(tmp_path, cache):
+    nine_config = tiny_inpainting_config(tmp_path)
+    ckpt = save_checkpoint(random_state_dict(load_model_config(nine_config), seed=2025), tmp_path / "inpainting.ckpt")
+    init, mask = write_test_images(tmp_path)
+    common = ["--ckpt", str(ckpt), "--config", str(nine_config), "--device", "cpu", "--init-img", str(init),
+              "--mask", str(mask), "--prompt", "a red sofa", "--no-watermark", "--skip_grid", "--n_samples", "1",
+              "--seed", "11", "--sampler", "euler_a", "--ddim_steps", "3"]
+    assert optimized_inpaint.main([*common, "--outdir", str(tmp_path / "torch")]) == 0
+    assert optimized_inpaint.main([*common, "--outdir", str(tmp_path / "ov"), *openvino_argv(cache)]) == 0
+    torch_images, ov_images = pixels(tmp_path / "torch"), pixels(tmp_path / "ov")
+    assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)
+
+
+def test_lora_is_merged_before_conversion(tmp_path, cache, capsys):
+    state = random_state_dict(load_model_config(TINY_CONFIG), seed=2024)
+    ckpt = save_checkpoint(state, tmp_path / "random.safetensors")
+    unet_layers = lora_files.layers(diffusers_pipeline_from_checkpoint(state, TINY_CONFIG).unet)
+    lora = lora_files.save(lora_files.kohya_lora(unet_layers, [], seed=5), tmp_path / "style.safetensors")
+    common = ["--ckpt", str(ckpt), "--config", str(TINY_CONFIG), "--device", "cpu", "--H", "64", "--W", "64",
+              "--n_samples", "1", "--seed", "7", "--sampler", "dpm_solver", "--ddim_steps", "3", "--prompt", "a fox",
+              "--no-watermark", "--skip_grid"]
+    runs = {}
+    for name, extra in (("plain", ()), ("torch", ("--lora", f"{lora}:0.8")),
+                        ("ov", ("--lora", f"{lora}:0.8", *openvino_argv(cache)))):
+        assert optimized_txt2img.main([*common, "--outdir", str(tmp_path / name), *extra]) == 0
+        runs[name] = pixels(tmp_path / name)
+    assert "converting the UNet" in capsys.readouterr().out  # a LoRA is another key: converted anew
+    assert within_tolerance(runs["ov"], runs["torch"]), differences(runs["ov"], runs["torch"])
+    assert not within_tolerance(runs["plain"], runs["torch"])  # the LoRA changes the image at all
+
+
+def test_quantized_unet_equals_torch_backend(tiny_checkpoint, tmp_path, cache):
+    """``--quantize int8`` is converted as it runs in PyTorch: int8 weights times their scales, fp32 activations
+    (OpenVINO's dynamic quantization of activations is switched off: with it 30 % of the values move)."""
+    torch_images = run_case("txt2img_plms_default", tiny_checkpoint, tmp_path / "torch", ("--quantize", "int8"))
+    ov_images = run_case("txt2img_plms_default", tiny_checkpoint, tmp_path / "ov",
+                         ("--quantize", "int8", *openvino_argv(cache)))
+    assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)
