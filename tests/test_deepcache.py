@@ -61,8 +61,7 @@ def _theirs(state, config, sampler, interval, branch):
 
 
 @pytest.mark.parametrize("sampler, vram, branch", [
-    ("ddim", "full", 0), pytest.param("euler", "full", 0, marks=pytest.mark.slow),
-    pytest.param("ddim", "low", 0, marks=pytest.mark.slow), ("euler", "low", 1)])
+    ("ddim", "full", 0), ("euler", "full", 0), ("ddim", "low", 0), ("euler", "low", 1)])
 def test_deepcache_matches_deepcache_sd_helper(model_files, tiny_config_path, tmp_path, sampler, vram, branch):
     state, ckpt = model_files
     extra = ["--deepcache", "3", "--vram", vram] + (["--deepcache_branch", str(branch)] if branch else [])

@@ -39,7 +39,7 @@ def test_lcm_timesteps_equal_diffusers_for_every_step_count():
         samplers.walk_levels("lcm", schedule, 51)
 
 
-@pytest.mark.parametrize("scale", [pytest.param(1.0, marks=pytest.mark.slow), 1.5])
+@pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_cli_lcm_matches_diffusers_lcm_pipeline(tmp_path, tiny_config_path, scale):
     from ldm.config import load_model_config
     from ldm.loading.random_weights import random_state_dict, save_checkpoint
