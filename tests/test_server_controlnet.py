@@ -31,10 +31,15 @@ from tests.server_helpers import TINY_CONFIG, running_server, tiny_server_argv
 
 PROMPT = "a fox in the snow"
 COMMON = dict(prompt=PROMPT, seed=42, steps=3, cfg_scale=6.0, width=64, height=64, sampler_name="Euler")
-# webuiapi's txt2img writes its units into its default ``alwayson_scripts={}`` argument (one dict for every call):
-# a call without units passes a fresh one, or it would send the last call's units again.
 SCRIPT_COMMON = ["--prompt", PROMPT, "--seed", "42", "--ddim_steps", "3", "--scale", "6.0", "--H", "64", "--W", "64",
                  "--sampler", "Euler", "--rng", "cpu"]
+
+
+def fresh() -> dict:
+    """COMMON for a webuiapi call: webuiapi writes the units into its default ``alwayson_scripts={}`` argument (one
+    dict for every call in the process), so every call passes its own, or later calls (other tests' too) would
+    send these units again."""
+    return {**COMMON, "alwayson_scripts": {}}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_one_canny_unit_equals_the_script(api, server, files, tmp_path):
     unit = webuiapi.ControlNetUnit(image=Image.open(files["hint"]), module="canny", model=named(files["canny"]),
                                    weight=0.6, guidance_start=0.2, guidance_end=0.8, threshold_a=60, threshold_b=180,
                                    resize_mode="Crop and Resize")
-    result = api.txt2img(**COMMON, controlnet_units=[unit])
+    result = api.txt2img(**fresh(), controlnet_units=[unit])
     written = script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON,
                            "--control_model", str(files["canny"]), "--control_image", str(files["hint"]),
                            "--control_weight", "0.6", "--control_start", "0.2", "--control_end", "0.8",
@@ -100,7 +105,7 @@ def test_one_canny_unit_equals_the_script(api, server, files, tmp_path):
     assert np.array_equal(pixels(result.images[1]), pixels(written.with_name(f"{written.stem}-control0.png")))
     assert 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [' in result.info["infotexts"][0]
     reads, loads = server.service.worker.holder.control_reads, server.service.worker.holder.loads
-    again = api.txt2img(**COMMON, controlnet_units=[unit])  # the same file: kept, not read again
+    again = api.txt2img(**fresh(), controlnet_units=[unit])  # the same file: kept, not read again
     assert np.array_equal(pixels(again.image), pixels(result.image))
     assert server.service.worker.holder.control_reads == reads and server.service.worker.holder.loads == loads
 
@@ -110,7 +115,7 @@ def test_two_units_by_name_on_img2img_equal_the_script(api, files, tmp_path):
     units = [webuiapi.ControlNetUnit(image=init, module="invert", model="LINEART", weight=0.8),  # as the extension finds it
              webuiapi.ControlNetUnit(image=Image.open(files["wide"]), module="none", model=named(files["canny"]),
                                      guidance_end=0.5, resize_mode="Crop and Resize")]
-    result = api.img2img(images=[init], denoising_strength=0.6, controlnet_units=units, **COMMON)
+    result = api.img2img(images=[init], denoising_strength=0.6, controlnet_units=units, **fresh())
     written = script_image(tmp_path, optimized_img2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON,
                            "--init-img", str(files["hint"]), "--strength", "0.6", "--img2img_steps", "webui",
                            "--control_model", str(files["lineart"]), "--control_image", str(files["hint"]),
@@ -124,8 +129,8 @@ def test_two_units_by_name_on_img2img_equal_the_script(api, files, tmp_path):
 def test_a_disabled_unit_gives_the_plain_image(api, files, tmp_path):
     unit = webuiapi.ControlNetUnit(image=Image.open(files["hint"]), module="canny", model=named(files["canny"]),
                                    enabled=False)
-    result = api.txt2img(**COMMON, controlnet_units=[unit])
-    plain = api.txt2img(**COMMON, alwayson_scripts={})
+    result = api.txt2img(**fresh(), controlnet_units=[unit])
+    plain = api.txt2img(**fresh())
     assert np.array_equal(pixels(result.image), pixels(plain.image))
     assert "ControlNet" not in result.info["infotexts"][0]
     assert_same(result.image, script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON))
@@ -163,7 +168,7 @@ def test_bad_units_are_one_line_422(server, files, unit, words):
     unit = {"image": b64(files["hint"]), **unit}
     if unit.get("image") == "WIDE":
         unit["image"] = b64(files["wide"])
-    body = {**{k: v for k, v in COMMON.items()}, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    body = {**COMMON, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
     answer = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60)
     assert answer.status_code == 422, answer.text
     assert "\n" not in answer.text and all(word in json.loads(answer.text)["detail"] for word in words), answer.text
@@ -189,9 +194,9 @@ def test_memory_modes_with_the_nets_kept_between_requests(files, tmp_path, vram)
                                    weight=0.7, resize_mode="Crop and Resize")
     with running_server(argv) as running:
         api = webuiapi.WebUIApi(port=running.port)
-        first = api.txt2img(**COMMON, controlnet_units=[unit])
-        plain = api.txt2img(**COMMON, alwayson_scripts={})
-        again = api.txt2img(**COMMON, controlnet_units=[unit])
+        first = api.txt2img(**fresh(), controlnet_units=[unit])
+        plain = api.txt2img(**fresh())
+        again = api.txt2img(**fresh(), controlnet_units=[unit])
         holder = running.service.worker.holder
         assert holder.model.residency.mode == vram and holder.control_reads == 1 and holder.loads == 1
     written = script_image(tmp_path, optimized_txt2img, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON, "--vram", vram,
