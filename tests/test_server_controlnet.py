@@ -104,6 +104,7 @@ def test_one_canny_unit_equals_the_script(api, server, files, tmp_path):
     assert len(result.images) == 2  # the extension appends each unit's detected map
     assert np.array_equal(pixels(result.images[1]), pixels(written.with_name(f"{written.stem}-control0.png")))
     assert 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [' in result.info["infotexts"][0]
+    assert result.info["extra_generation_params"]["ControlNet 0"].startswith("Module: canny, Model: control_v11p")
     reads, loads = server.service.worker.holder.control_reads, server.service.worker.holder.loads
     again = api.txt2img(**fresh(), controlnet_units=[unit])  # the same file: kept, not read again
     assert np.array_equal(pixels(again.image), pixels(result.image))

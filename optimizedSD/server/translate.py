@@ -24,6 +24,7 @@ from ldm.errors import UsageError
 from ldm.pipeline.request import IMG2IMG, INPAINT, TXT2IMG
 from ldm.samplers import SAMPLERS, find_sampler
 from ldm.samplers.schedules import SCHEDULES, find_schedule
+from optimizedSD.infotext import parse_infotext
 from optimizedSD.server.schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,17 @@ def info_json(body: GenerationFields, resolved: Resolved, infotexts: list[str], 
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
-        "denoising_strength": getattr(body, "denoising_strength", None), "extra_generation_params": {},
+        "denoising_strength": getattr(body, "denoising_strength", None), "extra_generation_params": extension_params(infotexts),
         "index_of_first_image": 1 if count > 1 and options.get("return_grid", True) else 0,
         "infotexts": infotexts, "styles": [], "job_timestamp": "", "is_using_inpainting_conditioning": False,
         "clip_skip": int(options.get("CLIP_stop_at_last_layers", 1)), "version": "optimizedSD",
     }
+
+
+def extension_params(infotexts: list[str]) -> dict[str, str]:
+    """The fields an extension adds to ``p.extra_generation_params`` (sd-webui-controlnet: ``ControlNet 0``, ...),
+    as the first image's infotext carries them."""
+    if not infotexts:
+        return {}
+    fields = parse_infotext(infotexts[0]).fields
+    return {key: value for key, value in fields.items() if re.fullmatch(r"ControlNet \d+", key)}
