@@ -24,7 +24,7 @@ from PIL import Image
 from ldm.config import load_model_config
 from ldm.control.files import webui_model_hash
 from ldm.loading.random_weights import random_state_dict, save_checkpoint
-from optimizedSD import optimized_img2img, optimized_txt2img
+from optimizedSD import optimized_img2img, optimized_inpaint, optimized_txt2img
 from optimizedSD.infotext import read_parameters
 from tests.control_files import hint_png, random_control_state, save_v11
 from tests.server_helpers import TINY_CONFIG, running_server, tiny_server_argv
@@ -125,6 +125,22 @@ def test_two_units_by_name_on_img2img_equal_the_script(api, files, tmp_path):
                            "--control_end", "0.5", "--control_preprocess", "none")  # the n-th of each flag: n-th unit
     assert_same(result.image, written)
     assert "ControlNet 1: " in result.info["infotexts"][0] and len(result.images) == 3
+
+
+def test_inpainting_with_a_unit_without_image_takes_the_init_image(api, files, tmp_path):
+    """As the extension: an img2img unit without its own image is given the init image."""
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    unit = webuiapi.ControlNetUnit(module="invert", model="control_v11p_sd15_canny", weight=0.9)
+    result = api.img2img(images=[Image.open(files["hint"])], mask_image=mask, denoising_strength=0.7, mask_blur=2,
+                         inpaint_full_res=False, controlnet_units=[unit], **fresh())
+    written = script_image(tmp_path / "out", optimized_inpaint, "--ckpt", str(files["ckpt"]), *SCRIPT_COMMON,
+                           "--init-img", str(files["hint"]), "--mask", str(tmp_path / "mask.png"), "--mask_blur", "2",
+                           "--strength", "0.7", "--img2img_steps", "webui", "--inpaint_area", "whole",
+                           "--masked_content", "fill", "--control_model", str(files["canny"]), "--control_image",
+                           str(files["hint"]), "--control_weight", "0.9", "--control_preprocess", "invert")
+    assert_same(result.image, written)
 
 
 def test_a_disabled_unit_gives_the_plain_image(api, files, tmp_path):
