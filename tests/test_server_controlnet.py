@@ -26,8 +26,10 @@ from ldm.control.files import webui_model_hash
 from ldm.loading.random_weights import random_state_dict, save_checkpoint
 from optimizedSD import optimized_img2img, optimized_inpaint, optimized_txt2img
 from optimizedSD.infotext import read_parameters
+from tests import lora_files
 from tests.control_files import hint_png, random_control_state, save_v11
 from tests.server_helpers import TINY_CONFIG, running_server, tiny_server_argv
+from tests.test_cli_vs_diffusers import diffusers_pipeline_from_checkpoint
 
 PROMPT = "a fox in the snow"
 COMMON = dict(prompt=PROMPT, seed=42, steps=3, cfg_scale=6.0, width=64, height=64, sampler_name="Euler")
@@ -45,20 +47,26 @@ def fresh() -> dict:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("server_control")
-    save_checkpoint(random_state_dict(load_model_config(TINY_CONFIG), seed=1234), folder / "alpha.safetensors")
+    state = random_state_dict(load_model_config(TINY_CONFIG), seed=1234)
+    save_checkpoint(state, folder / "alpha.safetensors")
+    pipe = diffusers_pipeline_from_checkpoint(state, TINY_CONFIG)
+    (folder / "loras").mkdir()
+    lora_files.save(lora_files.kohya_lora(lora_files.layers(pipe.unet), lora_files.layers(pipe.text_encoder), 7),
+                    folder / "loras" / "style.safetensors")
     library = folder / "ControlNet"
     library.mkdir()
     save_v11(random_control_state(TINY_CONFIG, seed=7), library / "control_v11p_sd15_canny.pth")
     save_v11(random_control_state(TINY_CONFIG, seed=8), library / "control_v11p_sd15_lineart.safetensors")
     save_v11({"lora_unet_down.lora_down.weight": torch.zeros(4, 4)}, library / "not_a_controlnet.safetensors")
-    return {"ckpt": folder / "alpha.safetensors", "library": library, "hint": hint_png(folder / "hint.png"),
+    return {"ckpt": folder / "alpha.safetensors", "library": library, "loras": folder / "loras", "hint": hint_png(folder / "hint.png"),
             "wide": hint_png(folder / "wide.png", width=96, height=64, seed=5),
             "canny": library / "control_v11p_sd15_canny.pth", "lineart": library / "control_v11p_sd15_lineart.safetensors"}
 
 
 @pytest.fixture(scope="module")
 def server(files):
-    argv = tiny_server_argv(files["ckpt"], "--no-watermark", "--control_dir", str(files["library"]))
+    argv = tiny_server_argv(files["ckpt"], "--no-watermark", "--control_dir", str(files["library"]), "--lora_dir",
+                            str(files["loras"]))
     with running_server(argv) as running:
         yield running
 
@@ -141,6 +149,19 @@ def test_inpainting_with_a_unit_without_image_takes_the_init_image(api, files, t
                            "--masked_content", "fill", "--control_model", str(files["canny"]), "--control_image",
                            str(files["hint"]), "--control_weight", "0.9", "--control_preprocess", "invert")
     assert_same(result.image, written)
+
+
+def test_a_prompt_lora_and_a_unit_equal_the_script(api, files, tmp_path):
+    """A LoRA set change sets the memory mode up again: the ControlNet is placed again under the new one."""
+    unit = webuiapi.ControlNetUnit(image=Image.open(files["hint"]), module="none", model="control_v11p_sd15_canny")
+    flags = ("--control_model", str(files["canny"]), "--control_image", str(files["hint"]))
+    served = []
+    for k, prompt in enumerate([PROMPT + " <lora:style:0.8>", PROMPT]):
+        served.append(api.txt2img(**{**fresh(), "prompt": prompt}, controlnet_units=[unit]).image)
+        argv = [*SCRIPT_COMMON, "--lora_dir", str(files["loras"]), *flags]
+        argv[argv.index(PROMPT)] = prompt
+        assert_same(served[-1], script_image(tmp_path / str(k), optimized_txt2img, "--ckpt", str(files["ckpt"]), *argv))
+    assert not np.array_equal(pixels(served[0]), pixels(served[1]))  # the LoRA changed the image
 
 
 def test_a_disabled_unit_gives_the_plain_image(api, files, tmp_path):
