@@ -201,6 +201,9 @@ def b64(path: Path) -> str:
     ({"module": "none", "model": "control_v11p_sd15_canny", "guidance_start": 0.9, "guidance_end": 0.1},
      ["guidance_start", "guidance_end"]),
     ({"module": "none", "model": "not_a_controlnet"}, ["not_a_controlnet.safetensors", "not a ControlNet"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "image": [1, 2]}, ["image", "base64"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "resize_mode": [1]}, ["resize_mode", "Crop and Resize"]),
+    ({"module": "none", "model": "control_v11p_sd15_canny", "mask": "abc"}, ["mask", "not supported"]),
 ])
 def test_bad_units_are_one_line_422(server, files, unit, words):
     unit = {"image": b64(files["hint"]), **unit}

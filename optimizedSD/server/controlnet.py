@@ -105,9 +105,9 @@ def raw_units(extra: dict[str, Any] | None) -> list[dict[str, Any]]:
     if entry is None:
         return []
     args = entry.get("args", []) if isinstance(entry, dict) else entry
-    if not isinstance(args, list) or not all(isinstance(unit, dict) for unit in args):
+    if not isinstance(args, list):
         raise UsageError("alwayson_scripts.controlnet.args must be a list of ControlNet units (JSON objects)")
-    return args
+    return [unit for unit in args if isinstance(unit, dict)]  # as get_all_units_from: other entries are no units
 
 
 def image_field(index: int, unit: dict[str, Any]) -> str | None:
@@ -118,6 +118,8 @@ def image_field(index: int, unit: dict[str, Any]) -> str | None:
         image = image.get("image")
     if unit.get("mask") or unit.get("mask_image"):
         raise UsageError(f"controlnet unit {index}: an image mask is not supported")
+    if image and not isinstance(image, str):
+        raise UsageError(f"controlnet unit {index}: image must be base64 text (or a data:image/...;base64, URL)")
     return image or None
 
 
@@ -156,7 +158,7 @@ def check_unit(index: int, unit: dict[str, Any], folder: Path, image: bytes | No
 def check_resize_mode(index: int, mode: Any, image: bytes | None, size: tuple[int, int]) -> None:
     """Crop and Resize always; Just Resize and Resize and Fill where they frame the image as it does (its aspect
     ratio the output's: scaled to cover the output it needs no crop)."""
-    name = RESIZE_MODES.get(mode, mode) if not isinstance(mode, bool) else mode
+    name = RESIZE_MODES.get(mode, mode) if isinstance(mode, (str, int)) and not isinstance(mode, bool) else None
     if name == "Crop and Resize":
         return
     if name not in ("Just Resize", "Resize and Fill"):
