@@ -1,0 +1,63 @@
+"""The tiled VAE encode (ldm/memory/vae_encoding.py) gives the whole-image encode's posterior up to float rounding:
+the GroupNorm statistics are the whole picture's and every tile carries the halo its convolution needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ldm.memory.vae_encoding as vae_encoding
+from ldm.config import load_model_config
+from ldm.loading.stable_diffusion import load_stable_diffusion
+from ldm.memory.vae_encoding import encode_pixels, encode_tiled
+from ldm.models.autoencoder import AutoencoderKL
+from tests.conftest import SD_V1_CONFIG
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tiny_checkpoint, tiny_config_path):
+    return load_stable_diffusion(tiny_checkpoint, tiny_config_path).vae
+
+
+def pixels(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A picture with structure (a gradient, an edge) and noise, in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-1, 1, width)[None, None, None, :].expand(1, 3, height, width)
+    edge = (torch.arange(height) > height // 3).float()[None, None, :, None] - 0.5
+    return (0.6 * ramp + 0.4 * edge + 0.3 * torch.randn(1, 3, height, width, generator=generator)).clamp(-1, 1)
+
+
+def difference(vae, image, monkeypatch, tile_elements):
+    monkeypatch.setattr(vae_encoding, "TILE_ELEMENTS", tile_elements)
+    with torch.no_grad():
+        whole = vae.encode(image)
+        tiled = encode_tiled(vae, image, torch.device("cpu"))
+    assert tiled.mean.shape == whole.mean.shape
+    return ((tiled.mean - whole.mean).abs().max() / whole.mean.abs().max(),
+            ((tiled.std - whole.std).abs().max() / whole.std.abs().max()))
+
+
+@pytest.mark.parametrize("size", [(96, 160), (136, 72)])  # 72 and 136: tiles that are not multiples of 8
+def test_tiled_encode_equals_the_whole_encode_on_the_tiny_vae(tiny_vae, monkeypatch, size):
+    # 32-channel tiles of 11 x 11 px (levels of 32 and 64 channels): dozens of tiles at every level
+    mean, std = difference(tiny_vae, pixels(*size), monkeypatch, 64 * 11 * 11)
+    assert mean < 1e-5 and std < 1e-5
+
+
+def test_tiled_encode_equals_the_whole_encode_on_sd_v1_shapes(monkeypatch):
+    """SD v1's VAE (128-512 channels, 2 blocks a level) with random weights, 192 x 128 px in 6 x 4 tiles at the first
+    level."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(load_model_config(SD_V1_CONFIG).vae).eval()
+    mean, std = difference(vae, pixels(192, 128, seed=1), monkeypatch, 128 * 32 * 32)
+    assert mean < 1e-5 and std < 1e-5
+
+
+def test_encode_pixels_tiles_only_when_asked(tiny_vae, monkeypatch):
+    calls = []
+    monkeypatch.setattr(vae_encoding, "encode_tiled", lambda *args: calls.append(args) or tiny_vae.encode(args[1]))
+    image = pixels(64, 64)
+    encode_pixels(tiny_vae, image, torch.device("cpu"), torch.float32, tiled=False)
+    assert not calls
+    encode_pixels(tiny_vae, image, torch.device("cpu"), torch.float32, tiled=True)
+    assert len(calls) == 1
