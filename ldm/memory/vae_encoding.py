@@ -151,8 +151,9 @@ def encode_tiled(vae: AutoencoderKL, pixels: torch.Tensor, device: torch.device)
 
 def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype,
                   tiled: bool) -> DiagonalGaussian:
-    """``pixels`` (host) through the encoder: whole on ``device``, or with ``tiled`` (where the encoder allows)
-    by :func:`encode_tiled`, which holds about one tile's activations on the device."""
+    """``pixels`` (host) through the encoder: whole on ``device``, or with ``tiled`` (the run's decode tiles:
+    ``--vae_tiling``, large pictures, low mode's ledger rule) by :func:`encode_tiled`, which holds about one tile's
+    activations on the device, where the encoder's down path allows (:func:`tileable`)."""
     with torch.no_grad():
         if tiled and tileable(vae):
             return encode_tiled(vae, pixels.to(dtype), device)
