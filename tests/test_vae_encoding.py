@@ -3,6 +3,9 @@ the GroupNorm statistics are the whole picture's and every tile carries the halo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +14,11 @@ from ldm.config import load_model_config
 from ldm.loading.stable_diffusion import load_stable_diffusion
 from ldm.memory.vae_encoding import encode_pixels, encode_tiled
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.passes.hires import upscale
+from ldm.pipeline.request import HiresOptions
 from tests.conftest import SD_V1_CONFIG
+from tests.test_cli_img2img import make_image, pixels as png_pixels, run, samples
+from tests.test_hires_fix import SIZE, tiny_run  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +68,36 @@ def test_encode_pixels_tiles_only_when_asked(tiny_vae, monkeypatch):
     assert not calls
     encode_pixels(tiny_vae, image, torch.device("cpu"), torch.float32, tiled=True)
     assert len(calls) == 1
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the tiled encodes, in small tiles (dozens a level on the tiny model)."""
+    monkeypatch.setattr(vae_encoding, "TILE_ELEMENTS", 64 * 11 * 11)
+    calls = []
+    real = vae_encoding.encode_tiled
+    monkeypatch.setattr(vae_encoding, "encode_tiled", lambda *args: calls.append(args[1].shape) or real(*args))
+    return calls
+
+
+def test_img2img_with_vae_tiling_encodes_in_tiles_and_keeps_the_image(tiny_checkpoint, tmp_path, spy):
+    """img2img's init image at 128 px: ``--vae_tiling`` tiles its encode (its decode is one tile at this size), and the
+    posterior sample (mean + std * the seed's noise) gives the same picture within one 8-bit level."""
+    init = make_image(tmp_path / "init.png", (128, 128))
+    for name, extra in (("whole", ()), ("tiled", ("--vae_tiling",))):
+        assert run(tiny_checkpoint, tmp_path / name, init, "--H", "128", "--W", "128", *extra) == 0
+    assert spy == [(1, 3, 128, 128)]
+    whole, tiled = (png_pixels(samples(tmp_path / name)[0]) for name in ("whole", "tiled"))
+    assert np.abs(whole - tiled).max() <= 1
+
+
+def test_hires_pixel_upscaler_encodes_in_tiles_where_the_decode_tiles(tiny_run, spy):
+    """The hires fix's Lanczos path, ``tiled`` as the run's decode: the same posterior mean within 1e-5."""
+    base, model, _ = tiny_run
+    request = replace(base, hires=HiresOptions(scale=1.5, upscaler="lanczos"))
+    latents = torch.randn((2, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(2))
+    whole = upscale(request, model, latents)
+    assert not spy
+    tiled = upscale(request, model, latents, tiled=True)
+    assert spy == [(1, 3, 192, 192)] * 2
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
