@@ -18,6 +18,7 @@ from ldm.passes.hires import upscale
 from ldm.pipeline.request import HiresOptions
 from tests.conftest import SD_V1_CONFIG
 from tests.test_cli_img2img import make_image, pixels as png_pixels, run, samples
+from tests.test_cli_inpaint import files, run as inpaint, samples as inpaint_samples  # noqa: F401 (a fixture)
 from tests.test_hires_fix import SIZE, tiny_run  # noqa: F401 (a fixture)
 
 
@@ -101,3 +102,13 @@ def test_hires_pixel_upscaler_encodes_in_tiles_where_the_decode_tiles(tiny_run, 
     tiled = upscale(request, model, latents, tiled=True)
     assert spy == [(1, 3, 192, 192)] * 2
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
+def test_inpainting_with_vae_tiling_encodes_both_images_in_tiles(files, tmp_path, spy):
+    """A 9-channel inpainting UNet at strength 0.8 encodes the init image and the masked image: with ``--vae_tiling``
+    both in tiles, the picture the same within one 8-bit level."""
+    for name, extra in (("whole", ()), ("tiled", ("--vae_tiling",))):
+        assert inpaint(files, "nine", tmp_path / name, "--strength", "0.8", *extra) == 0
+    assert len(spy) == 2
+    whole, tiled = (png_pixels(inpaint_samples(tmp_path / name)[0]) for name in ("whole", "tiled"))
+    assert np.abs(whole - tiled).max() <= 1
