@@ -25,7 +25,7 @@ setup(
     extras_require={
         "openvino": ["openvino>=2024.0"],  # --backend openvino (ldm/backends/): pulls numpy and openvino-telemetry
         "test": ["pytest", "diffusers>=0.27", "accelerate", "scipy", "psutil", "picklescan", "fickling", "peft", "piexif", "tomesd==0.1.3",
-                 "fastapi>=0.110", "uvicorn>=0.29", "webuiapi", "requests", "selenium>=4.10"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "webuiapi", "requests", "selenium>=4.10", "DeepCache==0.1.1"],
         "server": ["fastapi>=0.110", "uvicorn>=0.29"],  # optimizedSD/optimized_server.py (the webui's own stack)
     },
 )

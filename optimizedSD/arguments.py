@@ -34,6 +34,7 @@ from optimizedSD.from_png import FromPngError, restore_settings
 from optimizedSD.infotext import parse_infotext, read_parameters
 from optimizedSD.flags.control import add_control_flags, check_control_args, control_settings, restore_control
 from optimizedSD.flags.noise import add_noise_flags, check_noise_args, noise_settings
+from optimizedSD.flags.speed import add_speed_flags, check_speed_args, speed_settings
 from optimizedSD.flags.inpaint_area import (INPAINT_AREA_DESTS, add_inpaint_area_flags, check_inpaint_area_args,
                                             mask_options)
 from optimizedSD.flags.hires import HIRES_DESTS, add_hires_flags, check_hires_args, hires_options
@@ -108,6 +109,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 is deterministic DDIM)")
     add_noise_flags(add)
     add_control_flags(add)
+    add_speed_flags(add)
     add("--scale", type=float, default=7.5,
         help="classifier-free guidance scale: eps = eps(x, neg) + scale * (eps(x, cond) - eps(x, neg))")
     add("--sampler", type=str, default="ddim" if img2img else "plms",
@@ -281,12 +283,12 @@ def parse_args(argv: Sequence[str] | None, mode: str) -> GenerationRequest:
         skip_save=opt.skip_save,
         n_rows=opt.n_rows or opt.n_samples,
         watermark=not opt.no_watermark,
-        plan=opt.plan, plan_json=opt.json,
-        gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
+        plan=opt.plan, plan_json=opt.json, gpu_memory_bytes=None if opt.gpu_memory is None else int(opt.gpu_memory * 2**30),
         safety_checker=Path(opt.safety_checker) if opt.safety_checker else None,
         safety_checker_mode=opt.safety_checker_mode or "black",
         mask=mask_options(opt) if mode == INPAINT else None,
         **noise_settings(opt), hires=hires_options(opt), **control_settings(opt), **backend_settings(opt),
+        **speed_settings(opt),
     )
 
 
@@ -304,7 +306,8 @@ _FROM_PNG_DESTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "pr
                    "height": "H", "clip_skip": "clip_skip", "strength": "strength", "eta": "ddim_eta", "loras": "lora",
                    "schedule": "schedule", "img2img_steps": "img2img_steps", "rng": "rng", "eta_ancestral": "eta",
                    "ensd": "ensd", "subseed": "subseed", "subseed_strength": "subseed_strength",
-                   "seed_resize_from": "seed_resize_from", **{d: d for d in (*HIRES_DESTS, *INPAINT_AREA_DESTS)}}
+                   "seed_resize_from": "seed_resize_from", **{d: d for d in (*HIRES_DESTS, *INPAINT_AREA_DESTS)},
+                   "deepcache": "deepcache", "deepcache_branch": "deepcache_branch"}
 
 
 def apply_from_png(opt: argparse.Namespace, given: set[str]) -> None:
@@ -412,6 +415,7 @@ def check_args(opt: argparse.Namespace) -> None:
     check_hires_args(opt)
     check_inpaint_area_args(opt)
     check_backend_args(opt)
+    check_speed_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")
     for value in opt.lora:

@@ -86,7 +86,8 @@ def restore_settings(
     """Settings keyed ``prompt``, ``negative_prompt``, ``prompt_syntax``, ``steps``, ``sampler``, ``scale``,
     ``seed``, ``width``, ``height``, ``clip_skip``, ``strength`` (img2img), ``eta`` (DDIM's), ``loras``
     (``[(path, weight)]``), ``schedule`` (the sigma samplers' ``--schedule``), ``img2img_steps``, ``rng``,
-    ``eta_ancestral``, ``ensd``, ``subseed``, ``subseed_strength``, ``seed_resize_from``.
+    ``eta_ancestral``, ``ensd``, ``subseed``, ``subseed_strength``, ``seed_resize_from``, ``deepcache``,
+    ``deepcache_branch``.
 
     ``sampler_labels`` maps the webui's labels (``"Euler a"``) to this tool's names (``"euler_a"``);
     ``model_hash`` is the checkpoint's (webui "Model hash"); ``embedding_hashes`` maps the textual-inversion
@@ -177,7 +178,8 @@ def _restore_sampler(fields: dict[str, str], out: RestoredSettings, labels: Mapp
 
 _RNG_MODES = {"CPU": "cpu", "GPU": "gpu", "NV": "gpu"}  # NV: the webui's GPU numbers computed off the GPU
 _NOISE_FIELDS = (("Eta", "eta_ancestral", float), ("ENSD", "ensd", int), ("Eta noise seed delta", "ensd", int),
-                 ("Variation seed", "subseed", int), ("Variation seed strength", "subseed_strength", float))
+                 ("Variation seed", "subseed", int), ("Variation seed strength", "subseed_strength", float),
+                 ("DeepCache", "deepcache", int), ("DeepCache branch", "deepcache_branch", int))  # the last two: --deepcache
 
 
 def _restore_version(fields: dict[str, str], out: RestoredSettings, img2img: bool) -> tuple[int, int] | None:

@@ -64,6 +64,7 @@ from optimizedSD import distributed
 from optimizedSD.arguments import resolve_config
 from optimizedSD.lora_tags import RunLora, collect_loras
 from optimizedSD.outputs import SampleWriter, Watermarker, prompt_folder_name
+from optimizedSD.previews import PreviewWriter
 from optimizedSD.run_outputs import RunOutputs, RunSummary
 
 log = logging.getLogger(__name__)
@@ -176,10 +177,13 @@ class StepBar:
     """The progress bar over one batch's sampling steps (rank 0 only under torchrun), made at the first step and
     started again when a retry one memory mode lower starts the walk again."""
 
-    def __init__(self, sampler: str) -> None:
+    def __init__(self, sampler: str, preview: PreviewWriter | None = None) -> None:
         self.sampler, self.bar = sampler, None
+        self.preview = preview  # --preview_every
 
     def __call__(self, step: int, total: int, x: torch.Tensor) -> None:
+        if self.preview is not None:
+            self.preview(step, total, x)
         if self.bar is None:
             self.bar = tqdm(total=total or None, desc=f"Sampling ({self.sampler})", leave=False, unit="step",
                             disable=not distributed.is_main_process())
@@ -195,7 +199,10 @@ class StepBar:
 def sample_with_bar(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, init, batch: Batch,
                     latent_shape: tuple[int, ...], watcher: StepCallback | None = None) -> torch.Tensor:
     """:func:`~ldm.pipeline.sample.sample_batch` with a progress bar over its steps (and ``watcher`` after each)."""
-    bar = StepBar(request.sampler)
+    preview = None
+    if request.preview_every:
+        preview = PreviewWriter(request.outdir / "previews", request.preview_every, batch.seeds, model.sd.vae)
+    bar = StepBar(request.sampler, preview)
 
     def progress(step: int, total: int, x: torch.Tensor) -> None:  # returns None: the sampler keeps its latent
         bar(step, total, x)

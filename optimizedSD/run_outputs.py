@@ -20,6 +20,7 @@ from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.request import GenerationRequest
 from optimizedSD.atomic_files import write_new_file
 from optimizedSD.flags.hires import hires_fields
+from optimizedSD.flags.speed import speed_fields
 from optimizedSD.lora_tags import RunLora, metadata_prompt
 from optimizedSD.outputs import OutputError, SampleWriter, infotext, noise_fields, prompt_folder_name, to_uint8
 
@@ -132,7 +133,7 @@ class RunOutputs:
             model_name=request.ckpt.stem, vae_hash=self.vae_hash, vae_name=request.vae.name if request.vae else None,
             strength=request.strength, eta=request.eta, lora_hashes=self.lora_hashes, token_merging_ratio=request.tome,
             extra=self.infotext_fields(prompt, negative),
-            safety_checker=safety, noise=noise_fields(request, subseed), rng=request.rng,
+            safety_checker=safety, noise={**noise_fields(request, subseed), **speed_fields(request)}, rng=request.rng,
         )
 
     def finish(self, images: list[np.ndarray] | None = None) -> None:

@@ -104,11 +104,12 @@ def run_ours(spec: dict) -> dict:
             generate(parse_args(argv(2, outdir), TXT2IMG))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         summary = generate(parse_args(argv(spec["steps"], outdir), TXT2IMG))
-        finished = time.time()
+        finished, cpu = time.time(), time.process_time() - cpu_started
+    # CPU seconds of all the process's threads (load included): less moved by other processes on a shared machine.
     result = {"images": summary.images, "total_s": finished - started, "mode_used": summary.memory_mode,
-              "load_s": summary.load_seconds, "generate_s": summary.seconds - summary.load_seconds}
+              "load_s": summary.load_seconds, "generate_s": summary.seconds - summary.load_seconds, "cpu_s": cpu}
     result.update(_cuda_peaks(torch, device))
     return result
 
@@ -360,6 +361,47 @@ def main_rows(rows: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
     return [(spec, result) for spec, result in rows if not spec.get("per_step_base")]
 
 
+LCM_TAESD = "lcm4 taesd"
+
+
+def make_taesd(directory: Path, seed: int) -> Path:
+    """A TAESD with random weights in diffusers' ``AutoencoderTiny`` layout (its timing does not depend on them)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().save_pretrained(directory / "taesd")
+    return directory / "taesd"
+
+
+def speed_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+    """``--deepcache``'s time per step against the plain run's, in wall and CPU seconds (target at most 0.60x), and
+    LCM + TAESD's generate time against the plain run's (target at most 0.10x); best of the repeats."""
+    best: dict[tuple, dict] = {}
+    for spec, result in rows:
+        if spec["side"] == "ours" and result.get("generate_s") is not None:
+            key = (setup_name(spec), spec["batch"], spec["steps"])
+            kept = best.setdefault(key, {})
+            for name in ("generate_s", "cpu_s"):
+                if result.get(name) is not None:
+                    kept[name] = min(kept.get(name, float("inf")), result[name])
+    lines = []
+    for (setup, batch, steps), result in best.items():
+        plain = best.get((setup.split()[0], batch, steps))
+        if "deepcache" in setup and steps > 1 and plain:
+            one, plain_one = best.get((setup, batch, 1), {}), best.get((setup.split()[0], batch, 1), {})
+            for name, label in (("generate_s", ""), ("cpu_s", " (CPU time)")):
+                if all(name in r for r in (result, one, plain, plain_one)):
+                    ratio = (result[name] - one[name]) / (plain[name] - plain_one[name])
+                    lines.append(f"ours {setup} / plain, batch {batch}: {ratio:.2f}x per step{label} (target at most "
+                                 f"0.60x): {'met' if ratio <= 0.60 else 'MISSED'}")
+        if setup.endswith(LCM_TAESD) and plain and "generate_s" in plain:
+            ratio = result["generate_s"] / plain["generate_s"]
+            lines.append(f"ours {setup} / plain, batch {batch}: generate {ratio:.2f}x (target at most 0.10x): "
+                         f"{'met' if ratio <= 0.10 else 'MISSED'}")
+    return lines
+
+
 def per_step_lines(rows: list[tuple[dict, dict]]) -> list[str]:
     """Seconds per sampling step of each setup: (generate at --steps - generate at 1 step) / (steps - 1), best
     of the repeats each, so that load, conversion, compilation, prompt encoding and the decode cancel."""
@@ -498,6 +540,10 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
         variants.append((f"tome {args.tome:g}", ["--tome", str(args.tome)]))
     if args.backend == "openvino":  # converted once into the cache by the "openvino convert" row, then read
         variants.append(("openvino", ["--backend", "openvino", "--backend_cache", args.backend_cache]))
+    if args.deepcache:
+        variants.append((f"deepcache {args.deepcache}", ["--deepcache", str(args.deepcache)]))
+    if args.lcm_taesd:  # its own step count: no 1-step twin
+        variants.append((LCM_TAESD, ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", args.lcm_taesd]))
     plan = []
     if args.quantize:  # its forward error, in a process of its own (not inside a timed or RSS-measured run)
         plan.append(dict(common, side="check", mode=f"{args.quantize} error", batch=1, quantize=args.quantize))
@@ -511,7 +557,7 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
             plan += [dict(common, side="diffusers", mode=m, batch=batch) for m in theirs]
     if args.per_step:  # the same setups at 1 step, interleaved with the others
         plan += [dict(spec, steps=1, per_step_base=True) for spec in plan
-                 if spec["side"] != "check" and not spec.get("fresh_cache")]
+                 if spec["side"] != "check" and not spec.get("fresh_cache") and spec.get("variant") != LCM_TAESD]
     return plan
 
 
@@ -535,6 +581,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["torch", "openvino"], default="torch",
                         help="openvino: also rows of our full mode with --backend openvino (a conversion row, then cache hits)")
     parser.add_argument("--backend_cache", default=None, help="--backend_cache of those rows (default: a temporary folder)")
+    parser.add_argument("--deepcache", type=int, default=None, metavar="N", help="also run each of our modes with --deepcache N")
+    parser.add_argument("--lcm_taesd", nargs="?", const="random", default=None, metavar="TAESD",
+                        help="also run --sampler lcm, 4 steps, scale 1, with this TAESD as --vae (default: random weights)")
     parser.add_argument("--per_step", action="store_true",
                         help="also run every setup at 1 step and report seconds per step")
     parser.add_argument("--fp32", action="store_true", help="fp32 weights on CUDA too (default fp16 there)")
@@ -561,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.time()
             args.ckpt = str(make_checkpoint(args.config, Path(tmp), args.seed))
             print(f"# random weights for {args.config} written in {time.time() - started:.0f} s")
+        if args.lcm_taesd == "random":
+            args.lcm_taesd = str(make_taesd(Path(tmp), args.seed))
         plan = build_plan(args)
         for spec in plan:
             spec["ckpt"] = str(Path(args.ckpt).resolve())
@@ -581,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     if steps:
         print("\nper sampling step (best of the repeats):")
         print("\n".join(steps))
+    speed = speed_lines(rows)
+    if speed:
+        print("\nfewer and lighter passes (ratios within this run):")
+        print("\n".join(speed))
     print(f"# done; {cpu_line()}")
     targets = target_lines(rows)
     if targets:

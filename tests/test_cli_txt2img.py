@@ -53,11 +53,11 @@ def test_every_sampler_writes_named_images_with_metadata_and_a_grid(tiny_checkpo
               "euler_a": "Euler a", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lms": "LMS", "dpmpp_2s_a": "DPM++ 2S a",
               "dpm_fast": "DPM fast", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE",
               "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_3m_sde": "DPM++ 3M SDE",
-              "dpm_adaptive": "DPM adaptive", "restart": "Restart"}
+              "dpm_adaptive": "DPM adaptive", "restart": "Restart", "lcm": "LCM"}
     karras = sampler in ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")  # their webui default (Automatic)
     exponential = sampler in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
     label = "Karras" if karras else "Exponential" if exponential else "Uniform"
-    schedule = "" if sampler in ("ddim", "plms", "unipc") else f"Schedule type: {label}, "
+    schedule = "" if sampler in ("ddim", "plms", "unipc", "lcm") else f"Schedule type: {label}, "
     assert read_parameters(folder / "seed_42_00001.png") == (
         "a tiny test\nNegative prompt: blurry, dark\n"
         f"Steps: 2, Sampler: {labels[sampler]}, {schedule}CFG scale: 7.5, Seed: 42, Size: 64x64, "

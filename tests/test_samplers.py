@@ -404,5 +404,5 @@ def test_sample_rejects_bad_arguments(eps_model, schedule, noise):
 def test_the_dispatch_table_covers_the_public_names():
     assert SAMPLER_NAMES == ("ddim", "plms", "unipc", "dpmpp_2m", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms",
                              "dpmpp_2s_a", "dpm_fast", "dpm_adaptive", "restart", "dpmpp_sde", "dpmpp_2m_sde",
-                             "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+                             "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm")
     assert tuple(SAMPLERS) == SAMPLER_NAMES

@@ -4,6 +4,8 @@ images are answered), and SIGTERM ends the process with exit code 0 and nothing 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -64,6 +66,8 @@ def test_progress_moves_and_interrupt_returns_the_finished_images(server):
 
     def first_batch_done() -> bool:
         seen.append(requests.get(f"{url}/sdapi/v1/progress", timeout=10).json())
+        without = requests.get(f"{url}/sdapi/v1/progress", params={"skip_current_image": "true"}, timeout=10).json()
+        assert without["current_image"] is None
         return seen[-1]["state"]["job_no"] >= 1 and seen[-1]["state"]["sampling_step"] >= 2
 
     wait_for(first_batch_done, what="the second batch")
@@ -73,6 +77,8 @@ def test_progress_moves_and_interrupt_returns_the_finished_images(server):
     assert len(set(fractions)) >= 3 and fractions == sorted(fractions)  # it moved, forward
     assert all(0 < report["eta_relative"] for report in seen if report["progress"] > 0)
     assert seen[-1]["state"]["sampling_steps"] == 40 and seen[-1]["state"]["job_count"] == 3
+    running = Image.open(io.BytesIO(base64.b64decode(seen[-1]["current_image"])))  # Approx cheap: 1/8 of the side
+    assert running.size == (8, 8) and np.asarray(running).std() > 0
     answer = answers[0].json()
     assert answers[0].status_code == 200 and len(answer["images"]) == 1  # the first batch, not the grid
     assert "Seed: 40," in json.loads(answer["info"])["infotexts"][0]

@@ -101,7 +101,7 @@ def test_automatic_is_each_samplers_webui_default(schedule):
     ("DPM2 a Karras", ("dpm2_a", "karras")), ("LMS Karras", ("lms", "karras")), ("Euler a", ("euler_a", None)),
     ("k_dpmpp_2s_a", ("dpmpp_2s_a", None)), ("DPM++ 2S a Karras", ("dpmpp_2s_a", "karras")),
     ("Euler SGMUniform", ("euler", "sgm_uniform")), ("dpm++ 2m", None), ("DPM++ 2M Automatic", None),
-    ("UniPC", ("unipc", None)), ("Restart", ("restart", None)), ("LCM", None),
+    ("UniPC", ("unipc", None)), ("Restart", ("restart", None)), ("LCM", ("lcm", None)),
 ])
 def test_find_sampler_takes_the_webuis_labels(name, expected):
     found = find_sampler(name)

@@ -10,7 +10,11 @@ layout they found it:
 - diffusers' ``AutoencoderKL`` keys: its ``diffusion_pytorch_model.safetensors`` alone, or the folder that
   holds it (``vae/`` of a diffusers pipeline, or a VAE saved on its own), mapped by
   :func:`ldm.checkpoints.diffusers_folders.compvis_vae_from_diffusers`;
-- a whole SD v1 checkpoint, whose ``first_stage_model.*`` is taken.
+- a whole SD v1 checkpoint, whose ``first_stage_model.*`` is taken;
+- TAESD, the tiny autoencoder (:mod:`ldm.models.taesd`): diffusers' ``AutoencoderTiny`` file or folder
+  (keys ``encoder.layers.*``, ``decoder.layers.*``, returned as they are), or the original
+  ``taesd_decoder.pth`` / ``taesd_encoder.pth`` (their folder, or either file: the other is looked for next to
+  it; a decoder alone decodes, img2img then asks for the encoder).
 
 The webui does the same (``modules/sd_vae.py`` strips ``first_stage_model.`` and ``loss``); diffusers'
 ``convert_ldm_vae_checkpoint`` reads the same prefixes.
@@ -34,15 +38,77 @@ log = logging.getLogger(__name__)
 VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
+TINY_VAE_PARTS = ("encoder.layers.", "decoder.layers.")
+TAESD_FILES = {"encoder": "taesd_encoder.pth", "decoder": "taesd_decoder.pth"}
+
+
 def read_vae_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """CompVis ``AutoencoderKL`` weights (keys without prefix) from a VAE file or folder; see the module docstring."""
+    """CompVis ``AutoencoderKL`` weights (keys without prefix) from a VAE file or folder, or a TAESD's in
+    diffusers' ``AutoencoderTiny`` keys (:func:`is_tiny_vae` tells them apart); see the module docstring."""
     path = Path(path)
+    if path.is_dir() and (path / TAESD_FILES["decoder"]).is_file():
+        return read_taesd_halves(path / TAESD_FILES["decoder"], read_checkpoint(path / TAESD_FILES["decoder"]))
     if path.is_dir():
         component = path / "vae" if (path / MODEL_INDEX).is_file() else path
         state = read_component(component)
     else:
         state = read_checkpoint(path)
+    if is_tiny_vae(state):
+        return state
+    if taesd_half(state) is not None:
+        return read_taesd_halves(path, state)
     return vae_weights_from_state(state, path)
+
+
+def is_tiny_vae(state: dict[str, torch.Tensor]) -> bool:
+    """diffusers' ``AutoencoderTiny`` keys, and nothing else."""
+    return bool(state) and all(key.startswith(TINY_VAE_PARTS) for key in state)
+
+
+def taesd_half(state: dict[str, torch.Tensor]) -> str | None:
+    """"encoder" or "decoder" for an original TAESD file (a bare ``nn.Sequential``'s keys ``N.*``): the
+    encoder's first conv takes 3 image channels, the decoder's (slot 1, after its ``Clamp``) 4 latent ones."""
+    if not state or not all(key.split(".", 1)[0].isdigit() for key in state):
+        return None
+    first = state.get("0.weight")
+    if first is not None and first.ndim == 4 and first.shape[1] == 3:
+        return "encoder"
+    first = state.get("1.weight")
+    if first is not None and first.ndim == 4 and first.shape[1] == 4:
+        return "decoder"
+    return None
+
+
+def read_taesd_halves(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One original TAESD file's weights and its other half's (``taesd_encoder.pth`` next to
+    ``taesd_decoder.pth``, or the name with ``encoder``/``decoder`` swapped), in ``AutoencoderTiny`` keys.
+    The decoder is required; without an encoder the result has only ``decoder.layers.*``."""
+    half = taesd_half(state)
+    other = "encoder" if half == "decoder" else "decoder"
+    sibling = path.with_name(path.name.replace(half, other)) if half in path.name else path.with_name(TAESD_FILES[other])
+    halves = {half: state}
+    if sibling.is_file() and sibling != path:
+        other_state = read_checkpoint(sibling)
+        if taesd_half(other_state) != other:
+            raise CheckpointError(f"{sibling}: not a TAESD {other}, though it lies next to the {half} {path.name}")
+        halves[other] = other_state
+    if "decoder" not in halves:
+        raise CheckpointError(f"{path}: a TAESD encoder without its decoder ({TAESD_FILES['decoder']} next to it)")
+    weights = {}
+    for part, part_state in halves.items():
+        weights.update(tiny_keys_from_original(part, part_state))
+    return weights
+
+
+def tiny_keys_from_original(part: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original TAESD half's keys in diffusers' ``AutoencoderTiny`` layout: the decoder's indices shift
+    down by one (the original's slot 0 is a ``Clamp`` without weights, which diffusers runs in ``forward``)."""
+    shift = 1 if part == "decoder" else 0
+    renamed = {}
+    for key, value in state.items():
+        index, _, rest = key.partition(".")
+        renamed[f"{part}.layers.{int(index) - shift}.{rest}"] = value
+    return renamed
 
 
 def vae_weights_from_state(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from ldm.loading.stable_diffusion import StableDiffusion
 from ldm.memory.residency import Residency
 from ldm.models.attention import attention_backend
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.taesd import TinyAutoencoder
 from ldm.models.quantize import quantize_unet
 from ldm.models.token_merging import apply_token_merging
 from ldm.models.unet import UNetModel
@@ -67,16 +68,18 @@ class LedgerRun:
 
 
 def meta_stable_diffusion(config, dtype: torch.dtype = torch.float16, quantize: str | None = None,
-                          tome: float | None = None):
+                          tome: float | None = None, taesd: bool = False):
     """SD v1 (or any config's) three models on ``meta`` in ``dtype``, as :func:`load_stable_diffusion`
     would return them from a checkpoint: the same modules, the same parameter dtypes, no data. With
     ``quantize`` ("int8") and ``tome`` (a ratio) the UNet is changed as the generation loop changes it
     (:func:`ldm.pipeline.model.speed_up_unet`): int8 weights (and their per-call dequantized copies) and
-    merged tokens are what the ledger then counts."""
+    merged tokens are what the ledger then counts. ``taesd``: the tiny autoencoder in the VAE's place, as
+    ``--vae`` with a TAESD file loads it (scale factor 1)."""
 
     cfg = load_model_config(config) if not hasattr(config, "unet") else config
     with torch.device("meta"):
-        unet, vae, text_encoder = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextEncoder(cfg.text)
+        unet, text_encoder = UNetModel(cfg.unet), CLIPTextEncoder(cfg.text)
+        vae = TinyAutoencoder() if taesd else AutoencoderKL(cfg.vae)
     for module in (unet, vae, text_encoder):
         module.to(dtype).eval().requires_grad_(False)
     if quantize:
@@ -85,7 +88,7 @@ def meta_stable_diffusion(config, dtype: torch.dtype = torch.float16, quantize: 
     return StableDiffusion(
         unet=unet, vae=vae, text_encoder=text_encoder,
         schedule=DiffusionSchedule.from_config(cfg.schedule),
-        scale_factor=cfg.scale_factor, config=cfg,
+        scale_factor=1.0 if taesd else cfg.scale_factor, config=cfg,
     )
 
 

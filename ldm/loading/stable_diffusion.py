@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.taesd import TinyAutoencoder
 from ldm.checkpoints.diffusers_folders import is_diffusers_folder, read_diffusers_folder
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.reader import read_checkpoint
-from ldm.checkpoints.vae_files import read_vae_weights
+from ldm.checkpoints.vae_files import is_tiny_vae, read_vae_weights
 from ldm.checkpoints.kinds import inspect_checkpoint, refusal
 from ldm.checkpoints.layout import (
     EMA_PREFIX,
@@ -58,7 +59,7 @@ class StableDiffusion:
     """The loaded model: three modules, the noise schedule and the latent scale factor."""
 
     unet: UNetModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | TinyAutoencoder
     text_encoder: CLIPTextEncoder
     schedule: DiffusionSchedule
     scale_factor: float
@@ -162,7 +163,7 @@ def _build_models(cfg: ModelConfig, parts: CheckpointParts, use_ema: bool, path:
     unet_weights, used_ema = choose_unet_weights(parts, list(unet.state_dict()), use_ema, path)
     _load_strict(unet, unet_weights, "UNet", path, dtype, copy)
     with torch.device("meta"):
-        autoencoder = AutoencoderKL(cfg.vae)
+        autoencoder = vae_model(cfg, parts.vae)
     _load_strict(autoencoder, parts.vae, "VAE", vae_path or path, dtype, copy)
     with torch.device("meta"):
         text_encoder = CLIPTextEncoder(cfg.text)
@@ -173,6 +174,14 @@ def _build_models(cfg: ModelConfig, parts: CheckpointParts, use_ema: bool, path:
     for module in (unet, autoencoder, text_encoder):
         module.eval().requires_grad_(False)
     return (unet, used_ema), autoencoder, text_encoder
+
+
+def vae_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> AutoencoderKL | TinyAutoencoder:
+    """The autoencoder ``weights`` are for: TAESD's (diffusers' ``AutoencoderTiny`` keys, the encoder
+    optional) or the config's KL autoencoder."""
+    if is_tiny_vae(weights):
+        return TinyAutoencoder(with_encoder=any(key.startswith("encoder.") for key in weights))
+    return AutoencoderKL(cfg.vae)
 
 
 def own_weights(*modules: nn.Module) -> int:
@@ -277,12 +286,14 @@ def load_stable_diffusion(
         log.info("using the VAE of %s instead of the checkpoint's", vae_path)
 
     (unet, used_ema), autoencoder, text_encoder = _build_models(cfg, parts, use_ema, path, vae_path, dtype, copy_weights)
+    # TAESD decodes the UNet's latents as they are (AutoencoderTiny's scaling_factor is 1.0).
+    scale_factor = 1.0 if isinstance(autoencoder, TinyAutoencoder) else cfg.scale_factor
     return StableDiffusion(
         unet=unet,
         vae=autoencoder,
         text_encoder=text_encoder,
         schedule=_schedule(cfg, parts.schedule_buffers, path),
-        scale_factor=cfg.scale_factor,
+        scale_factor=scale_factor,
         config=cfg,
         checkpoint_path=path,
         used_ema=used_ema,

@@ -114,10 +114,12 @@ class PartStreamer:
         self.groups = groups
         self.plan = plan
         self.modules = dict(parts)
+        self.layout = layout
         self.first_part = {names[0]: index for index, names in enumerate(layout)}
         self.last_part = {names[-1]: index for index, names in enumerate(layout)}
         self.streamed = [i for i in range(len(groups)) if i not in plan.resident]
         self.chunk: int | None = None
+        self.skipped: frozenset[str] = frozenset()  # parts this call does not run (DeepCache's cached steps)
         self._last_offload_done: torch.cuda.Event | None = None  # compute-stream point after the last offload
         # The streamed group to prefetch when group i starts: the next streamed one in execution order,
         # wrapping round to the first for the next call (the UNet's next step) when ``wrap``.
@@ -151,6 +153,8 @@ class PartStreamer:
         if index is None or not self.plan.prefetch:
             return
         following = self.next_streamed[index]
+        while following is not None and following != index and self.layout[following][0] in self.skipped:
+            following = self.next_streamed[following]  # a group this call skips is not worth its copy
         if following is None or following == index:
             return
         nxt = self.groups[following]
@@ -191,18 +195,22 @@ class StreamedUNet(PartStreamer):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunk: int | None = None,
-                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 control: list[torch.Tensor] | None = None, cache=None) -> torch.Tensor:
         """One UNet evaluation; ``chunk`` (the fork's ``--unet_bs``) runs each part on at most that many
         latents at a time, all chunks through a group before the next group comes: one pass of weights per
         call whatever the chunk, where calling the UNet once per chunk would stream it once per chunk. What
-        a chunk bounds is the attention and feed-forward memory of each block."""
+        a chunk bounds is the attention and feed-forward memory of each block. ``cache``: a
+        :class:`ldm.memory.deep_cache.DeepCache`, whose cached steps move only the groups they run."""
         if not x.shape[0] == timesteps.shape[0] == context.shape[0]:
             raise ValueError(f"batch sizes differ: x {x.shape[0]}, timesteps {timesteps.shape[0]}, context {context.shape[0]}")
         self.chunk = chunk
+        hook = self.run_part
+        if cache is not None:
+            hook, self.skipped = cache.call_hook(self.run_part, x)
         try:
-            return self.unet(x, timesteps, context, hook=self.run_part, control=control)
+            return self.unet(x, timesteps, context, hook=hook, control=control)
         finally:
-            self.chunk = None
+            self.chunk, self.skipped = None, frozenset()
 
 
 class StreamedVAE(PartStreamer):
@@ -232,7 +240,7 @@ def chunked_unet(unet, chunk: int | None):
     and the VRAM ledger's UNet calls)."""
     if not chunk:
         return unet
-    if isinstance(unet, StreamedUNet):  # chunks inside one streamed pass, not one pass per chunk
+    if isinstance(unet, StreamedUNet) or getattr(unet, "chunks_each_part", False):  # inside one streamed pass
         return lambda x, t, context: unet(x, t, context, chunk)
 
     return lambda x, t, context: in_chunks(unet, chunk, x, t, context)

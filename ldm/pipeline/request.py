@@ -122,6 +122,9 @@ class GenerationRequest:
     hires: HiresOptions | None = None  # txt2img: the hires fix's second pass (ldm/passes/hires.py)
     backend: str = "torch"  # --backend: the UNet's engine, "torch" or "openvino" (CPU; ldm/backends/)
     backend_cache: Path | None = None  # --backend_cache: converted models kept between runs; None: not kept
+    deepcache: int = 0  # --deepcache N: the whole UNet every N steps, its shallow branch between (0: off)
+    deepcache_branch: int = 0  # --deepcache_branch B: the shallow branch's depth (input_blocks.0 to B)
+    preview_every: int = 0  # --preview_every N: write the running image every N steps (0: never)
 
     @property
     def img2img(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from ldm import samplers
 from ldm.conditioning.prompts import PromptEncoder
+from ldm.memory.deep_cache import counting_steps, deep_cached, unet_deep_cache
 from ldm.control.controlled import controlled_unet
 from ldm.memory.out_of_memory import retry_lower
 from ldm.memory.residency import Residency
@@ -85,12 +86,15 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
         strength = request.strength if request.img2img else 1.0
         steps = len(samplers.walk_levels(request.sampler, schedule, request.steps, strength, request.schedule,
                                          request.img2img_steps)) - 1
+        cache = unet_deep_cache(unet, request.deepcache, request.deepcache_branch) if request.deepcache else None
+        unet = unet if cache is None else deep_cached(unet, cache)  # --deepcache: shallow steps between whole ones
         unet = controlled = controlled_unet(unet, control, steps)
         unet = start.wrap_unet(chunked_unet(unet, request.unet_bs))
         eps_model = GuidedDenoiser(unet, guided.cond, guided.uncond, request.scale)
         callback = progress if start.after_step is None else blend_then(start.after_step, progress)
         if control:
             callback = controlled.count_steps(callback)
+        callback = callback if cache is None else counting_steps(cache, callback)
         try:
             return samplers.sample(
                 request.sampler, eps_model, schedule, x_T, request.steps, eta=request.eta,

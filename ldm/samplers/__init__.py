@@ -1,6 +1,8 @@
 """Samplers: one entry point, :func:`sample`, over one small function per sampler.
 
 - ``ddim``: DDIM with the caller's eta (ddim.py), over CompVis' DDIM timesteps; 1 model call a step.
+- ``lcm``: latent consistency model sampling (ddim.py), diffusers' ``LCMScheduler``: for LCM-LoRAs and
+  LCM-distilled checkpoints (4 to 8 steps, scale 1 to 2); 1 call a step, fresh noise between steps, at most 50 steps.
 - ``plms``: PLMS (plms.py), same timesteps; 1 call a step, 2 in the first.
 - ``unipc``: UniPC-bh1 of order 3 with data prediction (unipc.py), the webui's defaults, over timesteps evenly
   spaced from 999 to 0 (fractional); 1 call a step, 2 in the first, none after the last.
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from ldm.samplers import ddim, dpm_fast, dpm_solver, k_diffusion, plms, restart, sde, unipc
 from ldm.samplers.common import Callback, EpsModel, NoiseSampler, ScheduledEps
-from ldm.samplers.grids import (SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIME_UNIFORM, TIMESTEPS, SigmaGrid,
+from ldm.samplers.grids import (LCM_TIMESTEPS, SIGMAS, SIGMAS_WITHOUT_PENULTIMATE, TIME_UNIFORM, TIMESTEPS, SigmaGrid,
                                 TimestepGrid)
 from ldm.samplers.schedule import DiffusionSchedule
 from ldm.samplers.schedules import SCHEDULES, find_schedule
@@ -105,6 +107,7 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("restart", "Restart", restart.sample_restart, SIGMAS, options=(("s_noise", 1.0),), automatic="karras",
                 aliases=("k_restart",), step_levels=restart.restart_step_levels),
         *SDE_SAMPLERS,
+        Sampler("lcm", "LCM", ddim.sample_lcm, LCM_TIMESTEPS, options=(("s_noise", 1.0),)),
     )
 }
 SAMPLER_NAMES = tuple(SAMPLERS)

@@ -6,6 +6,10 @@ alphas_cumprod[0]``). The latent is in the DDPM ("variance preserving") form ``x
 sqrt(1 - a_t) eps``; the result is ``x`` at ``alphas_cumprod[0]``, as CompVis returns it.
 
 :func:`ddim_update` is also PLMS' update (``plms.py``): PLMS only changes which eps goes into it.
+
+:func:`sample_lcm` is the multistep sampling of latent consistency models (Luo et al. 2023, "Latent Consistency
+Models", Algorithm 3; diffusers' ``LCMScheduler.step``): the same x0 prediction, put through the consistency
+boundary condition, then noised afresh to the next level instead of DDIM's deterministic direction.
 """
 
 from __future__ import annotations
@@ -36,6 +40,44 @@ def ddim_update(
     if sigma > 0:
         x_prev = x_prev + sigma * noise
     return x_prev
+
+
+LCM_SIGMA_DATA = 0.5  # diffusers' LCMScheduler: sigma_data, and timestep_scaling below
+LCM_TIMESTEP_SCALING = 10.0
+
+
+def lcm_boundary(t: float) -> tuple[float, float]:
+    """``(c_skip, c_out)`` at timestep ``t``: the consistency function ``c_skip x + c_out x0`` is ``x`` at t = 0."""
+    scaled = t * LCM_TIMESTEP_SCALING
+    return LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2), scaled / math.sqrt(scaled**2 + LCM_SIGMA_DATA**2)
+
+
+@torch.no_grad()
+def sample_lcm(
+    model: ScheduledEps,
+    x: Tensor,
+    levels: Sequence[int],
+    *,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """LCM from ``x`` at ``levels[0]`` down the descending ``levels`` (:data:`ldm.samplers.grids.LCM_TIMESTEPS`):
+    each step predicts x0 (eq. 12's first term), applies the boundary condition, and, except after the last,
+    noises it to the next level with ``s_noise`` times a draw from ``noise_sampler`` (the image's generator)."""
+    noise_sampler = noise_sampler or torch.randn_like
+    total = len(levels) - 1
+    for i in range(total):
+        a_t = model.alpha_bar(levels[i])
+        eps = model.eps(x, levels[i])
+        pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        c_skip, c_out = lcm_boundary(levels[i])
+        x = c_out * pred_x0 + c_skip * x
+        if i < total - 1:
+            a_next = model.alpha_bar(levels[i + 1])
+            x = math.sqrt(a_next) * x + math.sqrt(1 - a_next) * s_noise * noise_sampler(x)
+        x = report(callback, i, total, x)
+    return x
 
 
 @torch.no_grad()

@@ -13,6 +13,10 @@
 - :data:`SIGMAS_WITHOUT_PENULTIMATE`: the schedule's levels for ``steps + 1`` with the next-to-last dropped,
   ``steps`` steps again: AUTOMATIC1111's grid for DPM2 and DPM2 a (``discard_next_to_last_sigma``), whose
   second-order step would otherwise spend a model call on the tiny next-to-last interval.
+- :data:`LCM_TIMESTEPS`: diffusers' ``LCMScheduler`` timesteps (its ``from_config`` of SD v1's scheduler: 50
+  original steps): of the distillation's timesteps ``20 k - 1`` (k = 1..50), descending, ``steps`` taken at
+  indices ``floor(linspace(0, 50, steps, endpoint=False))`` (999, 759, 499, 259 for 4), then level 0. Same
+  latent form as ``TIMESTEPS``.
 
 The timestep grids ignore the schedule type, as the webui's DDIM, PLMS and UniPC do.
 """
@@ -57,6 +61,20 @@ class TimeUniformGrid(TimestepGrid):
         return [(total - 1) * (n - k) / n for k in range(n + 1)]
 
 
+class LcmTimestepGrid(TimestepGrid):
+    """The latent consistency model's timesteps (``LCMScheduler.set_timesteps`` with ``original_inference_steps``)."""
+
+    name = "LCM timesteps"
+    original_steps = 50
+
+    def levels(self, schedule: DiffusionSchedule, steps: int, schedule_type: str = "uniform") -> list[float]:
+        if not 1 <= steps <= self.original_steps:
+            raise ValueError(f"the lcm sampler takes 1 to {self.original_steps} steps, got {steps}")
+        k = schedule.num_timesteps // self.original_steps
+        origin = [k * i - 1 for i in range(self.original_steps, 0, -1)]
+        return [origin[math.floor(j * self.original_steps / steps)] for j in range(steps)] + [0]
+
+
 class SigmaGrid:
     """A schedule type's noise levels (every other sampler)."""
 
@@ -84,5 +102,6 @@ class SigmaGridWithoutPenultimate(SigmaGrid):
 
 TIMESTEPS = TimestepGrid()
 TIME_UNIFORM = TimeUniformGrid()
+LCM_TIMESTEPS = LcmTimestepGrid()
 SIGMAS = SigmaGrid()
 SIGMAS_WITHOUT_PENULTIMATE = SigmaGridWithoutPenultimate()

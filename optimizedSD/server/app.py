@@ -66,7 +66,7 @@ def add_generation_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        return service.worker.progress.report()
+        return service.worker.progress.report(skip_current_image)
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt() -> dict[str, Any]:

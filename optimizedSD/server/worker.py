@@ -7,12 +7,15 @@ the event loop. A generation is the scripts' own run (:func:`optimizedSD.generat
 sampling step reported to :class:`Progress` (where an interrupt or skip stops the batch), and each batch run
 under :meth:`Worker.around_batch`, which drops an interrupted batch and keeps the finished ones, as the webui's
 ``state.interrupted`` / ``state.skipped`` do (the webui also decodes the half-denoised latent of the batch it
-stopped; here that batch gives no image).
+stopped; here that batch gives no image). ``current_image`` is the running latent of the batch's first image through
+the webui's "Approx cheap" (:mod:`ldm.models.latent_preview`: no weights, an eighth of the image's side).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +24,12 @@ from datetime import datetime
 from typing import Any, Callable, TypeVar
 
 import torch
+from PIL import Image
 
+from ldm.models.latent_preview import cheap_approximation
 from ldm.pipeline.request import GenerationRequest
 from optimizedSD.generation import RunHooks, check_inputs, generate
+from optimizedSD.outputs import to_uint8
 from optimizedSD.run_outputs import RunSummary
 from optimizedSD.server.model_holder import ModelHolder
 
@@ -60,6 +66,7 @@ class Progress:
     started: float = 0.0
     job_timestamp: str = "0"
     queued: int = 0  # jobs waiting behind the running one
+    latent: torch.Tensor | None = None  # the running batch's first image, as the sampler last left it
 
     def begin(self, job: str, batches: int) -> None:
         self.interrupted = self.skipped = False
@@ -67,14 +74,26 @@ class Progress:
         self.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
         self.at = Position(job, batches)
 
-    def step(self, step: int, steps: int) -> None:
+    def step(self, step: int, steps: int, x: torch.Tensor | None = None) -> None:
         self.at = replace(self.at, sampling_step=step, sampling_steps=steps)
+        if x is not None:
+            self.latent = x[:1].detach().clone()  # the sampler may reuse its tensor
 
     def batch_done(self) -> None:
         self.at = replace(self.at, job_no=self.at.job_no + 1, sampling_step=0)
 
     def end(self) -> None:
         self.at = Position()
+        self.latent = None
+
+    def current_image(self) -> str | None:
+        """The running image as base64 PNG (the webui's ``current_image``), None between jobs."""
+        latent = self.latent
+        if latent is None:
+            return None
+        buffer = io.BytesIO()
+        Image.fromarray(to_uint8(cheap_approximation(latent).clamp(-1, 1))[0]).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
 
     @staticmethod
     def fraction(at: Position) -> float:
@@ -83,8 +102,9 @@ class Progress:
         within = at.sampling_step / at.sampling_steps if at.sampling_steps else 0.0
         return min(1.0, (at.job_no + within) / at.job_count)
 
-    def report(self) -> dict[str, Any]:
-        """``GET /sdapi/v1/progress``: progress in [0, 1], eta_relative in seconds, the state."""
+    def report(self, skip_current_image: bool = False) -> dict[str, Any]:
+        """``GET /sdapi/v1/progress``: progress in [0, 1], eta_relative in seconds, the state, the running image
+        (unless ``skip_current_image``)."""
         at = self.at
         done = self.fraction(at)
         elapsed = time.time() - self.started if at.job else 0.0
@@ -92,7 +112,8 @@ class Progress:
         state = {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": False,
                  "job": at.job, "job_count": at.job_count + self.queued, "job_timestamp": self.job_timestamp,
                  "job_no": at.job_no, "sampling_step": at.sampling_step, "sampling_steps": at.sampling_steps}
-        return {"progress": done, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None,
+        image = None if skip_current_image else self.current_image()
+        return {"progress": done, "eta_relative": eta, "state": state, "current_image": image, "textinfo": None,
                 "current_task": None}
 
 
@@ -138,7 +159,7 @@ class Worker:
             self.progress.end()
 
     def on_step(self, step: int, total: int, x: torch.Tensor) -> None:
-        self.progress.step(step + 1, total)
+        self.progress.step(step + 1, total, x)
         if self.progress.interrupted or self.progress.skipped or self.closing:
             raise StopBatch()
 
