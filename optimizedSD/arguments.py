@@ -149,7 +149,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vram_budget", type=float, default=None, metavar="GB", help="GB of UNet weights the low mode may keep on the GPU at once (implies --vram low)")
     add("--attention", type=str, choices=["auto", "sdpa", "sliced"], default="auto",
         help="attention implementation: sdpa (fused), sliced (query slices), auto (sliced on MPS, else sdpa)")
-    add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles (large images in little memory; automatic above 1024 px)")
+    add("--vae_tiling", action="store_true", help="decode the VAE in overlapping tiles, and encode in tiles (the same result) (large images in little memory; automatic above 1024 px)")
     add("--embedding_cache", type=str, default=None, metavar="DIR",
         help="keep text encodings in DIR between runs (keyed by prompt and checkpoint)")
     add("--prompt_syntax", type=str, choices=PROMPT_SYNTAXES, default="fork",

@@ -216,8 +216,9 @@ def sample_with_bar(request: GenerationRequest, model: LoadedModel, encoder: Pro
 
 
 def hires_with_bar(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, batch: Batch,
-                   latents: torch.Tensor, watcher: StepCallback | None = None) -> torch.Tensor:
-    """:func:`~ldm.passes.hires.hires_pass` with a progress bar over its steps (and ``watcher`` after each)."""
+                   latents: torch.Tensor, watcher: StepCallback | None = None, tiled: bool = False) -> torch.Tensor:
+    """:func:`~ldm.passes.hires.hires_pass` with a progress bar over its steps (and ``watcher`` after each);
+    ``tiled``: a pixel upscaler's encode runs in tiles."""
     bar = StepBar(f"hires fix, {request.hires.sampler or request.sampler}")
 
     def progress(step: int, total: int, x: torch.Tensor) -> None:
@@ -226,7 +227,7 @@ def hires_with_bar(request: GenerationRequest, model: LoadedModel, encoder: Prom
             watcher(step, total, x)
 
     try:
-        return hires_pass(request, model, encoder, batch, latents, progress)
+        return hires_pass(request, model, encoder, batch, latents, progress, tiled=tiled)
     finally:
         bar.close()
 
@@ -312,11 +313,12 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
     if request.save_control_map:
         outputs.control_maps = [unit.map for unit in model.control]
     encoder = outputs.encoder = encode_prompts(request, [*inputs.prompts, *hires_texts(request)], model)
-    init = prepare_init(request, model, inputs.init_image, inputs.width, inputs.height, inputs.inpainting)
-    cfg = inputs.config
-    latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
     final = replace(inputs, **dict(zip(("height", "width"), final_size(request, inputs.height, inputs.width))))
     tiled = decode_in_tiles(request, final, model.residency.mode)  # the pictures written: the hires fix's size
+    # Encodes at that size (img2img's init image, a hires pixel upscaler's) tile where its decode does.
+    init = prepare_init(request, model, inputs.init_image, inputs.width, inputs.height, inputs.inpainting, tiled)
+    cfg = inputs.config
+    latent_shape = (cfg.latent_channels, inputs.height // cfg.downsampling_factor, inputs.width // cfg.downsampling_factor)
     batches = list(plan_batches(request, inputs.prompts))
     size = part_size(request, final, model, outputs, tiled)
     watcher = hooks.progress if hooks is not None else None
@@ -325,7 +327,7 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
         for part in batch_parts(batch, size):  # one part unless the batch is larger than the memory holds
             latents = sample_with_bar(request, model, encoder, init, part, latent_shape, watcher)
             if request.hires is not None:
-                latents = hires_with_bar(request, model, encoder, part, latents, watcher)
+                latents = hires_with_bar(request, model, encoder, part, latents, watcher, tiled)
             decode_and_write(model, part, latents, tiled, outputs)
 
     def run_batch(batch: Batch) -> None:

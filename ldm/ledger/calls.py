@@ -97,14 +97,14 @@ def generation_calls(request: GenerationRequest | None = None, prompts: Sequence
         if shape.img2img:
             with phase("vae"):
                 image = init_image or Image.new("RGB", (shape.width, shape.height))
-                init = InitImage.encode(image, shape.width, shape.height, model, run.dtype)
+                init = InitImage.encode(image, shape.width, shape.height, model, run.dtype, shape.tiled)
         factor = sd.config.downsampling_factor
         latent_shape = (sd.config.latent_channels, shape.height // factor, shape.width // factor)
         batch = next(plan_batches(run, prompts))
         with phase("unet"):
             latents = sample_batch(run, model, encoder, init, batch, latent_shape)
         if run.hires is not None:  # the hires fix's second pass, at its size (its upscale's VAE work under "vae")
-            latents = hires_pass(run, model, encoder, batch, latents, phase=phase)
+            latents = hires_pass(run, model, encoder, batch, latents, phase=phase, tiled=shape.tiled)
         with phase("vae"):
             if first_tile_only:
                 side = 2 * DEFAULT_TILE if shape.tiled else None  # a tile with its overlap is at most twice the tile

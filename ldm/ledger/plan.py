@@ -49,8 +49,8 @@ def _meta_models(config: str, dtype: torch.dtype, quantize: str | None = None, t
 
 def low_mode_tiles(config: str, shape: RunShape, dtype: torch.dtype = torch.float16, quantize: str | None = None,
                    tome: float | None = None) -> bool:
-    """Whether low mode decodes ``shape`` in tiles: when the ledger's whole-image decode would peak above
-    the UNet's sampling. One step of DDIM stands for the sampling: its UNet call is every sampler's.
+    """Whether low mode decodes ``shape`` in tiles: when the ledger's whole-image decode (or img2img's encode, which
+    then tiles too: :mod:`ldm.memory.vae_encoding`) would peak above the UNet's sampling. One step of DDIM stands for the sampling: its UNet call is every sampler's.
     ``quantize`` and ``tome`` as the run's UNet (:func:`~ldm.ledger.simulation.meta_stable_diffusion`)."""
     if shape.tiled:
         return True

@@ -32,6 +32,7 @@ from ldm.conditioning.prompts import PromptEncoder
 from ldm.errors import UsageError
 from ldm.memory.out_of_memory import decode_with_retry
 from ldm.memory.vae_decoding import should_tile
+from ldm.memory.vae_encoding import encode_pixels
 from ldm.passes.upscalers import find_upscaler, to_webui_uint8, upscale_latents, upscale_pixels
 from ldm.pipeline.batches import Batch, BatchStart
 from ldm.pipeline.decode import decode_image
@@ -126,9 +127,10 @@ class UpscaledLatents:
         return BatchStart(self.latents.to(device=x_T.device, dtype=torch.float32))
 
 
-def upscale(request: GenerationRequest, model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+def upscale(request: GenerationRequest, model: LoadedModel, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """The first pass's latents at the target size: interpolated (latent upscalers) or decoded, resized in 8 bits
-    and encoded (pixel upscalers; the posterior's mean), then cropped by the target's truncation."""
+    and encoded (pixel upscalers; the posterior's mean; in tiles with ``tiled``, which gives the same mean), then
+    cropped by the target's truncation."""
     options = request.hires
     target = hires_target(request.width, request.height, options)
     upscaler = find_upscaler(options.upscaler)
@@ -136,15 +138,16 @@ def upscale(request: GenerationRequest, model: LoadedModel, latents: torch.Tenso
     if upscaler.latent:
         upscaled = upscale_latents(latents, upscaler, *size)
     else:
-        upscaled = torch.cat([reencoded(request, model, latents[k : k + 1], upscaler, target)
+        upscaled = torch.cat([reencoded(request, model, latents[k : k + 1], upscaler, target, tiled)
                               for k in range(latents.shape[0])])
     ty, tx = target.truncate_y, target.truncate_x
     return upscaled[:, :, ty // 2 : upscaled.shape[2] - (ty + 1) // 2, tx // 2 : upscaled.shape[3] - (tx + 1) // 2]
 
 
 def reencoded(request: GenerationRequest, model: LoadedModel, latent: torch.Tensor, upscaler,
-              target: HiresTarget) -> torch.Tensor:
-    """One image's latent decoded, to 8 bits, resized by a pixel upscaler and encoded (the posterior's mean)."""
+              target: HiresTarget, tiled_encode: bool = False) -> torch.Tensor:
+    """One image's latent decoded, to 8 bits, resized by a pixel upscaler and encoded (the posterior's mean; in
+    tiles with ``tiled_encode``: :mod:`ldm.memory.vae_encoding`)."""
     residency, scale_factor = model.residency, model.sd.scale_factor
     tiled = should_tile(request.height, request.width, request.vae_tiling)
     decoded = decode_with_retry(residency, lambda tiled, tile: decode_image(residency, latent, scale_factor, tiled, tile),
@@ -155,19 +158,21 @@ def reencoded(request: GenerationRequest, model: LoadedModel, latent: torch.Tens
         pixels = image_to_tensor(upscale_pixels(to_webui_uint8(decoded), upscaler, target.upscale_width,
                                                 target.upscale_height), target.upscale_width, target.upscale_height)
     del decoded
-    with residency.use("vae.encoder") as vae, torch.no_grad():
-        posterior = vae.encode(pixels.to(device=residency.device, dtype=request.dtype))
+    with residency.use("vae.encoder") as vae:
+        posterior = encode_pixels(vae, pixels, residency.device, request.dtype, tiled_encode)
     return scale_factor * posterior.mean.float()
 
 
 def hires_pass(request: GenerationRequest, model: LoadedModel, encoder: PromptEncoder, batch: Batch,
-               latents: torch.Tensor, progress: StepCallback | None = None, phase=None) -> torch.Tensor:
+               latents: torch.Tensor, progress: StepCallback | None = None, phase=None,
+               tiled: bool = False) -> torch.Tensor:
     """The second pass over one batch's first-pass ``latents``: their latents at the target size. ``phase``:
-    the ledger's ``phase(name)`` context for the upscale's VAE work and the sampling (default: none)."""
+    the ledger's ``phase(name)`` context for the upscale's VAE work and the sampling (default: none); ``tiled``:
+    a pixel upscaler's encode at the target size runs in tiles (as the final pictures' decode does)."""
     phase = phase or (lambda name: nullcontext())
     second = hires_request(request)
     with phase("vae" if not find_upscaler(request.hires.upscaler).latent else "unet"):
-        init = UpscaledLatents(upscale(request, model, latents))
+        init = UpscaledLatents(upscale(request, model, latents, tiled))
     if request.hires.prompt is not None:
         batch = replace(batch, prompt=request.hires.prompt)
     channels = model.sd.config.latent_channels

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ldm.memory.vae_encoding import encode_pixels
 from ldm.pipeline.batches import BatchStart
 from ldm.pipeline.inpainting import InpaintingUNet, latent_mask, masked_image, sampler_blend
 from ldm.pipeline.masks import apply_overlay, init_pixels, load_mask, mask_tensor
@@ -58,16 +59,18 @@ class InpaintingInputs:
         return image, mask_tensor(self.mask)
 
     @torch.no_grad()
-    def encode(self, residency, device: torch.device, dtype: torch.dtype, *, nine_channel: bool, needs_init: bool) -> None:
+    def encode(self, residency, device: torch.device, dtype: torch.dtype, *, nine_channel: bool, needs_init: bool,
+               tiled: bool = False) -> None:
         """The VAE posteriors, once per run, with only the VAE's encoder on the device: the init image's when
-        ``needs_init`` (a 4-channel UNet, or strength < 1), the masked image's for a 9-channel UNet."""
+        ``needs_init`` (a 4-channel UNet, or strength < 1), the masked image's for a 9-channel UNet; in tiles with
+        ``tiled`` (:func:`~ldm.memory.vae_encoding.encode_pixels`: the same posterior)."""
         self.nine_channel = nine_channel
         image, mask = self.tensors()
         with residency.use("vae.encoder") as vae:
             if needs_init:
-                self.image_posterior = vae.encode(image.to(device=device, dtype=dtype))
+                self.image_posterior = encode_pixels(vae, image, device, dtype, tiled)
             if nine_channel:
-                self.masked_posterior = vae.encode(masked_image(image, mask).to(device=device, dtype=dtype))
+                self.masked_posterior = encode_pixels(vae, masked_image(image, mask), device, dtype, tiled)
 
     def start(self, noise, x_T: Tensor, scale_factor: float, *, sampler: str, schedule, steps: int, strength: float,
               schedule_type: str = "automatic", img2img_steps: str = "cut"):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoints.kinds import INPAINTING_IN_CHANNELS
+from ldm.memory.vae_encoding import encode_pixels
 from ldm.models.autoencoder import DiagonalGaussian
 from ldm.pipeline.batches import BatchStart
 from ldm.pipeline.images import image_to_tensor
@@ -26,10 +27,12 @@ class InitImage:
     scale_factor: float
 
     @classmethod
-    def encode(cls, image: Image.Image, width: int, height: int, model: LoadedModel, dtype: torch.dtype) -> InitImage:
+    def encode(cls, image: Image.Image, width: int, height: int, model: LoadedModel, dtype: torch.dtype,
+               tiled: bool = False) -> InitImage:
+        """The image's posterior, in tiles with ``tiled`` (the same posterior: :mod:`ldm.memory.vae_encoding`)."""
         pixels = image_to_tensor(image, width, height)
-        with model.residency.use("vae.encoder") as vae, torch.no_grad():
-            posterior = vae.encode(pixels.to(device=model.residency.device, dtype=dtype))
+        with model.residency.use("vae.encoder") as vae:
+            posterior = encode_pixels(vae, pixels, model.residency.device, dtype, tiled)
         return cls(posterior, model.sd.scale_factor)
 
     def latent(self, noise: SeededNoise, x_T: torch.Tensor) -> torch.Tensor:
@@ -41,14 +44,15 @@ class InitImage:
 
 
 def prepare_init(request: GenerationRequest, model: LoadedModel, init_image: Image.Image | None, width: int,
-                 height: int, inpainting: InpaintingInputs | None = None) -> InitImage | InpaintingInputs | None:
+                 height: int, inpainting: InpaintingInputs | None = None,
+                 tiled: bool = False) -> InitImage | InpaintingInputs | None:
     """The run's input preparer, its images encoded once: img2img's ``InitImage``, inpainting's ``InpaintingInputs``
     (the init image where it is used, the masked image for a 9-channel UNet), or None (txt2img)."""
     if inpainting is not None:
         nine = model.sd.config.unet.in_channels == INPAINTING_IN_CHANNELS
         inpainting.encode(model.residency, request.device, request.dtype, nine_channel=nine,
-                          needs_init=not nine or request.strength < 1)
+                          needs_init=not nine or request.strength < 1, tiled=tiled)
         return inpainting
     if request.img2img:
-        return InitImage.encode(init_image, width, height, model, request.dtype)
+        return InitImage.encode(init_image, width, height, model, request.dtype, tiled)
     return None
