@@ -13,10 +13,7 @@ import torch
 from torch import nn
 
 from ldm.config import UNetConfig
-from ldm.models.attention import SpatialTransformer
-from ldm.models.unet import (
-    Downsample, PartHook, ResBlock, TimestepEmbedSequential, call_part, timestep_embedding,
-)
+from ldm.models.unet import PartHook, call_part, encoder_blocks, middle_block, timestep_embedding
 
 HINT_CHANNELS = 3  # an RGB hint image in [0, 1]
 # The hint encoder's widths (fixed in cldm.py whatever the UNet's width): three stride-2 convs take the image
@@ -55,28 +52,11 @@ class ControlNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.input_hint_block = hint_encoder(mc, hint_channels)
 
-        def transformer(ch: int) -> SpatialTransformer:
-            heads, head_dim = config.attention_shape(ch)
-            return SpatialTransformer(ch, heads, head_dim, config.transformer_depth, config.context_dim)
-
-        # The UNet's encoder, block for block (UNetModel.__init__'s first half).
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([zero_conv(mc)])
-        ch, ds = mc, 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, time_dim, mult * mc)]
-                ch = mult * mc
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self.zero_convs.append(zero_conv(ch))
-            if level != len(config.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                self.zero_convs.append(zero_conv(ch))
-                ds *= 2
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, time_dim, ch), transformer(ch), ResBlock(ch, time_dim, ch))
-        self.middle_block_out = zero_conv(ch)
+        # The UNet's encoder, block for block, each skip out through its zero conv.
+        self.input_blocks, skip_channels = encoder_blocks(config)
+        self.zero_convs = nn.ModuleList([zero_conv(ch) for ch in skip_channels])
+        self.middle_block = middle_block(config, skip_channels[-1])
+        self.middle_block_out = zero_conv(skip_channels[-1])
 
     @property
     def dtype(self) -> torch.dtype:

@@ -107,6 +107,40 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def transformer(config: UNetConfig, ch: int) -> SpatialTransformer:
+    """The cross-attention block of a level ``ch`` channels wide."""
+    heads, head_dim = config.attention_shape(ch)
+    return SpatialTransformer(ch, heads, head_dim, config.transformer_depth, config.context_dim)
+
+
+def encoder_blocks(config: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """``input_blocks`` (the UNet's encoder, also the ControlNet's copy of it) and each block's output width,
+    the skips' channels."""
+    mc, time_dim = config.model_channels, config.model_channels * 4
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+    skip_channels = [mc]
+    ch, ds = mc, 1
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, time_dim, mult * mc)]
+            ch = mult * mc
+            if ds in config.attention_resolutions:
+                layers.append(transformer(config, ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(config.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+            ds *= 2
+    return blocks, skip_channels
+
+
+def middle_block(config: UNetConfig, ch: int) -> TimestepEmbedSequential:
+    """``middle_block``: ResBlock, cross-attention, ResBlock at the deepest width ``ch``."""
+    time_dim = config.model_channels * 4
+    return TimestepEmbedSequential(ResBlock(ch, time_dim, ch), transformer(config, ch), ResBlock(ch, time_dim, ch))
+
+
 class UNetModel(nn.Module):
     """eps-prediction UNet: ``forward(x, timesteps, context) -> eps`` (same shape as ``x``)."""
 
@@ -119,31 +153,9 @@ class UNetModel(nn.Module):
         # time_embed.1 is the SiLU slot.
         self.time_embed = nn.Sequential(nn.Linear(mc, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
 
-        def transformer(ch: int) -> SpatialTransformer:
-            heads, head_dim = config.attention_shape(ch)
-            return SpatialTransformer(ch, heads, head_dim, config.transformer_depth, config.context_dim)
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
-        )
-        skip_channels = [mc]
-        ch, ds = mc, 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, time_dim, mult * mc)]
-                ch = mult * mc
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(config.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_dim, ch), transformer(ch), ResBlock(ch, time_dim, ch)
-        )
+        self.input_blocks, skip_channels = encoder_blocks(config)
+        ch, ds = skip_channels[-1], 2 ** (len(config.channel_mult) - 1)
+        self.middle_block = middle_block(config, ch)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
@@ -151,7 +163,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), time_dim, mc * mult)]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(config, ch))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
