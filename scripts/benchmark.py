@@ -514,7 +514,7 @@ def cpu_line() -> str:
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-    except OSError:
+    except OSError:  # no /proc (not Linux): the model from platform, the ISA unknown
         pass
     isa = "avx512f" + (" + avx512_bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else (
         "avx2 only" if "avx2" in flags else "no avx2")

@@ -99,7 +99,7 @@ class EmbeddingCache:
             self.unwritten.append(_reason(error))
             try:
                 tmp.unlink(missing_ok=True)
-            except OSError:
+            except OSError:  # the folder itself is unusable: nothing was left in it to remove
                 pass
 
     def fault_line(self) -> str | None:

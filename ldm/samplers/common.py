@@ -25,7 +25,7 @@ cleaning up.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +35,11 @@ from ldm.samplers.schedule import DiffusionSchedule
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 NoiseSampler = Callable[[Tensor], Tensor]
 Callback = Callable[[int, int, Tensor], "Tensor | None"]
+
+
+def as_floats(sigmas: Sequence[float] | Tensor) -> list[float]:
+    """The levels as Python floats, for the samplers' step arithmetic (a tensor or a list alike)."""
+    return [float(s) for s in sigmas]
 
 
 def timestep_tensor(x: Tensor, t: float) -> Tensor:

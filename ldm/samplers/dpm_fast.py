@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, report
+from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, as_floats, report
 from ldm.samplers.k_diffusion import ancestral_step
 
 
@@ -102,7 +102,7 @@ def sample_dpm_fast(
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver-fast over the ends of ``sigmas`` with ``len(sigmas) - 1`` model calls (see the module docstring)."""
-    ts, orders = fast_plan([float(s) for s in sigmas])
+    ts, orders = fast_plan(as_floats(sigmas))
     total = len(orders)
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
@@ -185,7 +185,7 @@ def sample_dpm_adaptive(
     """Adaptive DPM-Solver-``order - 1``/``order`` between the ends of ``sigmas`` (see the module docstring)."""
     if order not in (2, 3):
         raise ValueError(f"order must be 2 or 3, got {order}")
-    levels = [float(s) for s in sigmas]
+    levels = as_floats(sigmas)
     t, t_end = _t(max(levels)), _t(min(s for s in levels if s > 0))
     controller = StepController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta > 0 else order, accept_safety)
     x_prev, accepted = x, 0

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, report
+from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, as_floats, report
 from ldm.samplers.k_diffusion import ancestral_step
 
 
@@ -31,7 +31,7 @@ def sample_dpmpp_2m(
     model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, callback: Callback | None = None
 ) -> Tensor:
     """DPM-Solver++(2M) from ``x`` at ``sigmas[0]`` down to ``sigmas[-1]`` (0 ends with a first-order step)."""
-    sigmas = [float(s) for s in sigmas]
+    sigmas = as_floats(sigmas)
     total = len(sigmas) - 1
     old_denoised: Tensor | None = None
     h_last = 0.0
@@ -67,7 +67,7 @@ def sample_dpmpp_2s_ancestral(
     """DPM-Solver++(2S) (the paper's Algorithm 1, single-step, second order, r = 1/2) down to each step's
     ``sigma_down``, then fresh noise of std ``sigma_up`` (:func:`ldm.samplers.k_diffusion.ancestral_step`), as
     k-diffusion's ``sample_dpmpp_2s_ancestral``; a step down to 0 is Euler."""
-    sigmas = [float(s) for s in sigmas]
+    sigmas = as_floats(sigmas)
     total = len(sigmas) - 1
     for i in range(total):
         sigma = sigmas[i]

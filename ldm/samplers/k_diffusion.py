@@ -19,7 +19,7 @@ import torch
 from numpy.polynomial import Polynomial
 from torch import Tensor
 
-from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, report
+from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, as_floats, report
 
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
@@ -42,9 +42,6 @@ def _add_noise(x: Tensor, sigma_up: float, noise_sampler: NoiseSampler | None) -
     return x + (noise_sampler or torch.randn_like)(x) * sigma_up
 
 
-def _floats(sigmas: Sequence[float] | Tensor) -> list[float]:
-    return [float(s) for s in sigmas]
-
 
 @torch.no_grad()
 def sample_euler(
@@ -57,7 +54,7 @@ def sample_euler(
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler steps (Karras et al., Algorithm 2 without churn); ``eta=1`` is ``euler_a`` (ancestral)."""
-    sigmas = _floats(sigmas)
+    sigmas = as_floats(sigmas)
     total = len(sigmas) - 1
     for i in range(total):
         sigma = sigmas[i]
@@ -73,7 +70,7 @@ def sample_heun(
     model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, callback: Callback | None = None
 ) -> Tensor:
     """Heun's second-order steps (Karras et al., Algorithm 2 without churn); the step to sigma 0 is Euler."""
-    sigmas = _floats(sigmas)
+    sigmas = as_floats(sigmas)
     total = len(sigmas) - 1
     for i in range(total):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -102,7 +99,7 @@ def sample_dpm2(
     """DPM-Solver-2-style midpoint steps (Lu et al. 2022, Algorithm 1 with r=1/2, in k-diffusion's form): the
     derivative at the log-sigma midpoint drives the whole step; the step to sigma 0 is Euler. ``eta=1`` is
     ``dpm2_a``."""
-    sigmas = _floats(sigmas)
+    sigmas = as_floats(sigmas)
     total = len(sigmas) - 1
     for i in range(total):
         sigma = sigmas[i]
@@ -150,7 +147,7 @@ def sample_lms(
     callback: Callback | None = None,
 ) -> Tensor:
     """Linear multistep (Adams-Bashforth in sigma) of up to ``order`` past derivatives, k-diffusion's ``lms``."""
-    sigmas = _floats(sigmas)
+    sigmas = as_floats(sigmas)
     total = len(sigmas) - 1
     ds: list[Tensor] = []  # newest last
     for i in range(total):

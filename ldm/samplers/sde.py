@@ -29,7 +29,7 @@ import torchsde
 import torchsde._brownian.brownian_interval as brownian_interval
 from torch import Tensor
 
-from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, report
+from ldm.samplers.common import Callback, NoiseSampler, ScheduledEps, as_floats, report
 from ldm.samplers.k_diffusion import ancestral_step, to_d
 from ldm.samplers.noise import make_generator
 
@@ -98,9 +98,6 @@ def _float32_round_trip(sigma: float, sigma_next: float, r: float) -> tuple[floa
     return float((-t).exp()), float((-s).exp()), float((-t_next).exp())
 
 
-def _floats(sigmas: Sequence[float] | Tensor) -> list[float]:
-    return [float(s) for s in sigmas]
-
 
 @torch.no_grad()
 def sample_dpmpp_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | Tensor, *, eta: float = 1.0,
@@ -108,7 +105,7 @@ def sample_dpmpp_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] | T
                      r: float = 0.5, span: tuple[float, float] | None = None) -> Tensor:
     """DPM-Solver++ (stochastic): a first-order step to ``t + r h`` with its share of noise, the denoiser
     there, then the whole step with the blended denoised; the step to sigma 0 is Euler."""
-    sigmas = _floats(sigmas)
+    sigmas = as_floats(sigmas)
     noise = BrownianNoise.for_batch(x, sigmas, noise_sampler, span) if eta > 0 else None
     total = len(sigmas) - 1
     for i in range(total):
@@ -149,7 +146,7 @@ def sample_dpmpp_2m_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] 
     weights); the last step returns the denoised."""
     if solver_type not in ("heun", "midpoint"):
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    sigmas = _floats(sigmas)
+    sigmas = as_floats(sigmas)
     noise = BrownianNoise.for_batch(x, sigmas, noise_sampler, span) if eta > 0 else None
     total = len(sigmas) - 1
     old_denoised, h_last = None, None
@@ -179,7 +176,7 @@ def sample_dpmpp_3m_sde(model: ScheduledEps, x: Tensor, sigmas: Sequence[float] 
                         noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, span: tuple[float, float] | None = None) -> Tensor:
     """DPM-Solver++(3M) SDE: third order from the two previous denoised (second order in the second step);
     the last step returns the denoised."""
-    sigmas = _floats(sigmas)
+    sigmas = as_floats(sigmas)
     noise = BrownianNoise.for_batch(x, sigmas, noise_sampler, span) if eta > 0 else None
     total = len(sigmas) - 1
     denoised_1 = denoised_2 = None
