@@ -48,6 +48,7 @@ from ldm.memory.estimates import model_bytes
 from ldm.memory.vae_decoding import should_tile
 from ldm.models.attention import attention_backend
 from ldm.models.safety_checker import find_safety_checker_files
+from ldm.models.taesd import TinyAutoencoder
 from ldm.passes.hires import final_size, hires_pass, hires_texts
 from ldm.passes.only_masked import AreaInpaintingInputs
 from ldm.pipeline.batches import Batch, batch_parts, plan_batches
@@ -238,15 +239,15 @@ def part_size(request: GenerationRequest, inputs: RunInputs, model: LoadedModel,
     weights = sum(model_bytes(model.sd).values())
     query = PartQuery(inputs.config, model.residency.mode, inputs.height, inputs.width, request.dtype, request.sampler,
                       attention_name(request.attention, request.device), request.unet_bs, request.device, tiled,
-                      request.quantize, request.tome, weights)
+                      request.quantize, request.tome, weights, isinstance(model.sd.vae, TinyAutoencoder))
     grid = grid_host_bytes(outputs.images, inputs.height, inputs.width) if outputs.keep_grid else 0
     return images_per_part(query, request.n_samples, extra_host_bytes=grid)
 
 
-def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) -> bool:
+def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str, taesd: bool = False) -> bool:
     """Tile the decode with ``--vae_tiling``, above 1024 px, and in low mode where the VRAM ledger says a
     whole-image decode would set the run's peak above the UNet's (768 px and up for SD v1 in fp16; tiles
-    change the picture slightly, so only where the memory needs them)."""
+    change the picture slightly, so only where the memory needs them). ``taesd``: the run's VAE is a TAESD."""
     if should_tile(inputs.height, inputs.width, request.vae_tiling):
         return True
     if mode != "low" or request.device.type != "cuda":
@@ -255,7 +256,7 @@ def decode_in_tiles(request: GenerationRequest, inputs: RunInputs, mode: str) ->
     shape = RunShape(inputs.height, inputs.width, request.n_samples, request.sampler, request.steps, request.scale,
                      attention, False, request.unet_bs, request.img2img)
     return low_mode_tiles(str(request.config or resolve_config(None)), shape, request.dtype, request.quantize,
-                          request.tome)
+                          request.tome, taesd)
 
 
 
@@ -314,7 +315,8 @@ def run_batches(request: GenerationRequest, inputs: RunInputs, model: LoadedMode
         outputs.control_maps = [unit.map for unit in model.control]
     encoder = outputs.encoder = encode_prompts(request, [*inputs.prompts, *hires_texts(request)], model)
     final = replace(inputs, **dict(zip(("height", "width"), final_size(request, inputs.height, inputs.width))))
-    tiled = decode_in_tiles(request, final, model.residency.mode)  # the pictures written: the hires fix's size
+    # The pictures written: the hires fix's size.
+    tiled = decode_in_tiles(request, final, model.residency.mode, isinstance(model.sd.vae, TinyAutoencoder))
     # Encodes at that size (img2img's init image, a hires pixel upscaler's) tile where its decode does.
     init = prepare_init(request, model, inputs.init_image, inputs.width, inputs.height, inputs.inpainting, tiled)
     cfg = inputs.config

@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from ldm.checkpoints.vae_files import vae_is_tiny
 from ldm.conditioning.fork_syntax import parse_prompt
 from ldm.conditioning.prompts import distinct
 from ldm.config import load_model_config
@@ -63,7 +64,7 @@ def plan_text(request) -> str:
 def plan_for(request):
     """The :class:`~ldm.ledger.plan.MemoryPlan` of a parsed :class:`~ldm.pipeline.request.GenerationRequest`.
     The memory is the GPU's: fp16 unless ``--precision full``; the UNet as ``--quantize`` and ``--tome``
-    make it."""
+    make it; the VAE a TAESD's when ``--vae`` names one."""
     config = request.config or resolve_config(None)
     load_model_config(config)  # a bad config is the user's one-line error, before any simulation
     prompts = distinct(read_prompts_file(request.from_file) if request.from_file else [request.prompt])
@@ -78,4 +79,4 @@ def plan_for(request):
     dtype = torch.float16 if request.precision == "autocast" else torch.float32
     return memory_plan(str(config), shape, dtype, budget_bytes=request.vram_budget_bytes, gpu_bytes=card,
                        calls=generation_calls(request, prompts, init_image), quantize=request.quantize,
-                       tome=request.tome)
+                       tome=request.tome, taesd=request.vae is not None and vae_is_tiny(request.vae))

@@ -60,6 +60,12 @@ def read_vae_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return vae_weights_from_state(state, path)
 
 
+def vae_is_tiny(path: str | Path) -> bool:
+    """Whether ``--vae``'s file or folder is a TAESD: ``--plan`` then counts its memory instead of the KL VAE's.
+    Cheap for the usual files: safetensors are memory-mapped, not read."""
+    return is_tiny_vae(read_vae_weights(path))
+
+
 def is_tiny_vae(state: dict[str, torch.Tensor]) -> bool:
     """diffusers' ``AutoencoderTiny`` keys, and nothing else."""
     return bool(state) and all(key.startswith(TINY_VAE_PARTS) for key in state)

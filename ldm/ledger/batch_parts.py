@@ -48,10 +48,10 @@ class BatchTooLarge(UserError):
 
 def ledger_bytes(cfg: ModelConfig, mode: str, height: int, width: int, dtype: torch.dtype, sampler: str,
                  attention: str, unet_bs: int | None, device: torch.device, tiled: bool,
-                 quantize: str | None = None, tome: float | None = None) -> PartMemory:
+                 quantize: str | None = None, tome: float | None = None, taesd: bool = False) -> PartMemory:
     """The VRAM ledger's count (weights apart) for parts of one and of two images: the per-image slope of the
     sampling, and the rest (the larger of the sampling's constant part and one image's decode)."""
-    sd = meta_stable_diffusion(cfg, dtype, quantize, tome)  # the UNet as --quantize / --tome make it
+    sd = meta_stable_diffusion(cfg, dtype, quantize, tome, taesd)  # the UNet as --quantize / --tome make it
     shape = RunShape(height, width, 1, sampler, plan_steps(sampler, 20), 7.5, attention, tiled, unet_bs)
     calls = generation_calls(first_tile_only=True)  # the run's stages; a tiled decode as its largest tile
     one, two = (simulate(sd, mode, replace(shape, batch=images), calls=calls) for images in (1, 2))
@@ -88,6 +88,7 @@ class PartQuery:
     quantize: str | None = None  # --quantize
     tome: float | None = None  # --tome
     weight_bytes: int = 0  # the models' weights: on CUDA the rough bound counts them all on the device
+    taesd: bool = False  # --vae is a TAESD: its decode, not the KL VAE's
 
 
 def images_per_part(query: PartQuery, images: int, extra_host_bytes: int = 0) -> int:
@@ -102,7 +103,7 @@ def images_per_part(query: PartQuery, images: int, extra_host_bytes: int = 0) ->
     if rough.need(images) <= available:
         return images
     part = ledger_bytes(query.cfg, query.mode, query.height, query.width, query.dtype, query.sampler, query.attention,
-                        query.unet_bs, query.device, query.tiled, query.quantize, query.tome)
+                        query.unet_bs, query.device, query.tiled, query.quantize, query.tome, query.taesd)
     fitting = min(images, part.images_within(available))
     if fitting == 0:
         raise BatchTooLarge(_too_large(query, part, available))

@@ -43,18 +43,20 @@ MODE_ORDER = ("full", "medium", "low")
 
 
 @functools.lru_cache(maxsize=4)
-def _meta_models(config: str, dtype: torch.dtype, quantize: str | None = None, tome: float | None = None):
-    return meta_stable_diffusion(config, dtype, quantize, tome)
+def _meta_models(config: str, dtype: torch.dtype, quantize: str | None = None, tome: float | None = None,
+                 taesd: bool = False):
+    return meta_stable_diffusion(config, dtype, quantize, tome, taesd)
 
 
 def low_mode_tiles(config: str, shape: RunShape, dtype: torch.dtype = torch.float16, quantize: str | None = None,
-                   tome: float | None = None) -> bool:
+                   tome: float | None = None, taesd: bool = False) -> bool:
     """Whether low mode decodes ``shape`` in tiles: when the ledger's whole-image decode (or img2img's encode, which
     then tiles too: :mod:`ldm.memory.vae_encoding`) would peak above the UNet's sampling. One step of DDIM stands for the sampling: its UNet call is every sampler's.
-    ``quantize`` and ``tome`` as the run's UNet (:func:`~ldm.ledger.simulation.meta_stable_diffusion`)."""
+    ``quantize`` and ``tome`` as the run's UNet, ``taesd`` for TAESD as the VAE
+    (:func:`~ldm.ledger.simulation.meta_stable_diffusion`)."""
     if shape.tiled:
         return True
-    run = simulate(_meta_models(str(config), dtype, quantize, tome), "low", replace(shape, sampler="ddim", steps=1))
+    run = simulate(_meta_models(str(config), dtype, quantize, tome, taesd), "low", replace(shape, sampler="ddim", steps=1))
     return run.phase_peaks["vae"].total > run.phase_peaks["unet"].total
 
 
@@ -89,11 +91,13 @@ def pick_mode(modes: dict[str, LedgerRun], gpu_bytes: int | None) -> str | None:
 def memory_plan(
     config, shape: RunShape, dtype: torch.dtype = torch.float16, *, budget_bytes: int | None = None,
     gpu_bytes: int | None = None, calls: Calls | None = None, quantize: str | None = None, tome: float | None = None,
+    taesd: bool = False,
 ) -> MemoryPlan:
     """Simulate ``shape`` in full, medium and low mode (and low with ``budget_bytes`` when given, as
     "low_budget"), low decoding in tiles where :func:`low_mode_tiles` says so; ``calls`` as
-    :func:`~ldm.ledger.simulation.simulate`'s; ``quantize`` and ``tome`` change the UNet as the run does."""
-    sd = _meta_models(str(config), dtype, quantize, tome)
+    :func:`~ldm.ledger.simulation.simulate`'s; ``quantize`` and ``tome`` change the UNet as the run does, ``taesd``
+    puts the tiny autoencoder in the VAE's place (``--vae`` with a TAESD)."""
+    sd = _meta_models(str(config), dtype, quantize, tome, taesd)
     shape = replace(shape, steps=plan_steps(shape.sampler, shape.steps))
     modes = {name: simulate(sd, name, shape, calls=calls) for name in ("full", "medium")}
     low = simulate(sd, "low", shape, calls=calls)

@@ -44,6 +44,12 @@ def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
 
 
+def on_cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last order on the CPU, where oneDNN's 3x3 convolutions with 64 channels run 1.3x as fast
+    in it (TAESD's decode at 512x512: 1.31 -> 1.02 s, the same values within fp32 rounding); as it is elsewhere."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 class TinyBlock(nn.Module):
     """relu(conv-relu-conv-relu-conv(x) + skip(x)) (TAESD's ``Block``, diffusers' ``AutoencoderTinyBlock``)."""
 
@@ -70,7 +76,7 @@ class TinyEncoder(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x.add(1).div(2))
+        return self.layers(on_cpu_channels_last(x.add(1).div(2))).contiguous()
 
 
 class TinyDecoder(nn.Module):
@@ -91,10 +97,10 @@ class TinyDecoder(nn.Module):
         return [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
 
     def forward(self, z: torch.Tensor, hook: PartHook = call_part) -> torch.Tensor:
-        h = torch.tanh(z / LATENT_MAGNITUDE) * LATENT_MAGNITUDE
+        h = on_cpu_channels_last(torch.tanh(z / LATENT_MAGNITUDE) * LATENT_MAGNITUDE)
         for name, layer in self.parts():
             h = hook(name, layer, h)
-        return h.mul(2).sub(1)
+        return h.mul(2).sub(1).contiguous()
 
 
 class TinyLatent:
