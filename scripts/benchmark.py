@@ -519,7 +519,16 @@ def cpu_line() -> str:
     isa = "avx512f" + (" + avx512_bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else (
         "avx2 only" if "avx2" in flags else "no avx2")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{model} ({isa}), load average {load}"
+    return f"{model} ({isa}; {kernels_line()}), load average {load}"
+
+
+def kernels_line() -> str:
+    """The kernels PyTorch's side runs: ATen's CPU capability and oneDNN's ISA cap, which
+    ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` lower to an AVX2-only CPU's on an AVX-512 one."""
+    import torch
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"ATen {torch.backends.cpu.get_cpu_capability()}" + (f", oneDNN max ISA {cap}" if cap else "")
 
 
 def build_plan(args: argparse.Namespace) -> list[dict]:
