@@ -121,3 +121,37 @@ def test_quantized_unet_equals_torch_backend(tiny_checkpoint, tmp_path, cache):
     ov_images = run_case("txt2img_plms_default", tiny_checkpoint, tmp_path / "ov",
                          ("--quantize", "int8", *openvino_argv(cache)))
     assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)
+
+
+def test_a_cache_hit_compiles_the_first_shape_while_the_checkpoint_loads(tiny_checkpoint, tmp_path, caplog):
+    """The second run finds the converted UNet before the checkpoint is read: it compiles the first call's shapes
+    ahead (cond and uncond rows of 2 images: batch 4) and nothing else, skips reading the UNet's weights, and
+    gives the first run's images."""
+    common = ["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu", "--H", "64", "--W", "64",
+              "--n_samples", "2", "--seed", "5", "--sampler", "ddim", "--ddim_steps", "2", "--prompt", "a fox",
+              "--no-watermark", "--skip_grid", *openvino_argv(tmp_path / "cache")]
+    caplog.set_level("INFO", logger="ldm")
+    assert optimized_txt2img.main([*common, "--outdir", str(tmp_path / "first")]) == 0
+    assert "PyTorch weights given back" in caplog.text  # the miss: loaded, converted, then released
+    caplog.clear()
+    assert optimized_txt2img.main([*common, "--outdir", str(tmp_path / "second")]) == 0
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled the OpenVINO UNet")]
+    assert compiles == [compiles[0]] and "(4, 4, 8, 8)" in compiles[0], compiles
+    assert "PyTorch weights given back" not in caplog.text
+    first, second = pixels(tmp_path / "first"), pixels(tmp_path / "second")
+    assert len(first) == 2 and within_tolerance(second, first), differences(second, first)
+
+
+def test_loading_without_the_unets_weights_still_checks_its_keys(tiny_checkpoint, tmp_path):
+    from ldm.checkpoints.errors import CheckpointError
+    from ldm.checkpoints.reader import read_checkpoint
+    from ldm.loading.stable_diffusion import load_stable_diffusion
+
+    sd = load_stable_diffusion(tiny_checkpoint, TINY_CONFIG, unet_weights=False)
+    assert all(p.numel() == 0 for p in sd.unet.parameters()) and not any(p.is_meta for p in sd.unet.parameters())
+    assert all(p.numel() > 0 for p in sd.vae.parameters())
+    state = dict(read_checkpoint(tiny_checkpoint))
+    del state["model.diffusion_model.out.2.weight"]
+    broken = save_checkpoint(state, tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError, match="missing 1 UNet keys"):
+        load_stable_diffusion(broken, TINY_CONFIG, unet_weights=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,8 @@ class OpenVinoUNet:
         self.in_channels = in_channels
         self.weights_file = weights_file
         self.compiled: OrderedDict[Shapes, object] = OrderedDict()
+        self.ahead: dict[Shapes, Future] = {}
+        self._compiler: ThreadPoolExecutor | None = None
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -52,20 +55,36 @@ class OpenVinoUNet:
         eps = compiled(inputs, share_inputs=True)[0]  # outputs are copied out of the request (share_outputs)
         return torch.from_numpy(eps).to(x.dtype)
 
+    def compile_ahead(self, shapes: Shapes) -> None:
+        """Start compiling ``shapes`` (the run's likely first UNet call) in a background thread, so that the
+        compile overlaps the checkpoint's load and the prompts' encoding; a call with other shapes compiles its
+        own as before. OpenVINO's compile leaves Python's lock while it works."""
+        if shapes in self.compiled or shapes in self.ahead:
+            return
+        if self._compiler is None:
+            self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile")
+        self.ahead[shapes] = self._compiler.submit(self._compile, shapes)
+
     def _compiled(self, shapes: Shapes):
         if shapes in self.compiled:
             self.compiled.move_to_end(shapes)
             return self.compiled[shapes]
+        pending = self.ahead.pop(shapes, None)
+        compiled = pending.result() if pending is not None else self._compile(shapes)
         while len(self.compiled) >= KEEP_COMPILED:  # each holds its own copy of the weights
             self.compiled.popitem(last=False)
+        self.compiled[shapes] = compiled
+        return compiled
+
+    def _compile(self, shapes: Shapes):
         model = self.model.clone()
         model.reshape({port: self.ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
         start = time.perf_counter()
         # The compiled model holds repacked weights: the file's pages can go, during the compile too.
         with dropping_pages(self.weights_file) if self.weights_file is not None else nullcontext():
-            self.compiled[shapes] = self.core.compile_model(model, "CPU", CPU_CONFIG)
+            compiled = self.core.compile_model(model, "CPU", CPU_CONFIG)
         log.info("compiled the OpenVINO UNet for %s in %.1f s", shapes[0], time.perf_counter() - start)
-        return self.compiled[shapes]
+        return compiled
 
 
 def convert_unet(unet: nn.Module, in_channels: int, context_dim: int,

@@ -50,20 +50,25 @@ def unet_key(ckpt: Path, config: UNetConfig, *, use_ema: bool, loras: Sequence[t
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cached_unet(config: UNetConfig, key: str, cache: IRCache) -> OpenVinoUNet | None:
+    """The converted UNet ``key`` from ``cache``, ready to compile; None when the cache does not hold it."""
+    model = cache.load(key, import_openvino().Core().read_model)
+    return None if model is None else OpenVinoUNet(model, config.in_channels, cache.path(key) / "model.bin")
+
+
 def openvino_unet(unet: nn.Module, config: UNetConfig, key: str, cache: IRCache,
                   progress: Progress | None = None) -> OpenVinoUNet:
     """The converted ``unet`` (from ``cache`` when it holds ``key``, else converted and stored there); the
     PyTorch weights are given back once the model comes from disk, where OpenVINO maps them from the file."""
     ov = import_openvino()
-    core = ov.Core()
-    model = cache.load(key, core.read_model)
-    if model is None:
+    engine = cached_unet(config, key, cache)
+    if engine is None:
         converted = convert_unet(unet, config.in_channels, config.context_dim, progress)
         stored = cache.store(key, lambda xml: ov.save_model(converted, xml, compress_to_fp16=False))
         if stored is None:  # no cache: the converted model shares the PyTorch weights, which stay
             return OpenVinoUNet(converted, config.in_channels)
         del converted
-        model = core.read_model(stored / "model.xml")
+        engine = OpenVinoUNet(ov.Core().read_model(stored / "model.xml"), config.in_channels, stored / "model.bin")
     freed = release_weights(unet)
     log.info("OpenVINO UNet from %s; %.2f GiB of PyTorch weights given back", cache.path(key), freed / 2**30)
-    return OpenVinoUNet(model, config.in_channels, cache.path(key) / "model.bin")
+    return engine

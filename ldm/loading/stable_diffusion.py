@@ -115,6 +115,23 @@ def _describe(names: list[str], limit: int = 5) -> str:
 def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype,
                  copy: bool = True) -> None:
     """Assign ``weights`` to a meta-device ``module``; any key or shape disagreement is a CheckpointError."""
+    _check_keys(module, weights, what, path)
+    pages = FileMappings()
+    for key in list(weights):
+        tensor = weights.pop(key)
+        if copy:
+            weights[key] = owned_copy(tensor, dtype, pages)
+        else:  # a tensor already in dtype stays a view into the file's map, until own_weights
+            weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    module.load_state_dict(weights, strict=True, assign=True)
+    for name, buffer in module.named_buffers():
+        if buffer.is_meta:
+            raise CheckpointError(f"{path}: {what} buffer {name} was not set by the checkpoint")
+
+
+def _check_keys(module: nn.Module, weights: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """A CheckpointError naming every key of ``module`` missing from ``weights``, every unexpected one and every
+    shape that differs."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -132,17 +149,16 @@ def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str,
         problems.append(f"{len(mismatched)} {what} shapes differ from the config ({_describe(mismatched, 3)})")
     if problems:
         raise CheckpointError(f"{path}: {'; '.join(problems)}; does --config match this checkpoint?")
-    pages = FileMappings()
-    for key in list(weights):
-        tensor = weights.pop(key)
-        if copy:
-            weights[key] = owned_copy(tensor, dtype, pages)
-        else:  # a tensor already in dtype stays a view into the file's map, until own_weights
-            weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    module.load_state_dict(weights, strict=True, assign=True)
-    for name, buffer in module.named_buffers():
-        if buffer.is_meta:
-            raise CheckpointError(f"{path}: {what} buffer {name} was not set by the checkpoint")
+
+
+def empty_weights(module: nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter and floating-point buffer of ``module`` (on ``meta``) an empty CPU tensor of ``dtype``: the
+    state of a UNet whose weights an engine holds (:func:`ldm.backends.openvino_unet.release_weights`)."""
+    for owner in module.modules():
+        for name, parameter in owner.named_parameters(recurse=False):
+            owner._parameters[name] = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        for name, buffer in owner.named_buffers(recurse=False):
+            owner._buffers[name] = torch.empty(0, dtype=dtype if buffer.is_floating_point() else buffer.dtype)
 
 
 def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, pages: FileMappings) -> torch.Tensor:
@@ -156,12 +172,17 @@ def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, pages: FileMappings) ->
 
 
 def _build_models(cfg: ModelConfig, parts: CheckpointParts, use_ema: bool, path: Path, vae_path: Path | None, dtype: torch.dtype,
-                  copy: bool) -> tuple[tuple[UNetModel, bool], AutoencoderKL, CLIPTextEncoder]:
-    """The three models, built on meta and given the file's weights strictly; ``((unet, used_ema), vae, text)``."""
+                  copy: bool, with_unet: bool = True) -> tuple[tuple[UNetModel, bool], AutoencoderKL, CLIPTextEncoder]:
+    """The three models, built on meta and given the file's weights strictly; ``((unet, used_ema), vae, text)``;
+    without ``with_unet`` the UNet's weights are checked, not read (:func:`empty_weights`)."""
     with torch.device("meta"):
         unet = UNetModel(cfg.unet)
     unet_weights, used_ema = choose_unet_weights(parts, list(unet.state_dict()), use_ema, path)
-    _load_strict(unet, unet_weights, "UNet", path, dtype, copy)
+    if with_unet:
+        _load_strict(unet, unet_weights, "UNet", path, dtype, copy)
+    else:
+        _check_keys(unet, unet_weights, "UNet", path)
+        empty_weights(unet, dtype)
     with torch.device("meta"):
         autoencoder = vae_model(cfg, parts.vae)
     _load_strict(autoencoder, parts.vae, "VAE", vae_path or path, dtype, copy)
@@ -257,6 +278,7 @@ def load_stable_diffusion(
     use_ema: bool = False,
     vae: str | Path | None = None,
     copy_weights: bool = True,
+    unet_weights: bool = True,
 ) -> StableDiffusion:
     """Load an SD v1.x ``.ckpt`` / ``.safetensors`` file or diffusers folder into CPU modules of ``dtype``.
 
@@ -268,6 +290,8 @@ def load_stable_diffusion(
     ``copy_weights=False``: weights already in ``dtype`` stay views into the file's memory map, for a caller
     that replaces most of them first (``--quantize`` reads each fp32 layer once into int8 and gives its
     pages back, so the load never holds the fp32 UNet) and then calls :func:`own_weights`.
+    ``unet_weights=False``: the UNet's keys and shapes are checked as always, but its weights are not read and
+    its tensors are left empty, for a caller whose engine already holds them (``--backend openvino``'s cache).
     """
     path = Path(checkpoint)
     cfg = config if isinstance(config, ModelConfig) else load_model_config(config)
@@ -285,7 +309,8 @@ def load_stable_diffusion(
         parts.vae = read_vae_weights(vae_path)
         log.info("using the VAE of %s instead of the checkpoint's", vae_path)
 
-    (unet, used_ema), autoencoder, text_encoder = _build_models(cfg, parts, use_ema, path, vae_path, dtype, copy_weights)
+    (unet, used_ema), autoencoder, text_encoder = _build_models(cfg, parts, use_ema, path, vae_path, dtype, copy_weights,
+                                                                 unet_weights)
     # TAESD decodes the UNet's latents as they are (AutoencoderTiny's scaling_factor is 1.0).
     scale_factor = 1.0 if isinstance(autoencoder, TinyAutoencoder) else cfg.scale_factor
     return StableDiffusion(

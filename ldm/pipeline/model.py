@@ -13,8 +13,8 @@ from PIL import Image
 
 from ldm.backends.ir_cache import IRCache
 from ldm.backends.openvino_runtime import openvino_version
-from ldm.backends.openvino_unet import OpenVinoUNet
-from ldm.backends.unet_engine import openvino_unet, unet_key
+from ldm.backends.openvino_unet import OpenVinoUNet, Shapes
+from ldm.backends.unet_engine import cached_unet, openvino_unet, unet_key
 from ldm.checkpoints.errors import CheckpointError
 from ldm.config import ModelConfig
 from ldm.control.units import ControlUnit, place_units, read_nets
@@ -58,11 +58,12 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
     if len(control_images) != len(request.control):
         raise UsageError(f"{len(request.control)} ControlNet(s) but {len(control_images)} control image(s) given to this run")
     nets = read_nets(request.control, config, request.dtype)  # a file that is no ControlNet fails before the load
+    early = early_unet_engine(request, config, loras, height, width)
     log.info("loading %s", request.ckpt)
     try:
         # --quantize reads the UNet's mapped weights straight into int8 (the load never holds it in float).
         sd = load_stable_diffusion(request.ckpt, config, dtype=request.dtype, use_ema=request.use_ema,
-                                   vae=request.vae, copy_weights=not request.quantize)
+                                   vae=request.vae, copy_weights=not request.quantize, unet_weights=early is None)
     except CheckpointError as error:  # its message names the file
         raise UsageError(f"{error} ({WEIGHTS_HELP})") from None
     merged = apply_loras(sd, list(loras))  # on the host copy, before the memory mode moves anything
@@ -72,7 +73,7 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
     if request.safety_checker is not None:
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
     control_bytes = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
-    engine = unet_engine(request, sd, loras, progress)  # before the residency: it may give the weights back
+    engine = early or unet_engine(request, sd, loras, progress)  # before the residency: it may give the weights back
     residency = make_residency(request, sd, height, width, safety, control_bytes)
     control = place_units(nets, request.control, control_images, residency, width, height)
     return LoadedModel(sd, residency, sd.schedule, merged, safety, control, engine)
@@ -88,6 +89,35 @@ def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence
     key = unet_key(request.ckpt, sd.config.unet, use_ema=request.use_ema, loras=loras, quantize=request.quantize,
                    dtype=request.dtype, openvino_version=version)
     return openvino_unet(sd.unet, sd.config.unet, key, IRCache(request.backend_cache, version), progress)
+
+
+def early_unet_engine(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
+                      height: int, width: int) -> OpenVinoUNet | None:
+    """``--backend openvino`` whose converted UNet the cache holds: the engine before the checkpoint is read, the
+    run's first shape compiling in the background meanwhile, and the load then skips the UNet's weights (3.2 GiB
+    for SD v1 in fp32). Not with LoRAs or ``--quantize``, which change the UNet the load builds; not when the
+    checkpoint cannot be read (the load says why)."""
+    if request.backend != "openvino" or loras or request.quantize:
+        return None
+    version = openvino_version()
+    try:
+        key = unet_key(request.ckpt, config.unet, use_ema=request.use_ema, loras=(), quantize=None, dtype=request.dtype,
+                       openvino_version=version)
+    except OSError:
+        return None
+    engine = cached_unet(config.unet, key, IRCache(request.backend_cache, version))
+    if engine is not None:
+        engine.compile_ahead(first_unet_shapes(request, config, height, width))
+    return engine
+
+
+def first_unet_shapes(request: GenerationRequest, config: ModelConfig, height: int, width: int) -> Shapes:
+    """The input shapes of the run's first UNet call as :class:`~ldm.samplers.guidance.GuidedDenoiser` makes it:
+    the batch's conditional and unconditional rows together (at most ``--unet_bs``), prompts of up to 75 tokens."""
+    rows = request.n_samples * (2 if request.guided else 1)
+    rows = min(rows, request.unet_bs) if request.unet_bs else rows
+    factor = config.downsampling_factor
+    return ((rows, config.unet.in_channels, height // factor, width // factor), (rows,), (rows, 77, config.unet.context_dim))
 
 
 def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:
