@@ -414,7 +414,7 @@ def check_args(opt: argparse.Namespace) -> None:
     check_control_args(opt)
     check_hires_args(opt)
     check_inpaint_area_args(opt)
-    check_backend_args(opt)
+    check_backend_args(opt, default_device())
     check_speed_args(opt)
     if opt.vram_budget is not None and not 0 < opt.vram_budget < 1e6:
         raise UsageError(f"--vram_budget must be a positive number of GB, got {opt.vram_budget}")

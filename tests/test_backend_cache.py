@@ -40,6 +40,33 @@ def test_combinations_refused_in_one_line(tiny_checkpoint, tmp_path, capsys, ext
     expect_usage_error(capsys, optimized_txt2img.main, argv, fragment)
 
 
+@pytest.mark.parametrize("extra, chosen, why", [
+    ((), "openvino", "openvino (the CPU)"),
+    (("--tome", "0.5"), "torch", "torch (--tome is given)"),
+])
+def test_auto_backend_takes_openvino_where_it_runs_the_run(extra, chosen, why, caplog):
+    from ldm.pipeline.request import TXT2IMG
+    from optimizedSD.arguments import parse_args
+
+    pytest.importorskip("openvino")
+    caplog.set_level(logging.INFO, logger="optimizedSD")
+    request = parse_args(["--prompt", "x", *COMMON, "--backend", "auto", *extra], TXT2IMG)
+    assert request.backend == chosen and f"--backend auto: {why}" in caplog.text
+
+
+@pytest.mark.parametrize("device, installed, why", [
+    ("cuda", True, "the device is cuda"), ("cpu", False, "the openvino package is not installed"),
+])
+def test_auto_backend_is_torch_elsewhere(device, installed, why, monkeypatch, caplog):
+    from argparse import Namespace
+
+    from optimizedSD.flags.backend import auto_backend
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if installed else None)
+    caplog.set_level(logging.INFO, logger="optimizedSD")
+    assert auto_backend(Namespace(tome=None), device) == "torch" and why in caplog.text
+
+
 ov = pytest.importorskip("openvino")
 
 

@@ -155,3 +155,14 @@ def test_loading_without_the_unets_weights_still_checks_its_keys(tiny_checkpoint
     broken = save_checkpoint(state, tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match="missing 1 UNet keys"):
         load_stable_diffusion(broken, TINY_CONFIG, unet_weights=False)
+
+
+def test_shapes_compiled_ahead_that_no_call_needs_are_dropped(tmp_path):
+    unet, config, inputs = unet_and_inputs(TINY_CONFIG, [(2, 8, 8, 154)])
+    with torch.no_grad():
+        expected = unet(*inputs[0])
+    engine = openvino_unet(unet, config, "k", IRCache(tmp_path / "cache", openvino_version()))
+    engine.compile_ahead(((2, 4, 8, 8), (2,), (2, 77, config.context_dim)))  # a guess: prompts of 75 tokens
+    eps = engine(*inputs[0])  # a long prompt: 154 tokens
+    assert (eps - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert not engine.ahead and list(engine.compiled) == [((2, 4, 8, 8), (2,), (2, 154, config.context_dim))]

@@ -70,11 +70,21 @@ class OpenVinoUNet:
             self.compiled.move_to_end(shapes)
             return self.compiled[shapes]
         pending = self.ahead.pop(shapes, None)
-        compiled = pending.result() if pending is not None else self._compile(shapes)
+        if pending is None:
+            self._drop_ahead()
         while len(self.compiled) >= KEEP_COMPILED:  # each holds its own copy of the weights
             self.compiled.popitem(last=False)
+        compiled = pending.result() if pending is not None else self._compile(shapes)
         self.compiled[shapes] = compiled
         return compiled
+
+    def _drop_ahead(self) -> None:
+        """Forget the shapes compiled ahead when the run calls with others (a prompt over 75 tokens): each compiled
+        model holds a copy of the weights. Waits for a compile still running, so that two never overlap."""
+        for shapes, pending in self.ahead.items():
+            pending.exception()  # waits; an error there concerns shapes no call needs
+            log.info("the OpenVINO UNet compiled ahead for %s was not the run's first shape", shapes[0])
+        self.ahead.clear()
 
     def _compile(self, shapes: Shapes):
         model = self.model.clone()
