@@ -15,6 +15,8 @@
 #    ledger's prediction (the same calls on the meta device).
 # 4. scripts/benchmark.py --device cuda: the command-line generator end to end next to diffusers
 #    (resident, model offload, group offload), 512 px, batch 1.
+# 5. The same, ours alone with --deepcache 3 in full and low mode, per step (issue 26: low mode's time per
+#    step within 1.3x of full mode's, since a cached step streams only the shallow blocks).
 # Everything is printed and written under OUTPUT_DIR (gpu-check.txt, ledger.json, benchmark.json): paste
 # the tables into docs/benchmarks.md.
 set -uo pipefail
@@ -48,6 +50,10 @@ python3 scripts/gpu_check.py --sizes 512 768 1024 --json "$out/ledger.json" 2>&1
 step "end to end vs diffusers: python3 scripts/benchmark.py --device cuda --batch 1"
 python3 scripts/benchmark.py --device cuda --batch 1 --modes full medium low \
     --diffusers_modes resident model_offload group_offload --json "$out/benchmark.json" 2>&1 | tee -a "$log" || status=1
+
+step "DeepCache, low vs full mode: python3 scripts/benchmark.py --device cuda --modes full low --deepcache 3 --per_step"
+python3 scripts/benchmark.py --device cuda --batch 1 --modes full low --deepcache 3 --per_step --skip_diffusers \
+    --json "$out/deepcache.json" 2>&1 | tee -a "$log" || status=1
 
 echo; echo "gpu_check: done (exit $status); log in $log"
 exit $status
