@@ -57,7 +57,7 @@ from ldm.pipeline.encode import encode_prompts
 from ldm.pipeline.images import load_init_image, output_size
 from ldm.pipeline.inpaint_inputs import InpaintingInputs
 from ldm.pipeline.input_checks import check_finite, check_prompt_weights, check_text, read_prompts_file
-from ldm.pipeline.model import WEIGHTS_HELP, LoadedModel, attention_name, load_model
+from ldm.pipeline.model import WEIGHTS_HELP, FirstCall, LoadedModel, attention_name, load_model
 from ldm.pipeline.prepare import prepare_init
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.sample import StepCallback, sample_batch
@@ -284,7 +284,7 @@ def generate(request: GenerationRequest, hooks: RunHooks | None = None) -> RunSu
     else:
         model = load_model(request, inputs.config, [(lora.path, lora.weight) for lora in inputs.loras],
                            *final_size(request, inputs.height, inputs.width), inputs.control_images,
-                           progress=print)
+                           progress=print, first=FirstCall(inputs.prompts[0], inputs.height, inputs.width))
     summary = RunSummary(first_seed=request.seed, load_seconds=time.perf_counter() - started,
                          memory_mode=model.residency.mode, ranks=job.world_size if job else 1,
                          safety_mode=request.safety_checker_mode if model.safety is not None else None)

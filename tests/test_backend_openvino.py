@@ -123,23 +123,34 @@ def test_quantized_unet_equals_torch_backend(tiny_checkpoint, tmp_path, cache):
     assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)
 
 
-def test_a_cache_hit_compiles_the_first_shape_while_the_checkpoint_loads(tiny_checkpoint, tmp_path, caplog):
+@pytest.mark.parametrize("extra, unet_latents, decoded", [
+    (("--n_samples", "2"), ["(4, 4, 8, 8)"], "(1, 4, 8, 8)"),
+    # hires fix: the first pass at 64 px, then 128 px; a negative prompt of two chunks pads both to 154 tokens
+    (("--n_samples", "1", "--hires_scale", "2", "--negative_prompt", "blurry, " * 60), ["(2, 4, 8, 8)", "(2, 4, 16, 16)"],
+     "(1, 4, 16, 16)"),
+])
+def test_a_cache_hit_compiles_the_first_shape_while_the_checkpoint_loads(extra, unet_latents, decoded, tiny_checkpoint,
+                                                                         tmp_path, caplog):
     """The second run finds the converted UNet before the checkpoint is read: it compiles the first call's shapes
-    ahead (cond and uncond rows of 2 images: batch 4) and nothing else, skips reading the UNet's weights, and
-    gives the first run's images."""
+    ahead (the right ones: nothing is dropped) and each later shape once, skips the UNet's weights, decodes with
+    the cached VAE decoder, and gives the first run's images."""
     common = ["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu", "--H", "64", "--W", "64",
-              "--n_samples", "2", "--seed", "5", "--sampler", "ddim", "--ddim_steps", "2", "--prompt", "a fox",
-              "--no-watermark", "--skip_grid", *openvino_argv(tmp_path / "cache")]
+              "--seed", "5", "--sampler", "ddim", "--ddim_steps", "2", "--prompt", "a fox", "--no-watermark",
+              "--skip_grid", *extra, *openvino_argv(tmp_path / "cache")]
     caplog.set_level("INFO", logger="ldm")
     assert optimized_txt2img.main([*common, "--outdir", str(tmp_path / "first")]) == 0
     assert "PyTorch weights given back" in caplog.text  # the miss: loaded, converted, then released
     caplog.clear()
     assert optimized_txt2img.main([*common, "--outdir", str(tmp_path / "second")]) == 0
-    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled the OpenVINO UNet")]
-    assert compiles == [compiles[0]] and "(4, 4, 8, 8)" in compiles[0], compiles
-    assert "PyTorch weights given back" not in caplog.text
+    messages = [record.getMessage() for record in caplog.records]
+    unets = [m for m in messages if m.startswith("compiled the OpenVINO UNet")]
+    assert [latents in m for m, latents in zip(unets, unet_latents)] == [True] * len(unet_latents) == [True] * len(unets)
+    decoders = [m for m in messages if m.startswith("compiled the OpenVINO VAE decoder")]
+    assert len(decoders) == 1 and decoded in decoders[0], decoders  # every image decoded by it
+    assert not any("was not the run's first shape" in m for m in messages), messages
+    assert "PyTorch weights given back" not in caplog.text and "converted the VAE decoder" not in caplog.text
     first, second = pixels(tmp_path / "first"), pixels(tmp_path / "second")
-    assert len(first) == 2 and within_tolerance(second, first), differences(second, first)
+    assert len(first) == int(extra[1]) and within_tolerance(second, first), differences(second, first)
 
 
 def test_loading_without_the_unets_weights_still_checks_its_keys(tiny_checkpoint, tmp_path):
@@ -166,3 +177,26 @@ def test_shapes_compiled_ahead_that_no_call_needs_are_dropped(tmp_path):
     eps = engine(*inputs[0])  # a long prompt: 154 tokens
     assert (eps - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert not engine.ahead and list(engine.compiled) == [((2, 4, 8, 8), (2,), (2, 154, config.context_dim))]
+
+
+def test_vae_decoder_equals_pytorch_and_is_kept_in_the_cache(tmp_path, caplog):
+    from ldm.backends.vae_engine import openvino_decoder
+    from ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(4)
+    vae = AutoencoderKL(load_model_config(TINY_CONFIG).vae).eval()
+    with torch.no_grad():
+        for tensor in vae.parameters():
+            tensor.normal_(0, 0.05)
+    cache = IRCache(tmp_path / "cache", openvino_version())
+    caplog.set_level("INFO", logger="ldm")
+    decoder = openvino_decoder(vae, "k", cache)
+    assert "converted the VAE decoder" in caplog.text
+    for shape in ((1, 4, 8, 8), (1, 4, 16, 8), (1, 4, 8, 8)):
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            expected = vae.decode(z)
+        images = decoder(z)
+        assert images.shape == expected.shape and (images - expected).abs().max() <= 1e-5 * expected.abs().max()
+    caplog.clear()
+    assert openvino_decoder(vae, "k", cache) is not None and "converted the VAE decoder" not in caplog.text

@@ -183,3 +183,9 @@ def test_plan_counts_a_taesd_vae_in_the_kl_vaes_place(reference, tmp_path, capsy
     assert optimized_txt2img.main([*argv, "--json", "--vae", str(path)]) == 0
     tiny = json.loads(capsys.readouterr().out)["modes"]["low"]["phase_peaks"]
     assert tiny["vae"] < 0.7 * kl["vae"] and tiny["vae"] <= tiny["unet"] == kl["unet"]
+    original = _original_pair(reference, tmp_path / "pair")  # the original .pth pair's folder: a TAESD too
+    assert optimized_txt2img.main([*argv, "--json", "--vae", str(original)]) == 0
+    assert json.loads(capsys.readouterr().out)["modes"]["low"]["phase_peaks"] == tiny
+    assert optimized_txt2img.main([*argv, "--vae", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--vae not found" in err and "Traceback" not in err

@@ -5,4 +5,4 @@ and of Hugging Face's optimum-intel), kept on disk (:mod:`ldm.backends.ir_cache`
 fp32 (:mod:`ldm.backends.openvino_unet`). It computes the numbers of the PyTorch UNet within fp32 rounding.
 """
 
-BACKENDS = ("torch", "openvino", "auto")  # auto: openvino where it can run the run (optimizedSD/flags/backend.py)
+BACKENDS = ("torch", "openvino")

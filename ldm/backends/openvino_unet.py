@@ -4,97 +4,41 @@ input run it unchanged.
 
 The model is converted once with ``openvino.convert_model`` (TorchScript tracing of our UNet) with dynamic
 batch, height, width and context length, and kept on disk (:class:`ldm.backends.ir_cache.IRCache`). Each input
-shape a run meets is compiled on first use from that one model, reshaped to the static shape: OpenVINO's CPU
-plugin is faster on static shapes than on dynamic ones (docs/benchmarks.md), and a compile takes seconds where
-a conversion takes a minute. fp32 throughout (``INFERENCE_PRECISION_HINT``), so the numbers are PyTorch's
-within fp32 rounding.
+shape a run meets is compiled from that one model (:class:`ldm.backends.shape_compiler.ShapeCompiler`). fp32
+throughout, so the numbers are PyTorch's within fp32 rounding.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ldm.backends.mapped_weights import dropping_pages
-from ldm.backends.openvino_runtime import CPU_CONFIG, import_openvino
+from ldm.backends.openvino_runtime import import_openvino
+from ldm.backends.shape_compiler import ShapeCompiler
 
 log = logging.getLogger(__name__)
 
-Shapes = tuple[tuple[int, ...], ...]
-KEEP_COMPILED = 2  # compiled shapes kept at once: a run meets one or two (a last --unet_bs chunk)
-
-
-class OpenVinoUNet:
+class OpenVinoUNet(ShapeCompiler):
     """A converted UNet (an ``openvino.Model`` with dynamic shapes) compiled for the CPU per input shape;
-    ``weights_file``: the ``model.bin`` it was read from, whose mapped pages are given back after each compile."""
+    ``weights_file``: the ``model.bin`` it was read from."""
 
     def __init__(self, model, in_channels: int, weights_file: Path | None = None) -> None:
-        self.ov = import_openvino()
-        self.core = self.ov.Core()
-        self.model = model
+        super().__init__(model, "UNet", weights_file)
         self.in_channels = in_channels
-        self.weights_file = weights_file
-        self.compiled: OrderedDict[Shapes, object] = OrderedDict()
-        self.ahead: dict[Shapes, Future] = {}
-        self._compiler: ThreadPoolExecutor | None = None
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ValueError(f"the OpenVINO UNet runs on the CPU, got latents on {x.device}")
         inputs = [x.detach().float().contiguous().numpy(), timesteps.detach().float().reshape(-1).numpy(),
                   context.detach().float().contiguous().numpy()]
-        compiled = self._compiled(tuple(tuple(i.shape) for i in inputs))
+        compiled = self.for_shapes(tuple(tuple(i.shape) for i in inputs))
         eps = compiled(inputs, share_inputs=True)[0]  # outputs are copied out of the request (share_outputs)
         return torch.from_numpy(eps).to(x.dtype)
-
-    def compile_ahead(self, shapes: Shapes) -> None:
-        """Start compiling ``shapes`` (the run's likely first UNet call) in a background thread, so that the
-        compile overlaps the checkpoint's load and the prompts' encoding; a call with other shapes compiles its
-        own as before. OpenVINO's compile leaves Python's lock while it works."""
-        if shapes in self.compiled or shapes in self.ahead:
-            return
-        if self._compiler is None:
-            self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile")
-        self.ahead[shapes] = self._compiler.submit(self._compile, shapes)
-
-    def _compiled(self, shapes: Shapes):
-        if shapes in self.compiled:
-            self.compiled.move_to_end(shapes)
-            return self.compiled[shapes]
-        pending = self.ahead.pop(shapes, None)
-        if pending is None:
-            self._drop_ahead()
-        while len(self.compiled) >= KEEP_COMPILED:  # each holds its own copy of the weights
-            self.compiled.popitem(last=False)
-        compiled = pending.result() if pending is not None else self._compile(shapes)
-        self.compiled[shapes] = compiled
-        return compiled
-
-    def _drop_ahead(self) -> None:
-        """Forget the shapes compiled ahead when the run calls with others (a prompt over 75 tokens): each compiled
-        model holds a copy of the weights. Waits for a compile still running, so that two never overlap."""
-        for shapes, pending in self.ahead.items():
-            pending.exception()  # waits; an error there concerns shapes no call needs
-            log.info("the OpenVINO UNet compiled ahead for %s was not the run's first shape", shapes[0])
-        self.ahead.clear()
-
-    def _compile(self, shapes: Shapes):
-        model = self.model.clone()
-        model.reshape({port: self.ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
-        start = time.perf_counter()
-        # The compiled model holds repacked weights: the file's pages can go, during the compile too.
-        with dropping_pages(self.weights_file) if self.weights_file is not None else nullcontext():
-            compiled = self.core.compile_model(model, "CPU", CPU_CONFIG)
-        log.info("compiled the OpenVINO UNet for %s in %.1f s", shapes[0], time.perf_counter() - start)
-        return compiled
 
 
 def convert_unet(unet: nn.Module, in_channels: int, context_dim: int,

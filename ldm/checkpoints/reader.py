@@ -63,7 +63,7 @@ class _NoFileno(io.BufferedReader):
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | os.PathLike[str], unread_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Return the flat ``{name: tensor}`` weights of a ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` file.
 
     Tensors keep their stored dtype and live on the CPU (memory-mapped where the format allows).
@@ -73,12 +73,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     deep; so outer tensors win over a nested ``state_dict``, as in the webui and ComfyUI. Entries that
     are not tensors are dropped. Raises :class:`CheckpointError` (one line) for anything that is
     missing, unreadable, damaged, holds no tensors, holds unusable tensors or would need to run code.
+    ``unread_prefixes``: keys whose values the caller will not use, not scanned for NaN (:func:`check_weights`).
     """
     shown = escaped(os.fspath(path), 300)
 
     def read_and_check() -> dict[str, torch.Tensor]:
         weights = _read(Path(path), shown)
-        check_weights(weights, shown)
+        check_weights(weights, shown, unread_prefixes)
         return weights
 
     return _one_error(read_and_check, shown)

@@ -40,15 +40,18 @@ UNREAD_PREFIXES = ("first_stage_model.loss.",)
 _PIECE = 2**24  # elements widened at once where a dtype has no sum kernel
 
 
-def check_weights(weights: dict[str, torch.Tensor], shown: str) -> None:
-    """Raise ``CheckpointError`` (one line, naming the file and the tensor) for the first unusable tensor."""
+def check_weights(weights: dict[str, torch.Tensor], shown: str, unread_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise ``CheckpointError`` (one line, naming the file and the tensor) for the first unusable tensor.
+    ``unread_prefixes``: keys whose values this run does not use (``--backend openvino``'s cached UNet): their
+    layout and dtype are checked, their values not read."""
     for name, tensor in weights.items():
         problem = _layout_problem(tensor) or _dtype_problem(name, tensor)
         if problem:
             raise CheckpointError(f"cannot use {shown}: tensor {escaped(name)} {problem}")
     pages = FileMappings()
     for name, tensor in weights.items():
-        if tensor.is_floating_point() and name not in UNREAD_KEYS and not name.startswith(UNREAD_PREFIXES):
+        unread = name in UNREAD_KEYS or name.startswith(UNREAD_PREFIXES) or name.startswith(unread_prefixes)
+        if tensor.is_floating_point() and not unread:
             if not _all_finite(tensor):
                 raise CheckpointError(f"cannot use {shown}: tensor {escaped(name)} has NaN or infinite values (a damaged file?)")
             # Reading every value brought the tensor's file pages into the process: give them back now, or the

@@ -220,6 +220,11 @@ class PromptEncoder:
         return len(lengths) > 1
 
     # ---- conditioning ------------------------------------------------------------------------------
+    def chunk_count(self, *prompts: str) -> int:
+        """The 77-token chunks of the longest text among ``prompts``, from the ``chunker``'s tokenizer alone (nothing
+        is encoded, so it works before the text encoder's weights are loaded): :meth:`context_length` over 77."""
+        return max(len(self._chunks(text, self.chunker)) for prompt in prompts for text, _ in self.units(prompt))
+
     def context_length(self, *prompts: str) -> int:
         """Tokens (77 per chunk) of the longest encoding among ``prompts``: the length to pad them to."""
         return max(self._memory[text].shape[0] for prompt in prompts for text, _ in self.units(prompt))

@@ -261,14 +261,15 @@ def _schedule(cfg: ModelConfig, buffers: dict[str, torch.Tensor], path: Path) ->
     return schedule
 
 
-def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint file's flat state dict, or a diffusers folder's weights in the CompVis layout."""
+def read_model_weights(checkpoint: Path, unread_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A checkpoint file's flat state dict, or a diffusers folder's weights in the CompVis layout;
+    ``unread_prefixes`` as :func:`ldm.checkpoints.reader.read_checkpoint`'s."""
     if is_diffusers_folder(checkpoint):
         return read_diffusers_folder(checkpoint)
     if checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: a folder without model_index.json: --ckpt takes a checkpoint file "
                               "or a diffusers model folder")
-    return read_checkpoint(checkpoint)
+    return read_checkpoint(checkpoint, unread_prefixes)
 
 
 def load_stable_diffusion(
@@ -290,12 +291,13 @@ def load_stable_diffusion(
     ``copy_weights=False``: weights already in ``dtype`` stay views into the file's memory map, for a caller
     that replaces most of them first (``--quantize`` reads each fp32 layer once into int8 and gives its
     pages back, so the load never holds the fp32 UNet) and then calls :func:`own_weights`.
-    ``unet_weights=False``: the UNet's keys and shapes are checked as always, but its weights are not read and
-    its tensors are left empty, for a caller whose engine already holds them (``--backend openvino``'s cache).
+    ``unet_weights=False``: the UNet's keys, shapes and dtypes are checked as always, but its weights are not read
+    (neither copied nor scanned for NaN) and its tensors are left empty, for a caller whose engine already holds
+    them (``--backend openvino``'s cache).
     """
     path = Path(checkpoint)
     cfg = config if isinstance(config, ModelConfig) else load_model_config(config)
-    state = read_model_weights(path)
+    state = read_model_weights(path, () if unet_weights else (UNET_PREFIX, EMA_PREFIX))  # no NaN scan of unread weights
     reason = refusal(inspect_checkpoint(state), cfg.unet.in_channels, vae_given=vae is not None)
     if reason:
         raise CheckpointError(f"{path}: {reason}")

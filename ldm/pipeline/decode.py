@@ -27,9 +27,11 @@ class ImageSink(Protocol):
 
 
 def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float, tiled: bool,
-                 tile: int | None) -> torch.Tensor:
+                 tile: int | None, engine=None) -> torch.Tensor:
     """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
-    and again in fp32 if the fp16 VAE overflows."""
+    and again in fp32 if the fp16 VAE overflows; whole by ``engine`` (``--backend openvino``'s decoder) if given."""
+    if engine is not None and not tiled:
+        return engine(latent / scale_factor)
     with residency.use("vae.decoder") as vae, torch.no_grad():
         return decode_latents(vae, latent / scale_factor, tiled, tile or DEFAULT_TILE)
 
@@ -42,7 +44,8 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
     for k in range(len(batch.seeds)):
         latent = latents[k : k + 1]
         decoded = decode_with_retry(
-            residency, lambda tiled, tile: decode_image(residency, latent, scale_factor, tiled, tile), tiled
+            residency, lambda tiled, tile: decode_image(residency, latent, scale_factor, tiled, tile, model.vae_engine),
+            tiled
         )
         if model.safety is None:
             sink.add(batch, k, decoded)

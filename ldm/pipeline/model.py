@@ -13,9 +13,13 @@ from PIL import Image
 
 from ldm.backends.ir_cache import IRCache
 from ldm.backends.openvino_runtime import openvino_version
-from ldm.backends.openvino_unet import OpenVinoUNet, Shapes
+from ldm.backends.openvino_unet import OpenVinoUNet
+from ldm.backends.shape_compiler import Shapes
 from ldm.backends.unet_engine import cached_unet, openvino_unet, unet_key
+from ldm.backends.vae_engine import OpenVinoDecoder, decoder_key, openvino_decoder
 from ldm.checkpoints.errors import CheckpointError
+from ldm.conditioning.prompts import PromptEncoder
+from ldm.conditioning.text_encoder import CLIPTextEncoder
 from ldm.config import ModelConfig
 from ldm.control.units import ControlUnit, place_units, read_nets
 from ldm.errors import UsageError
@@ -24,6 +28,7 @@ from ldm.loading.stable_diffusion import StableDiffusion, load_stable_diffusion,
 from ldm.memory.mode_choice import auto_budget_bytes, resolve_mode
 from ldm.memory.residency import Residency
 from ldm.memory.vae_decoding import should_tile
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.quantize import quantize_unet
 from ldm.models.token_merging import apply_token_merging
 from ldm.pipeline.request import GenerationRequest
@@ -46,19 +51,21 @@ class LoadedModel:
     safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
     control: tuple[ControlUnit, ...] = ()  # --control_model: ControlNets under the same residency (ldm/control)
     unet_engine: OpenVinoUNet | None = None  # --backend openvino: runs the UNet instead of sd.unet
+    vae_engine: OpenVinoDecoder | None = None  # --backend openvino: the whole-image decodes instead of sd.vae
 
 
 def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
                height: int, width: int, control_images: Sequence[Image.Image] = (),
-               progress: Callable[[str], object] | None = None) -> LoadedModel:
+               progress: Callable[[str], object] | None = None, first: FirstCall | None = None) -> LoadedModel:
     """Load the checkpoint onto the CPU in the run's dtype, merge ``loras`` ((file, weight) in order) and put
     it under a memory mode for images of ``height`` x ``width``; the ControlNets of ``request.control`` with
     their ``control_images`` (opened and checked, in the same order) under the same memory mode; ``progress``
-    gets the lines of a slow step (an OpenVINO conversion)."""
+    gets the lines of a slow step (an OpenVINO conversion); ``first``, the run's first UNet call, lets
+    ``--backend openvino`` compile it while the checkpoint loads."""
     if len(control_images) != len(request.control):
         raise UsageError(f"{len(request.control)} ControlNet(s) but {len(control_images)} control image(s) given to this run")
     nets = read_nets(request.control, config, request.dtype)  # a file that is no ControlNet fails before the load
-    early = early_unet_engine(request, config, loras, height, width)
+    early = early_unet_engine(request, config, loras, first) if first is not None else None
     log.info("loading %s", request.ckpt)
     try:
         # --quantize reads the UNet's mapped weights straight into int8 (the load never holds it in float).
@@ -74,9 +81,10 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
     control_bytes = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
     engine = early or unet_engine(request, sd, loras, progress)  # before the residency: it may give the weights back
+    decoder = decoder_engine(request, sd, height, width)
     residency = make_residency(request, sd, height, width, safety, control_bytes)
     control = place_units(nets, request.control, control_images, residency, width, height)
-    return LoadedModel(sd, residency, sd.schedule, merged, safety, control, engine)
+    return LoadedModel(sd, residency, sd.schedule, merged, safety, control, engine, decoder)
 
 
 def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence[tuple[Path, float]],
@@ -91,33 +99,65 @@ def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence
     return openvino_unet(sd.unet, sd.config.unet, key, IRCache(request.backend_cache, version), progress)
 
 
+def decoder_engine(request: GenerationRequest, sd: StableDiffusion, height: int, width: int) -> OpenVinoDecoder | None:
+    """``--backend openvino`` with a cache: the KL VAE's decoder converted (once, into the cache) and its first
+    image's shape compiling in the background; None otherwise (TAESD, no cache: :mod:`ldm.backends.vae_engine`)."""
+    if request.backend != "openvino" or request.backend_cache is None or not isinstance(sd.vae, AutoencoderKL):
+        return None
+    version = openvino_version()
+    key = decoder_key(request.ckpt, request.vae, sd.config.vae, request.dtype, version)
+    decoder = openvino_decoder(sd.vae, key, IRCache(request.backend_cache, version))
+    if decoder is not None:
+        factor = sd.config.downsampling_factor
+        decoder.compile_ahead(((1, sd.config.vae.embed_dim, height // factor, width // factor),))
+    return decoder
+
+
+@dataclass(frozen=True)
+class FirstCall:
+    """What the run's first UNet call is made of: the first batch's prompt, and the first pass's size (the hires
+    fix's first pass, not its final size)."""
+
+    prompt: str
+    height: int
+    width: int
+
+
 def early_unet_engine(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
-                      height: int, width: int) -> OpenVinoUNet | None:
+                      first: FirstCall) -> OpenVinoUNet | None:
     """``--backend openvino`` whose converted UNet the cache holds: the engine before the checkpoint is read, the
-    run's first shape compiling in the background meanwhile, and the load then skips the UNet's weights (3.2 GiB
-    for SD v1 in fp32). Not with LoRAs or ``--quantize``, which change the UNet the load builds; not when the
-    checkpoint cannot be read (the load says why)."""
+    run's first call compiling in the background meanwhile (:func:`first_unet_shapes`), and the load then skips
+    the UNet's weights (3.2 GiB for SD v1 in fp32: neither copied nor scanned). Not with LoRAs or
+    ``--quantize``, which change the UNet the load builds; not when the checkpoint cannot be read (the load then
+    says why)."""
     if request.backend != "openvino" or loras or request.quantize:
         return None
     version = openvino_version()
     try:
         key = unet_key(request.ckpt, config.unet, use_ema=request.use_ema, loras=(), quantize=None, dtype=request.dtype,
                        openvino_version=version)
-    except OSError:
+    except (OSError, CheckpointError):
         return None
     engine = cached_unet(config.unet, key, IRCache(request.backend_cache, version))
     if engine is not None:
-        engine.compile_ahead(first_unet_shapes(request, config, height, width))
+        engine.compile_ahead(lambda: first_unet_shapes(request, config, first))
     return engine
 
 
-def first_unet_shapes(request: GenerationRequest, config: ModelConfig, height: int, width: int) -> Shapes:
+def first_unet_shapes(request: GenerationRequest, config: ModelConfig, first: FirstCall) -> Shapes:
     """The input shapes of the run's first UNet call as :class:`~ldm.samplers.guidance.GuidedDenoiser` makes it:
-    the batch's conditional and unconditional rows together (at most ``--unet_bs``), prompts of up to 75 tokens."""
+    the batch's conditional and unconditional rows together (at most ``--unet_bs``), the prompt and the negative
+    prompt padded to the longer one's 77-token chunks. Textual-inversion embeddings are not known before the load:
+    a prompt that uses one may take another chunk than counted here (the run then compiles its own shape)."""
     rows = request.n_samples * (2 if request.guided else 1)
     rows = min(rows, request.unet_bs) if request.unet_bs else rows
+    with torch.device("meta"):
+        chunker = CLIPTextEncoder(config.text)  # its tokenizer; the weights are not needed to count tokens
+    prompts = [first.prompt, *([request.negative_prompt] if request.guided else [])]
+    chunks = PromptEncoder(syntax=request.prompt_syntax, chunker=chunker).chunk_count(*prompts)
     factor = config.downsampling_factor
-    return ((rows, config.unet.in_channels, height // factor, width // factor), (rows,), (rows, 77, config.unet.context_dim))
+    return ((rows, config.unet.in_channels, first.height // factor, first.width // factor), (rows,),
+            (rows, config.text.max_position_embeddings * chunks, config.unet.context_dim))
 
 
 def speed_up_unet(request: GenerationRequest, sd: StableDiffusion) -> None:

@@ -4,17 +4,14 @@ docs/cli.md)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
 from ldm.backends import BACKENDS
 from ldm.backends.openvino_runtime import import_openvino
-from ldm.errors import UsageError
-
-log = logging.getLogger(__name__)
+from ldm.errors import UsageError, UserError
 
 # Flags that change the UNet's forward in ways the converted model does not carry: (destination, flag).
 # ControlNet (issue 25) and DeepCache (issue 26) are read with getattr, so this check holds before and after
@@ -30,7 +27,7 @@ def default_cache_dir() -> Path:
 
 def add_backend_flags(add: Callable[..., object]) -> None:
     """The flags, added with the parser's ``add_argument``."""
-    add("--backend", choices=BACKENDS, default="torch",
+    add("--backend", choices=(*BACKENDS, "auto"), default="torch",
         help="the engine of the UNet: torch (PyTorch, any device) or openvino (CPU only: the UNet converted "
              "once to OpenVINO and compiled in fp32; same images, faster on x86 CPUs; pip install -e \".[openvino]\"); "
              "auto: openvino on the CPU when it is installed and the run has no flag it cannot run, else torch")
@@ -60,18 +57,23 @@ def check_backend_args(opt: argparse.Namespace, default_device: str = "cpu") -> 
 
 def auto_backend(opt: argparse.Namespace, device: str) -> str:
     """openvino where it runs this run: on the CPU, installed, and no flag of :data:`NOT_CONVERTED` given. There it
-    was measured faster per step (docs/benchmarks.md: 0.65x of PyTorch's at 256x256, 0.90x at 512x512 on an
-    AVX-512 CPU) and gives the same images; the first run with a checkpoint converts it (about a minute, 3.4 GB of
-    disk for SD v1). torch elsewhere. One line says which and why."""
+    was measured faster per step (docs/benchmarks.md: 0.59-0.65x of PyTorch's at 256x256, 0.90x at 512x512 on an
+    AVX-512 CPU) and gives the same images; the first run with a checkpoint converts it (about a minute, 3.4 GB
+    of disk for SD v1). torch elsewhere, and then ``--backend_cache`` is dropped. One line says which and why."""
     blocked = [flag for dest, flag in NOT_CONVERTED if getattr(opt, dest, None)]
     reason = None
     if device != "cpu":
         reason = f"the device is {device}"
     elif blocked:
         reason = f"{blocked[0]} is given"
-    elif importlib.util.find_spec("openvino") is None:
-        reason = "the openvino package is not installed"
-    log.info("--backend auto: %s", f"torch ({reason})" if reason else "openvino (the CPU)")
+    else:
+        try:
+            import_openvino()
+        except UserError:
+            reason = "the openvino package is not installed or does not import"
+    print(f"--backend auto: {f'torch ({reason})' if reason else 'openvino (the CPU)'}", file=sys.stderr)  # not stdout: --plan --json
+    if reason:
+        opt.backend_cache = None
     return "torch" if reason else "openvino"
 
 
