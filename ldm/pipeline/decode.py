@@ -27,11 +27,9 @@ class ImageSink(Protocol):
 
 
 def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float, tiled: bool,
-                 tile: int | None, engine=None) -> torch.Tensor:
+                 tile: int | None) -> torch.Tensor:
     """One image's latent -> pixels in [-1, 1]; in overlapping tiles with ``--vae_tiling`` or for large images,
-    and again in fp32 if the fp16 VAE overflows; whole by ``engine`` (``--backend openvino``'s decoder) if given."""
-    if engine is not None and not tiled:
-        return engine(latent / scale_factor)
+    and again in fp32 if the fp16 VAE overflows."""
     with residency.use("vae.decoder") as vae, torch.no_grad():
         return decode_latents(vae, latent / scale_factor, tiled, tile or DEFAULT_TILE)
 
@@ -41,12 +39,16 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
     go through it together (it comes onto the device once per batch)."""
     residency, scale_factor = model.residency, model.sd.scale_factor
     decoded_images = []
+    engine = model.vae_engine  # --backend openvino's decoder: the whole-image decodes
+
+    def decode(latent: torch.Tensor, tiled: bool, tile: int | None) -> torch.Tensor:
+        if engine is not None and not tiled:
+            return engine(latent / scale_factor)
+        return decode_image(residency, latent, scale_factor, tiled, tile)
+
     for k in range(len(batch.seeds)):
         latent = latents[k : k + 1]
-        decoded = decode_with_retry(
-            residency, lambda tiled, tile: decode_image(residency, latent, scale_factor, tiled, tile, model.vae_engine),
-            tiled
-        )
+        decoded = decode_with_retry(residency, lambda tiled, tile: decode(latent, tiled, tile), tiled)
         if model.safety is None:
             sink.add(batch, k, decoded)
         else:
