@@ -200,3 +200,36 @@ def test_vae_decoder_equals_pytorch_and_is_kept_in_the_cache(tmp_path, caplog):
         assert images.shape == expected.shape and (images - expected).abs().max() <= 1e-5 * expected.abs().max()
     caplog.clear()
     assert openvino_decoder(vae, "k", cache) is not None and "converted the VAE decoder" not in caplog.text
+
+
+def test_a_checkpoint_that_differs_only_in_its_vae_gets_its_own_decoder(tmp_path):
+    """The decoder's cache key is its weights as loaded, not the file's fingerprint (the start and the end of a
+    checkpoint, where a baked-in VAE is not): a second checkpoint with another VAE decodes with its own."""
+    state = random_state_dict(load_model_config(TINY_CONFIG), seed=2025)
+    ckpt_a = save_checkpoint(state, tmp_path / "a.safetensors")
+    generator = torch.Generator().manual_seed(9)
+    other = {k: (v + 0.05 * torch.randn(v.shape, generator=generator) if k.startswith("first_stage_model.") else v)
+             for k, v in state.items()}
+    ckpt_b = save_checkpoint(other, tmp_path / "b.safetensors")
+    common = ["--config", str(TINY_CONFIG), "--device", "cpu", "--H", "64", "--W", "64", "--n_samples", "1", "--seed", "3",
+              "--sampler", "ddim", "--ddim_steps", "2", "--prompt", "a fox", "--no-watermark", "--skip_grid"]
+    runs = {}
+    for name, ckpt, extra in (("a_ov", ckpt_a, openvino_argv(tmp_path / "cache")),
+                              ("b_ov", ckpt_b, openvino_argv(tmp_path / "cache")), ("b_torch", ckpt_b, ())):
+        assert optimized_txt2img.main([*common, "--ckpt", str(ckpt), "--outdir", str(tmp_path / name), *extra]) == 0
+        runs[name] = pixels(tmp_path / name)
+    assert within_tolerance(runs["b_ov"], runs["b_torch"]), differences(runs["b_ov"], runs["b_torch"])
+    assert not within_tolerance(runs["a_ov"], runs["b_torch"])  # the VAEs do give other images
+
+
+def test_a_failing_openvino_decoder_leaves_the_decode_to_pytorch(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    from ldm.backends.vae_engine import OpenVinoDecoder
+
+    def fails(self, z):
+        raise RuntimeError("Exception from src/plugins/intel_cpu: out of resources")
+
+    torch_images = run_case("txt2img_plms_default", tiny_checkpoint, tmp_path / "torch", ())
+    monkeypatch.setattr(OpenVinoDecoder, "__call__", fails)
+    ov_images = run_case("txt2img_plms_default", tiny_checkpoint, tmp_path / "ov", openvino_argv(tmp_path / "cache"))
+    assert "decoding in PyTorch: the OpenVINO VAE decoder failed" in caplog.text
+    assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)

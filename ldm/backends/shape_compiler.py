@@ -41,7 +41,7 @@ class ShapeCompiler:
         """Start compiling ``shapes`` (the run's likely first call; or a function that works them out, run in the
         same background thread) so that the compile overlaps the checkpoint's load; the first call takes it if
         its shapes are these, and compiles its own otherwise. OpenVINO's compile leaves Python's lock while it
-        works. One at a time: a second call while one runs is ignored."""
+        works. One job until the first call takes or drops it: a second call before then is ignored."""
         if self.ahead is not None:
             return
         if self._compiler is None:
@@ -59,9 +59,9 @@ class ShapeCompiler:
             self.compiled.move_to_end(shapes)
             return self.compiled[shapes]
         compiled = self._take_ahead(shapes)
+        while len(self.compiled) >= KEEP_COMPILED:  # each holds its own copy of the weights
+            self.compiled.popitem(last=False)
         if compiled is None:
-            while len(self.compiled) >= KEEP_COMPILED:  # each holds its own copy of the weights
-                self.compiled.popitem(last=False)
             compiled = self._compile(shapes)
         self.compiled[shapes] = compiled
         return compiled

@@ -8,8 +8,8 @@ cache (``--backend_cache``; converting on every run would cost more than it save
 ahead while the UNet samples. Tiled decodes (``--vae_tiling``, large images) stay in PyTorch, whose decoder
 weights stay too; TAESD stays in PyTorch (its decode is 1 s).
 
-The key is the sha256 of the VAE's weights (``--vae``'s file or folder, else the checkpoint's), the VAE config,
-the dtype and the OpenVINO version.
+The key is the sha256 of the decoder's weights as loaded (:func:`decoder_fingerprint`), the VAE config, the dtype
+and the OpenVINO version.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from torch import nn
 from ldm.backends.ir_cache import FORMAT, IRCache
 from ldm.backends.openvino_runtime import import_openvino
 from ldm.backends.shape_compiler import ShapeCompiler
-from ldm.checkpoints.diffusers_folders import MODEL_INDEX, weight_files
-from ldm.checkpoints.hashes import checkpoint_fingerprint
 from ldm.config import VAEConfig
 from ldm.models.autoencoder import AutoencoderKL
 
@@ -71,31 +69,39 @@ def convert_decoder(vae: AutoencoderKL):
     return model
 
 
-def vae_fingerprint(checkpoint: Path, vae: Path | None) -> str:
-    """The fingerprint of the VAE's weights: ``--vae``'s file or folder, else the checkpoint's (a diffusers
-    pipeline folder's ``vae/``)."""
-    source = vae or checkpoint
-    if not source.is_dir():
-        return checkpoint_fingerprint(source)
-    folder = source / "vae" if vae is None or (source / MODEL_INDEX).is_file() else source
-    return hashlib.sha256("".join(checkpoint_fingerprint(f) for f in weight_files(folder)).encode()).hexdigest()
+SAMPLE_ELEMENTS = 1024  # of each tensor's start and end: a VAE fine-tune changes nearly every tensor
 
 
-def decoder_key(checkpoint: Path, vae: Path | None, config: VAEConfig, dtype: torch.dtype, openvino_version: str) -> str:
+def decoder_fingerprint(vae: AutoencoderKL) -> str:
+    """sha256 of the decoder's tensors as loaded: each one's name, shape, dtype and first and last
+    :data:`SAMPLE_ELEMENTS` values. Not the file's fingerprint: that reads the start and the end of a checkpoint,
+    where a baked-in VAE is not (two files that differ only in their VAE would share it). Milliseconds."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted({**vae.post_quant_conv.state_dict(prefix="post_quant_conv."),
+                                **vae.decoder.state_dict(prefix="decoder.")}.items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        for part in (flat[:SAMPLE_ELEMENTS], flat[-SAMPLE_ELEMENTS:]):
+            digest.update(part.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def decoder_key(vae: AutoencoderKL, config: VAEConfig, openvino_version: str) -> str:
     parts = {"format": FORMAT, "model": "vae decoder", "openvino": openvino_version,
-             "weights": vae_fingerprint(checkpoint, vae), "dtype": str(dtype), "vae": asdict(config)}
+             "weights": decoder_fingerprint(vae), "dtype": str(vae.dtype), "vae": asdict(config)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def openvino_decoder(vae: AutoencoderKL, key: str, cache: IRCache) -> OpenVinoDecoder | None:
-    """The converted decoder from ``cache``, else converted and stored there; None when the cache cannot keep it."""
+def openvino_decoder(vae: AutoencoderKL, key: str, cache: IRCache) -> OpenVinoDecoder:
+    """The converted decoder from ``cache``, else converted and stored there (when the cache cannot keep it, the
+    conversion is used for this run all the same: it is paid for)."""
     ov = import_openvino()
     model = cache.load(key, ov.Core().read_model)
     if model is None:
         converted = convert_decoder(vae)
         stored = cache.store(key, lambda xml: ov.save_model(converted, xml, compress_to_fp16=False))
         if stored is None:
-            return None
+            return OpenVinoDecoder(converted)
         del converted
         model = ov.Core().read_model(stored / "model.xml")
     return OpenVinoDecoder(model, cache.path(key) / "model.bin")

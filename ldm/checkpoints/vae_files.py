@@ -22,6 +22,7 @@ The webui does the same (``modules/sd_vae.py`` strips ``first_stage_model.`` and
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -31,8 +32,7 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.reader import read_checkpoint
 from ldm.checkpoints.kinds import CheckpointKind, inspect_checkpoint
 from ldm.checkpoints.layout import EMA_PREFIX, VAE_LOSS_PREFIX, VAE_PREFIX
-from ldm.checkpoints.diffusers_folders import (MODEL_INDEX, compvis_vae_from_diffusers, looks_like_diffusers_vae, read_component,
-                                              weight_files)
+from ldm.checkpoints.diffusers_folders import MODEL_INDEX, compvis_vae_from_diffusers, looks_like_diffusers_vae, read_component
 
 log = logging.getLogger(__name__)
 
@@ -66,30 +66,21 @@ TINY_FILE_BYTES = 64 << 20  # TAESD is 2.4M parameters (10 MB in fp32); the smal
 
 def vae_is_tiny(path: str | Path) -> bool:
     """Whether ``--vae``'s file or folder is a TAESD (``--plan`` then counts its memory, not the KL VAE's), without
-    reading a large file: a safetensors file by its header's keys, a folder by its files, a pickle only when it
-    is small enough to be one (a KL VAE or a whole checkpoint never is). Raises :class:`CheckpointError` for a
-    file that cannot be read."""
+    reading a large file: a file under :data:`TINY_FILE_BYTES` is read and told by its keys (any TAESD layout), a
+    larger one never is a TAESD; a diffusers folder by its ``config.json``'s class. Raises :class:`CheckpointError`
+    for a missing or unreadable file."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"--vae not found: {path}")
     if path.is_dir():
         if (path / TAESD_FILES["decoder"]).is_file():
             return True
-        return vae_is_tiny(weight_files(path / "vae" if (path / MODEL_INDEX).is_file() else path)[0])
-    if path.suffix.lower() == ".safetensors":
-        return is_tiny_vae(dict.fromkeys(safetensors_keys(path)))
-    return path.is_file() and path.stat().st_size < TINY_FILE_BYTES and is_tiny_vae(read_vae_weights(path))
-
-
-def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names in a safetensors file's header (no tensor is read)."""
-    from safetensors import safe_open  # the header alone; read_checkpoint maps and checks every tensor
-
-    try:
-        with safe_open(str(path), "pt") as header:
-            return list(header.keys())
-    except Exception as error:  # safetensors' own errors: missing, damaged header
-        raise CheckpointError(f"cannot read {path}: {error}") from None
+        config = (path / "vae" if (path / MODEL_INDEX).is_file() else path) / "config.json"
+        try:
+            return json.loads(config.read_text(encoding="utf-8")).get("_class_name") == "AutoencoderTiny"
+        except (OSError, ValueError, AttributeError):  # no config.json, or not the JSON object diffusers writes
+            return False
+    return path.stat().st_size < TINY_FILE_BYTES and is_tiny_vae(read_vae_weights(path))
 
 
 def is_tiny_vae(state: dict[str, torch.Tensor]) -> bool:

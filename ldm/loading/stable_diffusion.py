@@ -291,9 +291,9 @@ def load_stable_diffusion(
     ``copy_weights=False``: weights already in ``dtype`` stay views into the file's memory map, for a caller
     that replaces most of them first (``--quantize`` reads each fp32 layer once into int8 and gives its
     pages back, so the load never holds the fp32 UNet) and then calls :func:`own_weights`.
-    ``unet_weights=False``: the UNet's keys, shapes and dtypes are checked as always, but its weights are not read
-    (neither copied nor scanned for NaN) and its tensors are left empty, for a caller whose engine already holds
-    them (``--backend openvino``'s cache).
+    ``unet_weights=False``: the UNet's keys, shapes and dtypes are checked as always, but its weights are not
+    copied (nor, from a checkpoint file, scanned for NaN) and its tensors are left empty, for a caller whose engine
+    already holds them (``--backend openvino``'s cache).
     """
     path = Path(checkpoint)
     cfg = config if isinstance(config, ModelConfig) else load_model_config(config)

@@ -4,6 +4,7 @@ images already written stay when a later one fails and the VAE holds one image's
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import numpy as np
@@ -14,6 +15,8 @@ from ldm.memory.residency import Residency
 from ldm.memory.vae_decoding import DEFAULT_TILE, decode_latents
 from ldm.pipeline.batches import Batch
 from ldm.pipeline.model import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 class ImageSink(Protocol):
@@ -42,8 +45,13 @@ def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, ti
     engine = model.vae_engine  # --backend openvino's decoder: the whole-image decodes
 
     def decode(latent: torch.Tensor, tiled: bool, tile: int | None) -> torch.Tensor:
+        nonlocal engine
         if engine is not None and not tiled:
-            return engine(latent / scale_factor)
+            try:
+                return engine(latent / scale_factor)
+            except RuntimeError as error:  # OpenVINO's compile or inference: the sampled latents are not lost
+                log.warning("decoding in PyTorch: the OpenVINO VAE decoder failed (%s)", error)
+                engine = None
         return decode_image(residency, latent, scale_factor, tiled, tile)
 
     for k in range(len(batch.seeds)):

@@ -101,15 +101,19 @@ def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence
 
 def decoder_engine(request: GenerationRequest, sd: StableDiffusion, height: int, width: int) -> OpenVinoDecoder | None:
     """``--backend openvino`` with a cache: the KL VAE's decoder converted (once, into the cache) and its first
-    image's shape compiling in the background; None otherwise (TAESD, no cache: :mod:`ldm.backends.vae_engine`)."""
-    if request.backend != "openvino" or request.backend_cache is None or not isinstance(sd.vae, AutoencoderKL):
+    image's shape compiling in the background; None otherwise (TAESD, no cache, decodes that will all be tiled:
+    :mod:`ldm.backends.vae_engine`), and None with a warning when OpenVINO cannot convert it (PyTorch decodes)."""
+    if (request.backend != "openvino" or request.backend_cache is None or not isinstance(sd.vae, AutoencoderKL)
+            or should_tile(height, width, request.vae_tiling)):
         return None
     version = openvino_version()
-    key = decoder_key(request.ckpt, request.vae, sd.config.vae, request.dtype, version)
-    decoder = openvino_decoder(sd.vae, key, IRCache(request.backend_cache, version))
-    if decoder is not None:
-        factor = sd.config.downsampling_factor
-        decoder.compile_ahead(((1, sd.config.vae.embed_dim, height // factor, width // factor),))
+    try:
+        decoder = openvino_decoder(sd.vae, decoder_key(sd.vae, sd.config.vae, version), IRCache(request.backend_cache, version))
+    except RuntimeError as error:  # OpenVINO's conversion: the decode stays in PyTorch, as without the backend
+        log.warning("the VAE decoder stays in PyTorch: OpenVINO could not convert it (%s)", error)
+        return None
+    factor = sd.config.downsampling_factor
+    decoder.compile_ahead(((1, sd.config.vae.embed_dim, height // factor, width // factor),))
     return decoder
 
 
@@ -127,7 +131,7 @@ def early_unet_engine(request: GenerationRequest, config: ModelConfig, loras: Se
                       first: FirstCall) -> OpenVinoUNet | None:
     """``--backend openvino`` whose converted UNet the cache holds: the engine before the checkpoint is read, the
     run's first call compiling in the background meanwhile (:func:`first_unet_shapes`), and the load then skips
-    the UNet's weights (3.2 GiB for SD v1 in fp32: neither copied nor scanned). Not with LoRAs or
+    the UNet's weights (3.2 GiB for SD v1 in fp32: not copied, nor scanned in a checkpoint file). Not with LoRAs or
     ``--quantize``, which change the UNet the load builds; not when the checkpoint cannot be read (the load then
     says why)."""
     if request.backend != "openvino" or loras or request.quantize:
