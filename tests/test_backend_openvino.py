@@ -202,15 +202,20 @@ def test_vae_decoder_equals_pytorch_and_is_kept_in_the_cache(tmp_path, caplog):
     assert openvino_decoder(vae, "k", cache) is not None and "converted the VAE decoder" not in caplog.text
 
 
-def test_a_checkpoint_that_differs_only_in_its_vae_gets_its_own_decoder(tmp_path):
-    """The decoder's cache key is its weights as loaded, not the file's fingerprint (the start and the end of a
-    checkpoint, where a baked-in VAE is not): a second checkpoint with another VAE decodes with its own."""
+@pytest.mark.parametrize("changed", ["first_stage_model.", "model.diffusion_model.input_blocks.1."])
+def test_a_checkpoint_that_differs_only_mid_file_gets_its_own_converted_models(changed, tmp_path):
+    """The cache keys are the weights themselves (sampled), not the file's fingerprint (its first and last MB,
+    where neither a baked-in VAE nor most of the UNet lies): a second checkpoint that differs only there (its
+    file fingerprint is the first one's) runs with its own decoder and UNet."""
+    from ldm.checkpoints.hashes import checkpoint_fingerprint
+
     state = random_state_dict(load_model_config(TINY_CONFIG), seed=2025)
     ckpt_a = save_checkpoint(state, tmp_path / "a.safetensors")
     generator = torch.Generator().manual_seed(9)
-    other = {k: (v + 0.05 * torch.randn(v.shape, generator=generator) if k.startswith("first_stage_model.") else v)
+    other = {k: (v + 0.05 * torch.randn(v.shape, generator=generator) if k.startswith(changed) else v)
              for k, v in state.items()}
     ckpt_b = save_checkpoint(other, tmp_path / "b.safetensors")
+    assert checkpoint_fingerprint(ckpt_a) == checkpoint_fingerprint(ckpt_b)
     common = ["--config", str(TINY_CONFIG), "--device", "cpu", "--H", "64", "--W", "64", "--n_samples", "1", "--seed", "3",
               "--sampler", "ddim", "--ddim_steps", "2", "--prompt", "a fox", "--no-watermark", "--skip_grid"]
     runs = {}
@@ -219,7 +224,7 @@ def test_a_checkpoint_that_differs_only_in_its_vae_gets_its_own_decoder(tmp_path
         assert optimized_txt2img.main([*common, "--ckpt", str(ckpt), "--outdir", str(tmp_path / name), *extra]) == 0
         runs[name] = pixels(tmp_path / name)
     assert within_tolerance(runs["b_ov"], runs["b_torch"]), differences(runs["b_ov"], runs["b_torch"])
-    assert not within_tolerance(runs["a_ov"], runs["b_torch"])  # the VAEs do give other images
+    assert not within_tolerance(runs["a_ov"], runs["b_torch"])  # the change does give another image
 
 
 def test_a_failing_openvino_decoder_leaves_the_decode_to_pytorch(tiny_checkpoint, tmp_path, monkeypatch, caplog):

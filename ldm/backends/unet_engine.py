@@ -1,8 +1,8 @@
 """``--backend openvino`` for the UNet of a loaded checkpoint: the cache key of its weights, the converted model
 from the disk cache or a fresh conversion (stored for the next run), then the PyTorch weights given back.
 
-The key is the sha256 of what decides the converted model's numbers: the checkpoint (a file's fingerprint, or
-a diffusers folder's UNet weight files'), ``--use_ema``, each merged LoRA's fingerprint and weight in order,
+The key is the sha256 of what decides the converted model's numbers: the checkpoint's UNet tensors (sampled:
+:func:`~ldm.checkpoints.hashes.sampled_fingerprint`), ``--use_ema``, each merged LoRA's fingerprint and weight in order,
 ``--quantize``, the weights' dtype, the UNet's config, and the OpenVINO version. ``--vae`` is not in it: it does
 not change the UNet. Shapes are not either: the model is converted with dynamic shapes
 (:mod:`ldm.backends.openvino_unet`).
@@ -23,7 +23,6 @@ from torch import nn
 from ldm.backends.ir_cache import FORMAT, IRCache
 from ldm.backends.openvino_runtime import import_openvino
 from ldm.backends.openvino_unet import OpenVinoUNet, convert_unet, release_weights
-from ldm.checkpoints.diffusers_folders import weight_files
 from ldm.checkpoints.hashes import checkpoint_fingerprint
 from ldm.config import UNetConfig
 
@@ -32,18 +31,12 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], object]
 
 
-def weights_fingerprint(path: Path, component: str = "unet") -> str:
-    """A checkpoint file's fingerprint, or that of a diffusers folder's ``component`` weight files."""
-    if not path.is_dir():
-        return checkpoint_fingerprint(path)
-    return hashlib.sha256("".join(checkpoint_fingerprint(f) for f in weight_files(path / component)).encode()).hexdigest()
-
-
-def unet_key(ckpt: Path, config: UNetConfig, *, use_ema: bool, loras: Sequence[tuple[Path, float]],
+def unet_key(weights: str, config: UNetConfig, *, use_ema: bool, loras: Sequence[tuple[Path, float]],
              quantize: str | None, dtype: torch.dtype, openvino_version: str) -> str:
-    """The cache key of the converted UNet (see the module's docstring for what goes in)."""
+    """The cache key of the converted UNet (see the module's docstring for what goes in); ``weights``: the
+    :func:`~ldm.checkpoints.hashes.sampled_fingerprint` of the checkpoint's UNet tensors."""
     parts = {
-        "format": FORMAT, "openvino": openvino_version, "checkpoint": weights_fingerprint(ckpt),
+        "format": FORMAT, "openvino": openvino_version, "unet weights": weights,
         "use_ema": use_ema, "loras": [[checkpoint_fingerprint(path), float(weight)] for path, weight in loras],
         "quantize": quantize, "dtype": str(dtype), "unet": asdict(config),
     }

@@ -8,8 +8,8 @@ cache (``--backend_cache``; converting on every run would cost more than it save
 ahead while the UNet samples. Tiled decodes (``--vae_tiling``, large images) stay in PyTorch, whose decoder
 weights stay too; TAESD stays in PyTorch (its decode is 1 s).
 
-The key is the sha256 of the decoder's weights as loaded (:func:`decoder_fingerprint`), the VAE config, the dtype
-and the OpenVINO version.
+The key is the decoder's weights as loaded (:func:`ldm.checkpoints.hashes.sampled_fingerprint`: a file's
+fingerprint misses a baked-in VAE), the VAE config, the dtype and the OpenVINO version.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from ldm.backends.ir_cache import FORMAT, IRCache
 from ldm.backends.openvino_runtime import import_openvino
 from ldm.backends.shape_compiler import ShapeCompiler
+from ldm.checkpoints.hashes import sampled_fingerprint
 from ldm.config import VAEConfig
 from ldm.models.autoencoder import AutoencoderKL
 
@@ -69,26 +70,10 @@ def convert_decoder(vae: AutoencoderKL):
     return model
 
 
-SAMPLE_ELEMENTS = 1024  # of each tensor's start and end: a VAE fine-tune changes nearly every tensor
-
-
-def decoder_fingerprint(vae: AutoencoderKL) -> str:
-    """sha256 of the decoder's tensors as loaded: each one's name, shape, dtype and first and last
-    :data:`SAMPLE_ELEMENTS` values. Not the file's fingerprint: that reads the start and the end of a checkpoint,
-    where a baked-in VAE is not (two files that differ only in their VAE would share it). Milliseconds."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted({**vae.post_quant_conv.state_dict(prefix="post_quant_conv."),
-                                **vae.decoder.state_dict(prefix="decoder.")}.items()):
-        flat = tensor.detach().reshape(-1)
-        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
-        for part in (flat[:SAMPLE_ELEMENTS], flat[-SAMPLE_ELEMENTS:]):
-            digest.update(part.float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def decoder_key(vae: AutoencoderKL, config: VAEConfig, openvino_version: str) -> str:
     parts = {"format": FORMAT, "model": "vae decoder", "openvino": openvino_version,
-             "weights": decoder_fingerprint(vae), "dtype": str(vae.dtype), "vae": asdict(config)}
+             "weights": sampled_fingerprint({**vae.post_quant_conv.state_dict(prefix="post_quant_conv."),
+                                             **vae.decoder.state_dict(prefix="decoder.")}), "dtype": str(vae.dtype), "vae": asdict(config)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from typing import Mapping
+
+import torch
 
 BLOCK = 1 << 20
+SAMPLE_ELEMENTS = 1024  # of each tensor's start and end: a fine-tune or a merge changes nearly every tensor it touches
 
 
 def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
@@ -60,4 +64,19 @@ def checkpoint_fingerprint(path: str | os.PathLike, chunk: int = BLOCK) -> str:
         if size > chunk:
             handle.seek(max(chunk, size - chunk))
             digest.update(handle.read(chunk))
+    return digest.hexdigest()
+
+
+def sampled_fingerprint(tensors: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] = ("",)) -> str:
+    """sha256 of the tensors whose names start with ``prefixes``: each one's name, shape, dtype and first and last
+    :data:`SAMPLE_ELEMENTS` values (as float32). It keys converted models by the weights they are made of; a file's
+    :func:`checkpoint_fingerprint` cannot, since the start and the end of a checkpoint hold neither its VAE nor most
+    of its UNet (two files that differ there share it). Reads two pages a tensor of a memory-mapped file."""
+    digest = hashlib.sha256()
+    for name in sorted(key for key in tensors if key.startswith(prefixes)):
+        tensor = tensors[name]
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        for part in (flat[:SAMPLE_ELEMENTS], flat[-SAMPLE_ELEMENTS:]):
+            digest.update(part.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
