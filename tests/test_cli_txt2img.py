@@ -166,6 +166,30 @@ def test_text_encoder_runs_once_per_distinct_prompt(tiny_checkpoint, tmp_path, m
     assert [p.read_bytes() for p in samples(tmp_path / "out1")] == [p.read_bytes() for p in samples(tmp_path / "out2")]
 
 
+def test_the_embedding_cache_tells_apart_checkpoints_whose_text_encoders_differ_mid_file(tmp_path):
+    """Cached encodings are keyed by the text encoder's tensors, not by the file's first and last MB: a checkpoint
+    whose text encoder differs only past them (as a merged LoRA's does) gets encodings of its own."""
+    import torch
+
+    from ldm.checkpoints.hashes import checkpoint_fingerprint
+    from ldm.config import load_model_config
+    from ldm.loading.random_weights import random_state_dict, save_checkpoint
+    from tests.conftest import TINY_CONFIG
+
+    state = random_state_dict(load_model_config(TINY_CONFIG), seed=31)
+    generator = torch.Generator().manual_seed(2)
+    layer = "cond_stage_model.transformer.text_model.encoder.layers.1."
+    other = {k: v + 0.5 * torch.randn(v.shape, generator=generator) if k.startswith(layer) else v for k, v in state.items()}
+    first, second = save_checkpoint(state, tmp_path / "a.safetensors"), save_checkpoint(other, tmp_path / "b.safetensors")
+    assert checkpoint_fingerprint(first) == checkpoint_fingerprint(second)
+    cache = ("--embedding_cache", str(tmp_path / "cache"), "--prompt", "a red cube", "--scale", "20", "--skip_grid")
+    assert run(first, tmp_path / "a", *cache) == 0 and run(second, tmp_path / "b", *cache) == 0
+    assert run(second, tmp_path / "b_plain", *cache[2:]) == 0
+    (a,), (b,), (b_plain,) = (samples(tmp_path / name) for name in ("a", "b", "b_plain"))
+    assert np.array_equal(pixels(b), pixels(b_plain))  # the second checkpoint's own encodings
+    assert np.abs(pixels(a) - pixels(b_plain)).max() > 1  # the text encoders do give other images
+
+
 def test_weights_and_negative_prompt_change_the_image(tiny_checkpoint, tmp_path):
     variants = {
         "plain": ["--prompt", "a red cube"],
