@@ -2,7 +2,7 @@
 from the disk cache or a fresh conversion (stored for the next run), then the PyTorch weights given back.
 
 The key is the sha256 of what decides the converted model's numbers: the checkpoint's UNet tensors (sampled:
-:func:`~ldm.checkpoints.hashes.sampled_fingerprint`), ``--use_ema``, each merged LoRA's fingerprint and weight in order,
+:func:`~ldm.checkpoints.hashes.sampled_fingerprint`), ``--use_ema``, each merged LoRA's (its tensors, sampled) and weight in order,
 ``--quantize``, the weights' dtype, the UNet's config, and the OpenVINO version. ``--vae`` is not in it: it does
 not change the UNet. Shapes are not either: the model is converted with dynamic shapes
 (:mod:`ldm.backends.openvino_unet`).
@@ -23,7 +23,8 @@ from torch import nn
 from ldm.backends.ir_cache import FORMAT, IRCache
 from ldm.backends.openvino_runtime import import_openvino
 from ldm.backends.openvino_unet import OpenVinoUNet, convert_unet, release_weights
-from ldm.checkpoints.hashes import checkpoint_fingerprint
+from ldm.checkpoints.hashes import sampled_fingerprint
+from ldm.checkpoints.reader import read_checkpoint
 from ldm.config import UNetConfig
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def unet_key(weights: str, config: UNetConfig, *, use_ema: bool, loras: Sequence
     :func:`~ldm.checkpoints.hashes.sampled_fingerprint` of the checkpoint's UNet tensors."""
     parts = {
         "format": FORMAT, "openvino": openvino_version, "unet weights": weights,
-        "use_ema": use_ema, "loras": [[checkpoint_fingerprint(path), float(weight)] for path, weight in loras],
+        "use_ema": use_ema, "loras": [[sampled_fingerprint(read_checkpoint(path)), float(weight)] for path, weight in loras],
         "quantize": quantize, "dtype": str(dtype), "unet": asdict(config),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
