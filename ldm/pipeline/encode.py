@@ -3,17 +3,15 @@ where it is there, with ``--clip_skip`` and the ``--embeddings_dir`` embeddings.
 
 from __future__ import annotations
 
-import functools
 import logging
-from pathlib import Path
 from typing import Sequence
 
-from ldm.checkpoints.hashes import sampled_fingerprint
 from ldm.conditioning.embedding_cache import EmbeddingCache
 from ldm.conditioning.embeddings import EmbeddingLibrary
 from ldm.conditioning.prompts import PromptEncoder, distinct
 from ldm.loading.lora import text_encoder_lora_key
-from ldm.loading.stable_diffusion import StableDiffusion, read_model_weights
+from ldm.loading.fingerprints import part_fingerprints
+from ldm.loading.stable_diffusion import StableDiffusion
 from ldm.messages import escaped
 from ldm.pipeline.model import LoadedModel
 from ldm.pipeline.request import GenerationRequest
@@ -43,7 +41,7 @@ def encode_prompts(request: GenerationRequest, prompts: Sequence[str], model: Lo
     cache = None
     if request.embedding_cache is not None:
         try:
-            key = " ".join(filter(None, (text_encoder_fingerprint(request.ckpt), text_encoder_lora_key(model.loras))))
+            key = " ".join(filter(None, (part_fingerprints(request.ckpt).text_encoder, text_encoder_lora_key(model.loras))))
             cache = EmbeddingCache(request.embedding_cache, key, request.dtype)
         except OSError as error:  # the cache only saves time: never fail a run over it
             log.warning("not using --embedding_cache %s: %s", escaped(request.embedding_cache),
@@ -60,15 +58,3 @@ def encode_prompts(request: GenerationRequest, prompts: Sequence[str], model: Lo
     return encoder
 
 
-def text_encoder_fingerprint(ckpt: Path) -> str:
-    """What keys cached encodings: the checkpoint's text-encoder tensors, sampled
-    (:func:`~ldm.checkpoints.hashes.sampled_fingerprint`; a file's first and last MB would miss a text encoder that
-    differs past its first rows, as a merged LoRA's does). Once per file version (a server's requests share it)."""
-    stat = ckpt.stat()
-    return _text_encoder_fingerprint(str(ckpt.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _text_encoder_fingerprint(path: str, size: int, mtime_ns: int) -> str:
-    # The file (or folder) memory-mapped again and two pages a tensor read: milliseconds once in the page cache.
-    return sampled_fingerprint(read_model_weights(Path(path), unread_prefixes=("",)), ("cond_stage_model.",))

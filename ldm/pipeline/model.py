@@ -18,15 +18,14 @@ from ldm.backends.shape_compiler import Shapes
 from ldm.backends.unet_engine import cached_unet, openvino_unet, unet_key
 from ldm.backends.vae_engine import OpenVinoDecoder, decoder_key, openvino_decoder
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.hashes import sampled_fingerprint
-from ldm.checkpoints.layout import EMA_PREFIX, UNET_PREFIX
 from ldm.conditioning.prompts import PromptEncoder
 from ldm.conditioning.text_encoder import CLIPTextEncoder
 from ldm.config import ModelConfig
 from ldm.control.units import ControlUnit, place_units, read_nets
 from ldm.errors import UsageError
 from ldm.loading.lora import LoraFile, apply_loras
-from ldm.loading.stable_diffusion import StableDiffusion, load_stable_diffusion, own_weights, read_model_weights
+from ldm.loading.fingerprints import part_fingerprints
+from ldm.loading.stable_diffusion import StableDiffusion, load_stable_diffusion, own_weights
 from ldm.memory.mode_choice import auto_budget_bytes, resolve_mode
 from ldm.memory.residency import Residency
 from ldm.memory.vae_decoding import should_tile
@@ -96,7 +95,7 @@ def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence
     if request.backend != "openvino":
         return None
     version = openvino_version()
-    key = unet_key(unet_weights_fingerprint(request.ckpt), sd.config.unet, use_ema=request.use_ema, loras=loras,
+    key = unet_key(part_fingerprints(request.ckpt).unet, sd.config.unet, use_ema=request.use_ema, loras=loras,
                    quantize=request.quantize, dtype=request.dtype, openvino_version=version)
     return openvino_unet(sd.unet, sd.config.unet, key, IRCache(request.backend_cache, version), progress)
 
@@ -140,7 +139,7 @@ def early_unet_engine(request: GenerationRequest, config: ModelConfig, loras: Se
         return None
     version = openvino_version()
     try:
-        key = unet_key(unet_weights_fingerprint(request.ckpt), config.unet, use_ema=request.use_ema, loras=(),
+        key = unet_key(part_fingerprints(request.ckpt).unet, config.unet, use_ema=request.use_ema, loras=(),
                        quantize=None, dtype=request.dtype, openvino_version=version)
     except (OSError, CheckpointError):
         return None
@@ -148,13 +147,6 @@ def early_unet_engine(request: GenerationRequest, config: ModelConfig, loras: Se
     if engine is not None:
         engine.compile_ahead(lambda: first_unet_shapes(request, config, first))
     return engine
-
-
-def unet_weights_fingerprint(checkpoint: Path) -> str:
-    """The sampled fingerprint of a checkpoint's UNet tensors (and their EMA copies): the file (or diffusers folder)
-    memory-mapped again and two pages a tensor read, about the cost of parsing its header or pickle."""
-    state = read_model_weights(Path(checkpoint), unread_prefixes=("",))  # no NaN scan: only samples are read
-    return sampled_fingerprint(state, (UNET_PREFIX, EMA_PREFIX))
 
 
 def first_unet_shapes(request: GenerationRequest, config: ModelConfig, first: FirstCall) -> Shapes:
