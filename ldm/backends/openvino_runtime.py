@@ -4,8 +4,11 @@ the install command when it is missing, and the CPU settings every compile uses.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
+from ldm.backends.ir_cache import IRCache
 from ldm.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[openvino]"'
@@ -25,3 +28,19 @@ def import_openvino() -> ModuleType:
 
 def openvino_version() -> str:
     return import_openvino().__version__
+
+
+def read_or_convert(cache: IRCache, key: str, convert: Callable[[], object]) -> tuple[object, Path | None]:
+    """The converted model ``key`` from ``cache`` and the ``model.bin`` it maps; else ``convert()``, stored and read
+    back from the store, so that OpenVINO maps its weights from the file instead of holding the conversion's copy;
+    when the cache cannot keep it, the conversion itself and None."""
+    ov = import_openvino()
+    model = cache.load(key, ov.Core().read_model)
+    if model is not None:
+        return model, cache.path(key) / "model.bin"
+    converted = convert()
+    stored = cache.store(key, lambda xml: ov.save_model(converted, xml, compress_to_fp16=False))
+    if stored is None:
+        return converted, None
+    converted = None  # its copy of the weights goes before the stored file is read back
+    return ov.Core().read_model(stored / "model.xml"), stored / "model.bin"

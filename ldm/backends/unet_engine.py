@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ldm.backends.ir_cache import FORMAT, IRCache
-from ldm.backends.openvino_runtime import import_openvino
+from ldm.backends.openvino_runtime import import_openvino, read_or_convert
 from ldm.backends.openvino_unet import OpenVinoUNet, convert_unet, release_weights
 from ldm.checkpoints.hashes import sampled_fingerprint
 from ldm.checkpoints.reader import read_checkpoint
@@ -54,15 +54,11 @@ def openvino_unet(unet: nn.Module, config: UNetConfig, key: str, cache: IRCache,
                   progress: Progress | None = None) -> OpenVinoUNet:
     """The converted ``unet`` (from ``cache`` when it holds ``key``, else converted and stored there); the
     PyTorch weights are given back once the model comes from disk, where OpenVINO maps them from the file."""
-    ov = import_openvino()
-    engine = cached_unet(config, key, cache)
-    if engine is None:
-        converted = convert_unet(unet, config.in_channels, config.context_dim, progress)
-        stored = cache.store(key, lambda xml: ov.save_model(converted, xml, compress_to_fp16=False))
-        if stored is None:  # no cache: the converted model shares the PyTorch weights, which stay
-            return OpenVinoUNet(converted, config.in_channels)
-        del converted
-        engine = OpenVinoUNet(ov.Core().read_model(stored / "model.xml"), config.in_channels, stored / "model.bin")
+    model, weights_file = read_or_convert(
+        cache, key, lambda: convert_unet(unet, config.in_channels, config.context_dim, progress))
+    engine = OpenVinoUNet(model, config.in_channels, weights_file)
+    if weights_file is None:  # no cache: the converted model shares the PyTorch weights, which stay
+        return engine
     freed = release_weights(unet)
     log.info("OpenVINO UNet from %s; %.2f GiB of PyTorch weights given back", cache.path(key), freed / 2**30)
     return engine

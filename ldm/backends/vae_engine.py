@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ldm.backends.ir_cache import FORMAT, IRCache
-from ldm.backends.openvino_runtime import import_openvino
+from ldm.backends.openvino_runtime import import_openvino, read_or_convert
 from ldm.backends.shape_compiler import ShapeCompiler
 from ldm.checkpoints.hashes import sampled_fingerprint
 from ldm.config import VAEConfig
@@ -80,13 +80,4 @@ def decoder_key(vae: AutoencoderKL, config: VAEConfig, openvino_version: str) ->
 def openvino_decoder(vae: AutoencoderKL, key: str, cache: IRCache) -> OpenVinoDecoder:
     """The converted decoder from ``cache``, else converted and stored there (when the cache cannot keep it, the
     conversion is used for this run all the same: it is paid for)."""
-    ov = import_openvino()
-    model = cache.load(key, ov.Core().read_model)
-    if model is None:
-        converted = convert_decoder(vae)
-        stored = cache.store(key, lambda xml: ov.save_model(converted, xml, compress_to_fp16=False))
-        if stored is None:
-            return OpenVinoDecoder(converted)
-        del converted
-        model = ov.Core().read_model(stored / "model.xml")
-    return OpenVinoDecoder(model, cache.path(key) / "model.bin")
+    return OpenVinoDecoder(*read_or_convert(cache, key, lambda: convert_decoder(vae)))
