@@ -3,6 +3,7 @@ body (413, as a proxy would answer), and request validation errors as one line n
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any, Callable
 
@@ -10,6 +11,9 @@ from fastapi import Depends, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+DRAIN_FACTOR = 4  # a refused body is read on up to 4x the limit (200 MB) before the answer
+DRAIN_SECONDS = 30.0
 
 
 def basic_auth(users: tuple[tuple[str, str], ...]) -> Callable[..., None]:
@@ -46,7 +50,8 @@ def validation_message(error: RequestValidationError) -> tuple[int, str]:
 
 class BodyLimit:
     """ASGI middleware: a body over ``limit`` bytes (by its Content-Length, or counted as it arrives) is answered
-    413 before any endpoint sees it; a body within it is read whole first (the endpoints read it whole anyway)."""
+    413 before any endpoint sees it (once the rest is read and dropped: ``drain``); a body within it is read whole
+    first (the endpoints read it whole anyway)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -57,7 +62,7 @@ class BodyLimit:
             return
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await self.refuse(send)
+            await self.refuse(receive, send, more_body=True)
             return
         parts, seen, message = [], 0, {"more_body": True}
         while message.get("more_body", False):
@@ -67,7 +72,8 @@ class BodyLimit:
             parts.append(message.get("body", b""))
             seen += len(parts[-1])
             if seen > self.limit:
-                await self.refuse(send)
+                parts.clear()
+                await self.refuse(receive, send, more_body=message.get("more_body", False))
                 return
         replayed = False
 
@@ -80,10 +86,30 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def refuse(self, send: Send) -> None:
+    async def refuse(self, receive: Receive, send: Send, more_body: bool) -> None:
+        if more_body:
+            await self.drain(receive)
         body = (f'{{"error": "PayloadTooLarge", "detail": "the request body is over {self.limit // 2**20} MB"}}'
                 .encode())
         headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                               (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def drain(self, receive: Receive) -> None:
+        """Read and drop the rest of the body before answering, up to ``DRAIN_FACTOR`` times the limit and
+        ``DRAIN_SECONDS``: a server that closes with a body still unread resets the connection (TCP RST), and the
+        client, still sending, may lose the answer (nginx's lingering close reads on for the same reason)."""
+
+        async def read_rest() -> None:
+            seen, message = 0, {"more_body": True}
+            while message.get("more_body", False) and seen <= DRAIN_FACTOR * self.limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                seen += len(message.get("body", b""))
+
+        try:
+            await asyncio.wait_for(read_rest(), DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            pass  # a client this slow gets the answer and the reset; the server moves on
