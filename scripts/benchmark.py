@@ -547,26 +547,31 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
         variants.append((args.quantize, ["--quantize", args.quantize]))
     if args.tome:
         variants.append((f"tome {args.tome:g}", ["--tome", str(args.tome)]))
-    if args.backend == "openvino":  # converted once into the cache by the "openvino convert" row, then read
-        variants.append(("openvino", ["--backend", "openvino", "--backend_cache", args.backend_cache]))
+    openvino = ["--backend", "openvino", "--backend_cache", args.backend_cache] if args.backend == "openvino" else []
+    if openvino:  # converted once into the cache by the "openvino convert" row, then read
+        variants.append(("openvino", openvino))
     if args.deepcache:
         variants.append((f"deepcache {args.deepcache}", ["--deepcache", str(args.deepcache)]))
     if args.lcm_taesd:  # its own step count: no 1-step twin
-        variants.append((LCM_TAESD, ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", args.lcm_taesd]))
+        lcm = ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", args.lcm_taesd]
+        variants.append((LCM_TAESD, lcm))
+        if openvino:
+            variants.append((f"openvino {LCM_TAESD}", openvino + lcm))
     plan = []
     if args.quantize:  # its forward error, in a process of its own (not inside a timed or RSS-measured run)
         plan.append(dict(common, side="check", mode=f"{args.quantize} error", batch=1, quantize=args.quantize))
     for batch in batches:
         if args.backend == "openvino":
             plan.append(dict(common, side="ours", mode="full", batch=batch, variant="openvino convert",
-                             flags=variants[-1][1], fresh_cache=args.backend_cache))
+                             flags=openvino, fresh_cache=args.backend_cache))
         plan += [dict(common, side="ours", mode=m, batch=batch, variant=label, flags=flags)
                  for m in modes for label, flags in variants]
         if not args.skip_diffusers:
             plan += [dict(common, side="diffusers", mode=m, batch=batch) for m in theirs]
     if args.per_step:  # the same setups at 1 step, interleaved with the others
         plan += [dict(spec, steps=1, per_step_base=True) for spec in plan
-                 if spec["side"] != "check" and not spec.get("fresh_cache") and spec.get("variant") != LCM_TAESD]
+                 if spec["side"] != "check" and not spec.get("fresh_cache")
+                 and not spec.get("variant", "").endswith(LCM_TAESD)]
     return plan
 
 

@@ -34,3 +34,15 @@ def test_speed_lines_from_measured_rows():
     assert "ours full deepcache 3 / plain, batch 1: 0.40x per step (CPU time) (target at most 0.60x): met" in lines
     assert "ours full deepcache 3 / plain, batch 1: 0.40x per step (target at most 0.60x): met" in lines
     assert "ours full lcm4 taesd / plain, batch 1: generate 0.08x (target at most 0.10x): met" in lines
+
+
+def test_plan_with_openvino_and_lcm_converts_with_the_backends_flags_and_adds_lcm_on_openvino():
+    args = benchmark.parse(["--backend", "openvino", "--backend_cache", "/x/cache", "--lcm_taesd", "/x/taesd",
+                            "--per_step", "--skip_diffusers"])
+    plan = benchmark.build_plan(args)
+    names = [(benchmark.setup_name(s), s["steps"]) for s in plan]
+    assert names == [("full openvino convert", 10), ("full", 10), ("full openvino", 10), ("full lcm4 taesd", 10),
+                     ("full openvino lcm4 taesd", 10), ("full", 1), ("full openvino", 1)]
+    openvino = ["--backend", "openvino", "--backend_cache", "/x/cache"]
+    assert plan[0]["flags"] == openvino and plan[0]["fresh_cache"] == "/x/cache"
+    assert plan[4]["flags"] == openvino + ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", "/x/taesd"]
