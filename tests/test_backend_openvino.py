@@ -179,10 +179,15 @@ def test_shapes_compiled_ahead_that_no_call_needs_are_dropped(tmp_path):
     assert not engine.ahead and list(engine.compiled) == [((2, 4, 8, 8), (2,), (2, 154, config.context_dim))]
 
 
-def test_vae_decoder_equals_pytorch_and_is_kept_in_the_cache(tmp_path, caplog):
-    from ldm.backends.vae_engine import openvino_decoder
+@pytest.mark.parametrize("half_name, shapes", [
+    ("DECODER", ((1, 4, 8, 8), (1, 4, 16, 8), (1, 4, 8, 8))),
+    ("ENCODER", ((1, 3, 64, 64), (1, 3, 128, 64), (1, 3, 64, 64))),
+])
+def test_vae_halves_equal_pytorch_and_are_kept_in_the_cache(half_name, shapes, tmp_path, caplog):
+    from ldm.backends import vae_engine
     from ldm.models.autoencoder import AutoencoderKL
 
+    half = getattr(vae_engine, half_name)
     torch.manual_seed(4)
     vae = AutoencoderKL(load_model_config(TINY_CONFIG).vae).eval()
     with torch.no_grad():
@@ -190,16 +195,62 @@ def test_vae_decoder_equals_pytorch_and_is_kept_in_the_cache(tmp_path, caplog):
             tensor.normal_(0, 0.05)
     cache = IRCache(tmp_path / "cache", openvino_version())
     caplog.set_level("INFO", logger="ldm")
-    decoder = openvino_decoder(vae, "k", cache)
-    assert "converted the VAE decoder" in caplog.text
-    for shape in ((1, 4, 8, 8), (1, 4, 16, 8), (1, 4, 8, 8)):
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    engine = vae_engine.openvino_half(vae, half, "k", cache)
+    assert f"converted the {half.name}" in caplog.text
+    for shape in shapes:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
         with torch.no_grad():
-            expected = vae.decode(z)
-        images = decoder(z)
-        assert images.shape == expected.shape and (images - expected).abs().max() <= 1e-5 * expected.abs().max()
+            expected = getattr(vae, half.method)(x)
+        got = engine(x)
+        assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     caplog.clear()
-    assert openvino_decoder(vae, "k", cache) is not None and "converted the VAE decoder" not in caplog.text
+    assert vae_engine.openvino_half(vae, half, "k", cache) is not None and "converted the" not in caplog.text
+
+
+def test_the_halves_keys_hash_their_own_weights():
+    from ldm.backends.vae_engine import DECODER, ENCODER, half_key
+    from ldm.models.autoencoder import AutoencoderKL
+
+    config = load_model_config(TINY_CONFIG).vae
+    vae = AutoencoderKL(config)
+    keys = {half: half_key(vae, half, config, "v") for half in (DECODER, ENCODER)}
+    assert keys[DECODER] != keys[ENCODER]
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.add_(1)
+    assert half_key(vae, DECODER, config, "v") == keys[DECODER] and half_key(vae, ENCODER, config, "v") != keys[ENCODER]
+
+
+def test_img2img_inpainting_and_a_pixel_hires_fix_encode_with_openvino(tiny_checkpoint, tmp_path, caplog):
+    """Each run that encodes images does so with the cached OpenVINO encoder (and decodes with its decoder, the
+    hires fix's first pass too), and gives the PyTorch backend's images."""
+    from optimizedSD import optimized_img2img
+
+    init, mask = write_test_images(tmp_path)
+    common = ["--ckpt", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--device", "cpu", "--n_samples", "1",
+              "--seed", "21", "--ddim_steps", "3", "--prompt", "a fox", "--no-watermark", "--skip_grid"]
+    runs = {
+        "img2img": (optimized_img2img, ["--init-img", str(init), "--strength", "0.6", "--sampler", "euler"], 1),
+        "inpaint": (optimized_inpaint, ["--init-img", str(init), "--mask", str(mask), "--sampler", "ddim"], 1),
+        "hires": (optimized_txt2img, ["--H", "64", "--W", "64", "--sampler", "ddim", "--hires_scale", "2",
+                                      "--hires_upscaler", "lanczos"], 1),
+    }
+    caplog.set_level("INFO", logger="ldm")
+    for name, (script, extra, encodes) in runs.items():
+        assert script.main([*common, *extra, "--outdir", str(tmp_path / name / "torch")]) == 0
+        caplog.clear()
+        assert script.main([*common, *extra, "--outdir", str(tmp_path / name / "ov"),
+                            *openvino_argv(tmp_path / "cache")]) == 0
+        messages = [record.getMessage() for record in caplog.records]
+        assert len([m for m in messages if m.startswith("compiled the OpenVINO VAE encoder")]) == encodes, messages
+        decoders = [m for m in messages if m.startswith("compiled the OpenVINO VAE decoder")]
+        assert len(decoders) == (2 if name == "hires" else 1), messages  # hires: the first pass's size, the final
+        torch_images, ov_images = pixels(tmp_path / name / "torch"), pixels(tmp_path / name / "ov")
+        assert len(ov_images) == 1
+        if name == "hires":  # its first pass goes through 8-bit pixels, where fp32 rounding flips some levels
+            (levels, fraction), = differences(ov_images, torch_images)  # measured: 1 level, 0.11 % of the values
+            assert levels <= 1 and fraction <= 0.005, (levels, fraction)
+        else:
+            assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)
 
 
 @pytest.mark.parametrize("changed", ["first_stage_model.", "model.diffusion_model.input_blocks.1."])
@@ -227,14 +278,17 @@ def test_a_checkpoint_that_differs_only_mid_file_gets_its_own_converted_models(c
     assert not within_tolerance(runs["a_ov"], runs["b_torch"])  # the change does give another image
 
 
-def test_a_failing_openvino_decoder_leaves_the_decode_to_pytorch(tiny_checkpoint, tmp_path, monkeypatch, caplog):
-    from ldm.backends.vae_engine import OpenVinoDecoder
+def test_failing_openvino_vae_halves_leave_the_work_to_pytorch(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    from ldm.backends.vae_engine import OpenVinoVAEHalf
 
-    def fails(self, z):
+    def fails(self, x):
         raise RuntimeError("Exception from src/plugins/intel_cpu: out of resources")
 
-    torch_images = run_case("txt2img_plms_default", tiny_checkpoint, tmp_path / "torch", ())
-    monkeypatch.setattr(OpenVinoDecoder, "__call__", fails)
-    ov_images = run_case("txt2img_plms_default", tiny_checkpoint, tmp_path / "ov", openvino_argv(tmp_path / "cache"))
-    assert "decoding in PyTorch: the OpenVINO VAE decoder failed" in caplog.text
+    for name in ("torch", "ov"):
+        (tmp_path / name).mkdir()
+    torch_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path / "torch", ())
+    monkeypatch.setattr(OpenVinoVAEHalf, "__call__", fails)
+    ov_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path / "ov", openvino_argv(tmp_path / "cache"))
+    assert "encoding in PyTorch: the OpenVINO VAE encoder failed" in caplog.text
+    assert caplog.text.count("decoding in PyTorch: the OpenVINO VAE decoder failed") == 1  # then dropped for the run
     assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)

@@ -1,14 +1,17 @@
-"""The KL autoencoder's decoder as an OpenVINO model on the CPU (``--backend openvino``): ``decoder(z) -> images``
-with :meth:`ldm.models.autoencoder.AutoencoderKL.decode`'s convention (unscaled latents in, images in [-1, 1]
-out), the numbers of the PyTorch decoder within fp32 rounding.
+"""The KL autoencoder's halves as OpenVINO models on the CPU (``--backend openvino``): the decoder, unscaled
+latents -> images in [-1, 1] (:meth:`ldm.models.autoencoder.AutoencoderKL.decode`), and the encoder, images ->
+the posterior's mean and log-variance (:meth:`~ldm.models.autoencoder.AutoencoderKL.moments`; the posterior is
+sampled in PyTorch with the image's generator, as without the backend), each with the numbers of PyTorch's
+within fp32 rounding.
 
-Measured before it was wired in (docs/benchmarks.md): SD v1's decoder at 512x512, fp32, 2 threads, PyTorch
-15.1 s, OpenVINO 12.5 s; converting it takes 2 s and compiling a shape 0.4 s. So it is converted only into a
-cache (``--backend_cache``; converting on every run would cost more than it saves) and the run's shape compiles
-ahead while the UNet samples. Tiled decodes (``--vae_tiling``, large images) stay in PyTorch, whose decoder
-weights stay too; TAESD stays in PyTorch (its decode is 1 s).
+Measured before each was wired in (docs/benchmarks.md), SD v1 at 512x512, fp32, 2 threads: the decoder PyTorch
+15.1 s, OpenVINO 12.5 s (converting 2 s, compiling a shape 0.4 s); the encoder PyTorch 7.0 s, OpenVINO 5.5 s
+(converting 1.2 s, compiling 0.2 s). So each is converted only into a cache (``--backend_cache``; converting on
+every run would cost more than it saves), and the decoder's shape compiles ahead while the UNet samples. Tiled
+decodes and encodes (``--vae_tiling``, large images) stay in PyTorch, whose VAE weights stay too; TAESD stays in
+PyTorch (its decode is 1 s).
 
-The key is the decoder's weights as loaded (:func:`ldm.checkpoints.hashes.sampled_fingerprint`: a file's
+The key is the half's weights as loaded (:func:`ldm.checkpoints.hashes.sampled_fingerprint`: a file's
 fingerprint misses a baked-in VAE), the VAE config, the dtype and the OpenVINO version.
 """
 
@@ -18,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,50 +37,62 @@ from ldm.models.autoencoder import AutoencoderKL
 log = logging.getLogger(__name__)
 
 
-class OpenVinoDecoder(ShapeCompiler):
-    """A converted decoder (dynamic batch and size) compiled for the CPU per latent shape."""
+@dataclass(frozen=True)
+class VAEHalf:
+    """What one OpenVINO model of the VAE runs: ``method`` of :class:`AutoencoderKL`, which runs ``modules`` (the
+    weights its cache key hashes), on an input of ``input_channels`` (a :class:`VAEConfig` field) channels."""
 
-    def __init__(self, model, weights_file: Path | None = None) -> None:
-        super().__init__(model, "VAE decoder", weights_file)
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        latents = z.detach().float().contiguous().numpy()
-        images = self.for_shapes((tuple(latents.shape),))([latents], share_inputs=True)[0]
-        return torch.from_numpy(images)
+    name: str
+    method: str
+    modules: tuple[str, ...]
+    input_channels: str
 
 
-class _Decode(nn.Module):
-    """What is traced: :meth:`AutoencoderKL.decode` (``post_quant_conv``, then the decoder)."""
+DECODER = VAEHalf("VAE decoder", "decode", ("post_quant_conv", "decoder"), "embed_dim")
+ENCODER = VAEHalf("VAE encoder", "moments", ("encoder", "quant_conv"), "in_channels")
 
-    def __init__(self, vae: AutoencoderKL):
+
+class OpenVinoVAEHalf(ShapeCompiler):
+    """A converted half (dynamic batch and size) compiled for the CPU per input shape: a tensor in, one out."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().float().contiguous().numpy()
+        return torch.from_numpy(self.for_shapes((tuple(array.shape),))([array], share_inputs=True)[0])
+
+
+class _Traced(nn.Module):
+    """What is traced: one method of the VAE."""
+
+    def __init__(self, vae: AutoencoderKL, half: VAEHalf):
         super().__init__()
-        self.vae = vae
+        self.vae, self.method = vae, half.method
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.vae, self.method)(x)
 
 
-def convert_decoder(vae: AutoencoderKL):
-    """``openvino.convert_model`` of the decoder with dynamic batch, height and width (traced on a small example)."""
+def convert_half(vae: AutoencoderKL, half: VAEHalf):
+    """``openvino.convert_model`` of ``half`` with dynamic batch, height and width (traced on a small example)."""
     ov = import_openvino()
-    channels = vae.config.embed_dim
+    channels = getattr(vae.config, half.input_channels)
     example = (torch.zeros(1, channels, 8, 8, dtype=vae.dtype),)
     start = time.perf_counter()
     with torch.no_grad():
-        traced = torch.jit.trace(_Decode(vae).eval(), example, check_trace=False)
+        traced = torch.jit.trace(_Traced(vae, half).eval(), example, check_trace=False)
         model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, channels, -1, -1])])
-    log.info("converted the VAE decoder for OpenVINO in %.1f s", time.perf_counter() - start)
+    log.info("converted the %s for OpenVINO in %.1f s", half.name, time.perf_counter() - start)
     return model
 
 
-def decoder_key(vae: AutoencoderKL, config: VAEConfig, openvino_version: str) -> str:
-    parts = {"format": FORMAT, "model": "vae decoder", "openvino": openvino_version,
-             "weights": sampled_fingerprint({**vae.post_quant_conv.state_dict(prefix="post_quant_conv."),
-                                             **vae.decoder.state_dict(prefix="decoder.")}), "dtype": str(vae.dtype), "vae": asdict(config)}
+def half_key(vae: AutoencoderKL, half: VAEHalf, config: VAEConfig, openvino_version: str) -> str:
+    weights = {k: v for name in half.modules for k, v in getattr(vae, name).state_dict(prefix=name + ".").items()}
+    parts = {"format": FORMAT, "model": half.name, "openvino": openvino_version, "weights": sampled_fingerprint(weights),
+             "dtype": str(vae.dtype), "vae": asdict(config)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def openvino_decoder(vae: AutoencoderKL, key: str, cache: IRCache) -> OpenVinoDecoder:
-    """The converted decoder from ``cache``, else converted and stored there (when the cache cannot keep it, the
+def openvino_half(vae: AutoencoderKL, half: VAEHalf, key: str, cache: IRCache) -> OpenVinoVAEHalf:
+    """``half`` converted, from ``cache``, else converted and stored there (when the cache cannot keep it, the
     conversion is used for this run all the same: it is paid for)."""
-    return OpenVinoDecoder(*read_or_convert(cache, key, lambda: convert_decoder(vae)))
+    model, weights_file = read_or_convert(cache, key, lambda: convert_half(vae, half))
+    return OpenVinoVAEHalf(model, half.name, weights_file)

@@ -211,7 +211,11 @@ class AutoencoderKL(nn.Module):
         return self.quant_conv.weight.dtype
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.dtype))))
+        return DiagonalGaussian(self.moments(x))
+
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the posterior's mean and log-variance, stacked on the channels."""
+        return self.quant_conv(self.encoder(x.to(self.dtype)))
 
     def decode(self, z: torch.Tensor, hook: PartHook = call_part) -> torch.Tensor:
         """Unscaled latents -> images; ``hook`` runs each of the decoder's parts (see :meth:`decoder_parts`)."""

@@ -32,12 +32,12 @@ from ldm.conditioning.prompts import PromptEncoder
 from ldm.errors import UsageError
 from ldm.memory.out_of_memory import decode_with_retry
 from ldm.memory.vae_decoding import should_tile
-from ldm.memory.vae_encoding import encode_pixels
 from ldm.passes.upscalers import find_upscaler, to_webui_uint8, upscale_latents, upscale_pixels
 from ldm.pipeline.batches import Batch, BatchStart
-from ldm.pipeline.decode import decode_image
+from ldm.pipeline.decode import decode_one
 from ldm.pipeline.images import image_to_tensor
 from ldm.pipeline.model import LoadedModel
+from ldm.pipeline.prepare import encode_images
 from ldm.pipeline.request import IMG2IMG, SIZE_MULTIPLE, GenerationRequest, HiresOptions
 from ldm.pipeline.sample import StepCallback, sample_batch
 from ldm.samplers import HIRES_STEPS, sampler_record
@@ -150,16 +150,14 @@ def reencoded(request: GenerationRequest, model: LoadedModel, latent: torch.Tens
     tiles with ``tiled_encode``: :mod:`ldm.memory.vae_encoding`)."""
     residency, scale_factor = model.residency, model.sd.scale_factor
     tiled = should_tile(request.height, request.width, request.vae_tiling)
-    decoded = decode_with_retry(residency, lambda tiled, tile: decode_image(residency, latent, scale_factor, tiled, tile),
-                                tiled)[0]
+    decoded = decode_with_retry(residency, lambda tiled, tile: decode_one(model, latent, tiled, tile), tiled)[0]
     if decoded.device.type == "meta":  # the ledger: no pixels, the encoder's shapes are what count
         pixels = torch.zeros((1, 3, target.upscale_height, target.upscale_width))
     else:
         pixels = image_to_tensor(upscale_pixels(to_webui_uint8(decoded), upscaler, target.upscale_width,
                                                 target.upscale_height), target.upscale_width, target.upscale_height)
     del decoded
-    with residency.use("vae.encoder") as vae:
-        posterior = encode_pixels(vae, pixels, residency.device, request.dtype, tiled_encode)
+    (posterior,) = encode_images(model, [pixels], request.dtype, tiled_encode)
     return scale_factor * posterior.mean.float()
 
 

@@ -72,12 +72,12 @@ class AreaInpaintingInputs(InpaintingInputs):
                    padding=options.padding, area=options.area, original=original, full_mask=full, box=box)
 
     @torch.no_grad()
-    def encode(self, residency, device, dtype, *, nine_channel: bool, needs_init: bool, tiled: bool = False) -> None:
+    def encode(self, encode_images, *, nine_channel: bool, needs_init: bool) -> None:
         if self.content == "original":
-            return super().encode(residency, device, dtype, nine_channel=nine_channel, needs_init=needs_init, tiled=tiled)
+            return super().encode(encode_images, nine_channel=nine_channel, needs_init=needs_init)
         pixels, self.pixels = self.pixels, fill_masked(self.pixels, self.mask)
         try:
-            super().encode(residency, device, dtype, nine_channel=nine_channel, needs_init=needs_init, tiled=tiled)
+            super().encode(encode_images, nine_channel=nine_channel, needs_init=needs_init)
         finally:
             self.pixels = pixels  # the overlay lays back the image as given
 

@@ -37,26 +37,27 @@ def decode_image(residency: Residency, latent: torch.Tensor, scale_factor: float
         return decode_latents(vae, latent / scale_factor, tiled, tile or DEFAULT_TILE)
 
 
+def decode_one(model: LoadedModel, latent: torch.Tensor, tiled: bool, tile: int | None) -> torch.Tensor:
+    """One image's latent -> pixels in [-1, 1]: by ``--backend openvino``'s decoder when whole (one that fails is
+    dropped for the rest of the run: PyTorch decodes, and the sampled latents are not lost), else
+    :func:`decode_image`."""
+    if model.vae_engine is not None and not tiled:
+        try:
+            return model.vae_engine(latent / model.sd.scale_factor)
+        except RuntimeError as error:  # OpenVINO's compile or inference
+            log.warning("decoding in PyTorch: the OpenVINO VAE decoder failed (%s)", error)
+            model.vae_engine = None
+    return decode_image(model.residency, latent, model.sd.scale_factor, tiled, tile)
+
+
 def decode_and_write(model: LoadedModel, batch: Batch, latents: torch.Tensor, tiled: bool, sink: ImageSink) -> None:
     """Decode the batch one image at a time and hand each to ``sink``; with the safety checker, the batch's images
     go through it together (it comes onto the device once per batch)."""
-    residency, scale_factor = model.residency, model.sd.scale_factor
+    residency = model.residency
     decoded_images = []
-    engine = model.vae_engine  # --backend openvino's decoder: the whole-image decodes
-
-    def decode(latent: torch.Tensor, tiled: bool, tile: int | None) -> torch.Tensor:
-        nonlocal engine
-        if engine is not None and not tiled:
-            try:
-                return engine(latent / scale_factor)
-            except RuntimeError as error:  # OpenVINO's compile or inference: the sampled latents are not lost
-                log.warning("decoding in PyTorch: the OpenVINO VAE decoder failed (%s)", error)
-                engine = None
-        return decode_image(residency, latent, scale_factor, tiled, tile)
-
     for k in range(len(batch.seeds)):
         latent = latents[k : k + 1]
-        decoded = decode_with_retry(residency, lambda tiled, tile: decode(latent, tiled, tile), tiled)
+        decoded = decode_with_retry(residency, lambda tiled, tile: decode_one(model, latent, tiled, tile), tiled)
         if model.safety is None:
             sink.add(batch, k, decoded)
         else:

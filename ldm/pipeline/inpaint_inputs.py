@@ -3,7 +3,8 @@
 - before the model loads (:meth:`InpaintingInputs.prepare`): the mask read, resized, inverted and blurred
   (:mod:`ldm.pipeline.masks`), so a bad mask fails in a second, not after the load;
 - once per run (:meth:`InpaintingInputs.encode`): the init image, and for a 9-channel UNet the masked image,
-  through the VAE's encoder alone (``residency.use("vae.encoder")``: in low mode nothing else is on the device);
+  through the VAE's encoder alone (:func:`ldm.pipeline.prepare.encode_images`: in low mode nothing else is on the
+  device; with ``--backend openvino``, OpenVINO's encoder);
 - per batch (:meth:`InpaintingInputs.start`): the posterior samples drawn from each image's own generator (the
   init image's where it is used, then the masked image's), and what the sampler needs: the UNet wrapped to take
   9 channels, or the per-step blend of the known region (:mod:`ldm.pipeline.inpainting`);
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm.memory.vae_encoding import encode_pixels
+from ldm.models.autoencoder import DiagonalGaussian
 from ldm.pipeline.batches import BatchStart
 from ldm.pipeline.inpainting import InpaintingUNet, latent_mask, masked_image, sampler_blend
 from ldm.pipeline.masks import apply_overlay, init_pixels, load_mask, mask_tensor
@@ -59,18 +61,19 @@ class InpaintingInputs:
         return image, mask_tensor(self.mask)
 
     @torch.no_grad()
-    def encode(self, residency, device: torch.device, dtype: torch.dtype, *, nine_channel: bool, needs_init: bool,
-               tiled: bool = False) -> None:
-        """The VAE posteriors, once per run, with only the VAE's encoder on the device: the init image's when
-        ``needs_init`` (a 4-channel UNet, or strength < 1), the masked image's for a 9-channel UNet; in tiles with
-        ``tiled`` (:func:`~ldm.memory.vae_encoding.encode_pixels`: the same posterior)."""
+    def encode(self, encode_images: Callable[[list[Tensor]], list[DiagonalGaussian]], *, nine_channel: bool,
+               needs_init: bool) -> None:
+        """The VAE posteriors, once per run, by ``encode_images`` (:func:`ldm.pipeline.prepare.encode_images`: only
+        the VAE's encoder on the device, in tiles where the run's decode tiles): the init image's when
+        ``needs_init`` (a 4-channel UNet, or strength < 1), the masked image's for a 9-channel UNet."""
         self.nine_channel = nine_channel
         image, mask = self.tensors()
-        with residency.use("vae.encoder") as vae:
-            if needs_init:
-                self.image_posterior = encode_pixels(vae, image, device, dtype, tiled)
-            if nine_channel:
-                self.masked_posterior = encode_pixels(vae, masked_image(image, mask), device, dtype, tiled)
+        wanted = ([image] if needs_init else []) + ([masked_image(image, mask)] if nine_channel else [])
+        posteriors = iter(encode_images(wanted))
+        if needs_init:
+            self.image_posterior = next(posteriors)
+        if nine_channel:
+            self.masked_posterior = next(posteriors)
 
     def start(self, noise, x_T: Tensor, scale_factor: float, *, sampler: str, schedule, steps: int, strength: float,
               schedule_type: str = "automatic", img2img_steps: str = "cut"):

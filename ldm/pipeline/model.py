@@ -16,7 +16,7 @@ from ldm.backends.openvino_runtime import openvino_version
 from ldm.backends.openvino_unet import OpenVinoUNet
 from ldm.backends.shape_compiler import Shapes
 from ldm.backends.unet_engine import cached_unet, openvino_unet, unet_key
-from ldm.backends.vae_engine import OpenVinoDecoder, decoder_key, openvino_decoder
+from ldm.backends.vae_engine import DECODER, ENCODER, OpenVinoVAEHalf, VAEHalf, half_key, openvino_half
 from ldm.checkpoints.errors import CheckpointError
 from ldm.conditioning.prompts import PromptEncoder
 from ldm.conditioning.text_encoder import CLIPTextEncoder
@@ -32,6 +32,7 @@ from ldm.memory.vae_decoding import should_tile
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.quantize import quantize_unet
 from ldm.models.token_merging import apply_token_merging
+from ldm.passes.upscalers import find_upscaler
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.safety import RESIDENCY_NAME as SAFETY_CHECKER, SafetyStage
 from ldm.samplers.schedule import DiffusionSchedule
@@ -52,7 +53,8 @@ class LoadedModel:
     safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
     control: tuple[ControlUnit, ...] = ()  # --control_model: ControlNets under the same residency (ldm/control)
     unet_engine: OpenVinoUNet | None = None  # --backend openvino: runs the UNet instead of sd.unet
-    vae_engine: OpenVinoDecoder | None = None  # --backend openvino: the whole-image decodes instead of sd.vae
+    vae_engine: OpenVinoVAEHalf | None = None  # --backend openvino: the whole-image decodes instead of sd.vae
+    vae_encoder_engine: OpenVinoVAEHalf | None = None  # --backend openvino: the whole-image encodes instead of sd.vae
 
 
 def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[tuple[Path, float]],
@@ -82,10 +84,10 @@ def load_model(request: GenerationRequest, config: ModelConfig, loras: Sequence[
         safety = SafetyStage.load(request.safety_checker, request.safety_checker_mode, request.dtype)
     control_bytes = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
     engine = early or unet_engine(request, sd, loras, progress)  # before the residency: it may give the weights back
-    decoder = decoder_engine(request, sd, height, width)
+    decoder, encoder = vae_engines(request, sd, height, width, first)
     residency = make_residency(request, sd, height, width, safety, control_bytes)
     control = place_units(nets, request.control, control_images, residency, width, height)
-    return LoadedModel(sd, residency, sd.schedule, merged, safety, control, engine, decoder)
+    return LoadedModel(sd, residency, sd.schedule, merged, safety, control, engine, decoder, encoder)
 
 
 def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence[tuple[Path, float]],
@@ -100,22 +102,34 @@ def unet_engine(request: GenerationRequest, sd: StableDiffusion, loras: Sequence
     return openvino_unet(sd.unet, sd.config.unet, key, IRCache(request.backend_cache, version), progress)
 
 
-def decoder_engine(request: GenerationRequest, sd: StableDiffusion, height: int, width: int) -> OpenVinoDecoder | None:
-    """``--backend openvino`` with a cache: the KL VAE's decoder converted (once, into the cache) and its first
-    image's shape compiling in the background; None otherwise (TAESD, no cache, decodes that will all be tiled:
-    :mod:`ldm.backends.vae_engine`), and None with a warning when OpenVINO cannot convert it (PyTorch decodes)."""
+def vae_engines(request: GenerationRequest, sd: StableDiffusion, height: int, width: int,
+                first: FirstCall | None) -> tuple[OpenVinoVAEHalf | None, OpenVinoVAEHalf | None]:
+    """``--backend openvino`` with a cache: the KL VAE's decoder and, for a run that encodes images (img2img,
+    inpainting, a hires fix with a pixel upscaler), its encoder, each converted (once, into the cache); the
+    decoder's first image's shape (a pixel upscaler's: the first pass's size) compiling in the background. None
+    for each otherwise (TAESD, no cache, images that will all be tiled: :mod:`ldm.backends.vae_engine`), and None
+    with a warning when OpenVINO cannot convert one (PyTorch runs it)."""
     if (request.backend != "openvino" or request.backend_cache is None or not isinstance(sd.vae, AutoencoderKL)
             or should_tile(height, width, request.vae_tiling)):
-        return None
+        return None, None
+    upscaler = find_upscaler(request.hires.upscaler) if request.hires is not None else None
+    pixel_hires = upscaler is not None and not upscaler.latent
+    decoder = vae_half_engine(request, sd, DECODER)
+    if decoder is not None:
+        first_height, first_width = (first.height, first.width) if pixel_hires and first is not None else (height, width)
+        factor = sd.config.downsampling_factor
+        decoder.compile_ahead(((1, sd.config.vae.embed_dim, first_height // factor, first_width // factor),))
+    return decoder, vae_half_engine(request, sd, ENCODER) if request.img2img or pixel_hires else None
+
+
+def vae_half_engine(request: GenerationRequest, sd: StableDiffusion, half: VAEHalf) -> OpenVinoVAEHalf | None:
     version = openvino_version()
     try:
-        decoder = openvino_decoder(sd.vae, decoder_key(sd.vae, sd.config.vae, version), IRCache(request.backend_cache, version))
-    except RuntimeError as error:  # OpenVINO's conversion: the decode stays in PyTorch, as without the backend
-        log.warning("the VAE decoder stays in PyTorch: OpenVINO could not convert it (%s)", error)
+        return openvino_half(sd.vae, half, half_key(sd.vae, half, sd.config.vae, version),
+                             IRCache(request.backend_cache, version))
+    except RuntimeError as error:  # OpenVINO's conversion: the half stays in PyTorch, as without the backend
+        log.warning("the %s stays in PyTorch: OpenVINO could not convert it (%s)", half.name, error)
         return None
-    factor = sd.config.downsampling_factor
-    decoder.compile_ahead(((1, sd.config.vae.embed_dim, height // factor, width // factor),))
-    return decoder
 
 
 @dataclass(frozen=True)
