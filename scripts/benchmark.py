@@ -312,7 +312,7 @@ def setup_name(spec: dict) -> str:
 
 
 def format_row(spec: dict, result: dict) -> str:
-    name = f"{spec['side']:<10}{setup_name(spec):<19}{spec['batch']:>5}"
+    name = f"{spec['side']:<10}{setup_name(spec):<26}{spec['batch']:>5}"
     if "error" in result or "skipped" in result:
         return f"{name}   {result.get('error') or 'skipped: ' + result['skipped']}"
     if "forward_error" in result:
@@ -325,12 +325,12 @@ def format_row(spec: dict, result: dict) -> str:
         f"{name}{_fmt(result.get('load_s'), digits=1):>8}{_fmt(generate, digits=1):>12}{_fmt(result['total_s'], digits=1):>9}"
         f"{per_image:>9.2f}{_fmt(result['peak_rss'], GB):>8}"
         f"{_fmt(result.get('peak_vram_allocated'), GB):>14}{_fmt(result.get('peak_vram_reserved'), GB):>13}"
-        f"{_fmt(result.get('peak_anon'), GB):>9}{spec['steps']:>7}"
+        f"{_fmt(result.get('peak_anon'), GB):>9}{steps_run(spec):>7}"
     )
 
 
 HEADER = (
-    f"{'side':<10}{'mode':<19}{'batch':>5}{'load s':>8}{'generate s':>12}{'total s':>9}{'s/image':>9}"
+    f"{'side':<10}{'mode':<26}{'batch':>5}{'load s':>8}{'generate s':>12}{'total s':>9}{'s/image':>9}"
     f"{'RSS GB':>8}{'VRAM alloc GB':>14}{'reserved GB':>13}{'anon GB':>9}{'steps':>7}"
 )
 
@@ -362,6 +362,11 @@ def main_rows(rows: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
 
 
 LCM_TAESD = "lcm4 taesd"
+LCM_STEPS = 4  # the LCM rows' own step count (their spec keeps --steps, to be paired with the plain run)
+
+
+def steps_run(spec: dict) -> int:
+    return LCM_STEPS if spec.get("variant", "").endswith(LCM_TAESD) else spec["steps"]
 
 
 def make_taesd(directory: Path, seed: int) -> Path:
@@ -553,7 +558,7 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
     if args.deepcache:
         variants.append((f"deepcache {args.deepcache}", ["--deepcache", str(args.deepcache)]))
     if args.lcm_taesd:  # its own step count: no 1-step twin
-        lcm = ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", args.lcm_taesd]
+        lcm = ["--sampler", "lcm", "--ddim_steps", str(LCM_STEPS), "--scale", "1", "--vae", args.lcm_taesd]
         variants.append((LCM_TAESD, lcm))
         if openvino:
             variants.append((f"openvino {LCM_TAESD}", openvino + lcm))

@@ -46,3 +46,4 @@ def test_plan_with_openvino_and_lcm_converts_with_the_backends_flags_and_adds_lc
     openvino = ["--backend", "openvino", "--backend_cache", "/x/cache"]
     assert plan[0]["flags"] == openvino and plan[0]["fresh_cache"] == "/x/cache"
     assert plan[4]["flags"] == openvino + ["--sampler", "lcm", "--ddim_steps", "4", "--scale", "1", "--vae", "/x/taesd"]
+    assert [benchmark.steps_run(spec) for spec in plan[3:5]] == [4, 4] and benchmark.steps_run(plan[1]) == 10
