@@ -9,9 +9,9 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ldm.backends.mapped_weights import dropping_pages
 from ldm.backends.openvino_runtime import CPU_CONFIG, import_openvino
@@ -65,6 +65,23 @@ class ShapeCompiler:
             compiled = self._compile(shapes)
         self.compiled[shapes] = compiled
         return compiled
+
+    def release_buffers(self) -> None:
+        """Give back the compiled models' intermediate buffers, which OpenVINO's CPU plugin otherwise keeps between
+        calls (measured at 512 px: 0.37 GB for SD v1's VAE encoder, 0.75 GB for its decoder); the next call
+        allocates them again in milliseconds. Their weights stay."""
+        for compiled in self.compiled.values():
+            compiled.release_memory()
+
+    @contextmanager
+    def in_use(self) -> Iterator[ShapeCompiler]:
+        """This engine for a stretch of calls (a batch's sampling), its buffers given back after it, so that they
+        do not sit beside the next stage's (the VAE's), as :meth:`ldm.memory.residency.Residency.use` moves a
+        PyTorch model off the device."""
+        try:
+            yield self
+        finally:
+            self.release_buffers()
 
     def _take_ahead(self, shapes: Shapes):
         """The model compiled ahead if it is for ``shapes``, else None (then it is dropped: each compiled model

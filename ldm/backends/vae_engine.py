@@ -4,9 +4,9 @@ the posterior's mean and log-variance (:meth:`~ldm.models.autoencoder.Autoencode
 sampled in PyTorch with the image's generator, as without the backend), each with the numbers of PyTorch's
 within fp32 rounding.
 
-Measured before each was wired in (docs/benchmarks.md), SD v1 at 512x512, fp32, 2 threads: the decoder PyTorch
-15.1 s, OpenVINO 12.5 s (converting 2 s, compiling a shape 0.4 s); the encoder PyTorch 7.0 s, OpenVINO 5.5 s
-(converting 1.2 s, compiling 0.2 s). So each is converted only into a cache (``--backend_cache``; converting on
+Measured (``scripts/openvino_vae_timing.py``; docs/benchmarks.md), SD v1 at 512x512, fp32, 2 threads: the decoder
+PyTorch 14.7 s, OpenVINO 12.0 s; the encoder PyTorch 7.0 s, OpenVINO 5.4 s; each converted and stored in about
+2 s and compiled for a shape in 0.2-0.4 s. So each is converted only into a cache (``--backend_cache``; converting on
 every run would cost more than it saves), and the decoder's shape compiles ahead while the UNet samples. Tiled
 decodes and encodes (``--vae_tiling``, large images) stay in PyTorch, whose VAE weights stay too; TAESD stays in
 PyTorch (its decode is 1 s).
@@ -53,11 +53,14 @@ ENCODER = VAEHalf("VAE encoder", "moments", ("encoder", "quant_conv"), "in_chann
 
 
 class OpenVinoVAEHalf(ShapeCompiler):
-    """A converted half (dynamic batch and size) compiled for the CPU per input shape: a tensor in, one out."""
+    """A converted half (dynamic batch and size) compiled for the CPU per input shape: a tensor in, one out (a
+    copy: the call's buffers are given back after it, as a half runs once per image and would otherwise hold
+    them through the UNet's sampling)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().contiguous().numpy()
-        return torch.from_numpy(self.for_shapes((tuple(array.shape),))([array], share_inputs=True)[0])
+        with self.in_use():
+            return torch.from_numpy(self.for_shapes((tuple(array.shape),))([array], share_inputs=True)[0])
 
 
 class _Traced(nn.Module):

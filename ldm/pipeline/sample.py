@@ -10,7 +10,6 @@ image, then the ancestral samplers' fresh noise; the SDE samplers' Brownian tree
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,7 +81,7 @@ def run_sampler(request: GenerationRequest, residency: Residency, schedule: Diff
     """The guided UNet (steered by the ``control`` units' ControlNets) under the chosen sampler (``--unet_bs``
     chunks), the preparer's per-step hook after each step, then ``progress``; ``engine`` (``--backend
     openvino``'s UNet) runs instead of the residency's."""
-    with (nullcontext(engine) if engine is not None else residency.use("unet")) as unet, torch.no_grad():
+    with (engine.in_use() if engine is not None else residency.use("unet")) as unet, torch.no_grad():
         strength = request.strength if request.img2img else 1.0
         steps = len(samplers.walk_levels(request.sampler, schedule, request.steps, strength, request.schedule,
                                          request.img2img_steps)) - 1
