@@ -220,7 +220,7 @@ def test_the_halves_keys_hash_their_own_weights():
     assert half_key(vae, DECODER, config, "v") == keys[DECODER] and half_key(vae, ENCODER, config, "v") != keys[ENCODER]
 
 
-def test_img2img_inpainting_and_a_pixel_hires_fix_encode_with_openvino(tiny_checkpoint, tmp_path, caplog):
+def test_img2img_inpainting_and_a_pixel_hires_fix_encode_with_openvino(tiny_checkpoint, tmp_path, cache, caplog):
     """Each run that encodes images does so with the cached OpenVINO encoder (and decodes with its decoder, the
     hires fix's first pass too), and gives the PyTorch backend's images."""
     from optimizedSD import optimized_img2img
@@ -239,7 +239,7 @@ def test_img2img_inpainting_and_a_pixel_hires_fix_encode_with_openvino(tiny_chec
         assert script.main([*common, *extra, "--outdir", str(tmp_path / name / "torch")]) == 0
         caplog.clear()
         assert script.main([*common, *extra, "--outdir", str(tmp_path / name / "ov"),
-                            *openvino_argv(tmp_path / "cache")]) == 0
+                            *openvino_argv(cache)]) == 0
         messages = [record.getMessage() for record in caplog.records]
         assert len([m for m in messages if m.startswith("compiled the OpenVINO VAE encoder")]) == encodes, messages
         decoders = [m for m in messages if m.startswith("compiled the OpenVINO VAE decoder")]
@@ -278,23 +278,21 @@ def test_a_checkpoint_that_differs_only_mid_file_gets_its_own_converted_models(c
     assert not within_tolerance(runs["a_ov"], runs["b_torch"])  # the change does give another image
 
 
-def test_failing_openvino_vae_halves_leave_the_work_to_pytorch(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+def test_failing_openvino_vae_halves_leave_the_work_to_pytorch(tiny_checkpoint, tmp_path, cache, monkeypatch, caplog):
     from ldm.backends.vae_engine import OpenVinoVAEHalf
 
     def fails(self, x):
         raise RuntimeError("Exception from src/plugins/intel_cpu: out of resources")
 
-    for name in ("torch", "ov"):
-        (tmp_path / name).mkdir()
-    torch_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path / "torch", ())
     monkeypatch.setattr(OpenVinoVAEHalf, "__call__", fails)
-    ov_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path / "ov", openvino_argv(tmp_path / "cache"))
+    ov_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path, openvino_argv(cache))
     assert "encoding in PyTorch: the OpenVINO VAE encoder failed" in caplog.text
     assert caplog.text.count("decoding in PyTorch: the OpenVINO VAE decoder failed") == 1  # then dropped for the run
-    assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)
+    golden = [_read(path) for path in sorted((GOLDEN / "img2img_ddim").glob("*.png"))]
+    assert within_tolerance(ov_images, golden), differences(ov_images, golden)
 
 
-def test_engines_give_back_their_buffers_after_each_use(tiny_checkpoint, tmp_path, monkeypatch):
+def test_engines_give_back_their_buffers_after_each_use(tiny_checkpoint, tmp_path, cache, monkeypatch):
     """OpenVINO keeps a compiled model's intermediate buffers between calls (0.75 GB for SD v1's decoder at 512
     px): the UNet's go after each batch's sampling, a VAE half's after each call, so that no two stages' sit
     side by side; and a call after a release still gives the same numbers."""
@@ -303,10 +301,7 @@ def test_engines_give_back_their_buffers_after_each_use(tiny_checkpoint, tmp_pat
     released = []
     release = ShapeCompiler.release_buffers
     monkeypatch.setattr(ShapeCompiler, "release_buffers", lambda self: released.append(self.name) or release(self))
-    for name in ("torch", "ov"):
-        (tmp_path / name).mkdir()
-    torch_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path / "torch", ())
-    released.clear()
-    ov_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path / "ov", openvino_argv(tmp_path / "cache"))
+    ov_images = run_case("img2img_ddim", tiny_checkpoint, tmp_path, openvino_argv(cache))
     assert released == ["VAE encoder", "UNet", "VAE decoder", "VAE decoder"], released  # one batch of two images
-    assert within_tolerance(ov_images, torch_images), differences(ov_images, torch_images)
+    golden = [_read(path) for path in sorted((GOLDEN / "img2img_ddim").glob("*.png"))]
+    assert within_tolerance(ov_images, golden), differences(ov_images, golden)

@@ -41,12 +41,12 @@ def decode_one(model: LoadedModel, latent: torch.Tensor, tiled: bool, tile: int 
     """One image's latent -> pixels in [-1, 1]: by ``--backend openvino``'s decoder when whole (one that fails is
     dropped for the rest of the run: PyTorch decodes, and the sampled latents are not lost), else
     :func:`decode_image`."""
-    if model.vae_engine is not None and not tiled:
+    if model.vae_decoder_engine is not None and not tiled:
         try:
-            return model.vae_engine(latent / model.sd.scale_factor)
+            return model.vae_decoder_engine(latent / model.sd.scale_factor)
         except RuntimeError as error:  # OpenVINO's compile or inference
             log.warning("decoding in PyTorch: the OpenVINO VAE decoder failed (%s)", error)
-            model.vae_engine = None
+            model.vae_decoder_engine = None
     return decode_image(model.residency, latent, model.sd.scale_factor, tiled, tile)
 
 

@@ -53,7 +53,7 @@ class LoadedModel:
     safety: SafetyStage | None = None  # --safety_checker: one more model under the residency
     control: tuple[ControlUnit, ...] = ()  # --control_model: ControlNets under the same residency (ldm/control)
     unet_engine: OpenVinoUNet | None = None  # --backend openvino: runs the UNet instead of sd.unet
-    vae_engine: OpenVinoVAEHalf | None = None  # --backend openvino: the whole-image decodes instead of sd.vae
+    vae_decoder_engine: OpenVinoVAEHalf | None = None  # --backend openvino: the whole-image decodes instead of sd.vae
     vae_encoder_engine: OpenVinoVAEHalf | None = None  # --backend openvino: the whole-image encodes instead of sd.vae
 
 

@@ -60,9 +60,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or ()).get(b"content-length")
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await self.refuse(receive, send, more_body=True)
+            # Drained only when it can be read whole: a client that waits for "100 Continue" has sent nothing
+            # (and reading would invite it to), and past the drain's cap the reset comes all the same.
+            waiting = headers.get(b"expect", b"").lower() == b"100-continue"
+            await self.refuse(receive, send, more_body=not waiting and int(length) <= DRAIN_FACTOR * self.limit)
             return
         parts, seen, message = [], 0, {"more_body": True}
         while message.get("more_body", False):
@@ -73,7 +77,7 @@ class BodyLimit:
             seen += len(parts[-1])
             if seen > self.limit:
                 parts.clear()
-                await self.refuse(receive, send, more_body=message.get("more_body", False))
+                await self.refuse(receive, send, more_body=message.get("more_body", False), seen=seen)
                 return
         replayed = False
 
@@ -86,9 +90,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def refuse(self, receive: Receive, send: Send, more_body: bool) -> None:
+    async def refuse(self, receive: Receive, send: Send, more_body: bool, seen: int = 0) -> None:
         if more_body:
-            await self.drain(receive)
+            await self.drain(receive, seen)
         body = (f'{{"error": "PayloadTooLarge", "detail": "the request body is over {self.limit // 2**20} MB"}}'
                 .encode())
         headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -96,13 +100,15 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def drain(self, receive: Receive) -> None:
-        """Read and drop the rest of the body before answering, up to ``DRAIN_FACTOR`` times the limit and
-        ``DRAIN_SECONDS``: a server that closes with a body still unread resets the connection (TCP RST), and the
-        client, still sending, may lose the answer (nginx's lingering close reads on for the same reason)."""
+    async def drain(self, receive: Receive, seen: int) -> None:
+        """Read and drop the rest of the body (``seen`` bytes of it already read) before answering, up to
+        ``DRAIN_FACTOR`` times the limit in all and ``DRAIN_SECONDS``: a server that closes with a body still
+        unread resets the connection (TCP RST), and the client, still sending, may lose the answer (nginx's
+        lingering close reads on for the same reason)."""
 
         async def read_rest() -> None:
-            seen, message = 0, {"more_body": True}
+            nonlocal seen
+            message = {"more_body": True}
             while message.get("more_body", False) and seen <= DRAIN_FACTOR * self.limit:
                 message = await receive()
                 if message["type"] != "http.request":
